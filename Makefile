@@ -1,0 +1,30 @@
+# Every target does its own set-up on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The pinned CPU torch first: an unpinned torch pulls a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/innerloop train
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check innerloop tests benchmarks examples
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) benchmarks/sinusoid_table.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
