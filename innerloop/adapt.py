@@ -1,0 +1,192 @@
+"""The inner loop: a pure function from (parameters, support set) to adapted parameters.
+
+Parameters are plain ``dict[str, Tensor]`` keyed as in ``module.named_parameters()``; the model
+is only ever called through :func:`torch.func.functional_call`, and gradients of the support
+loss come from :func:`torch.func.grad`. Nothing is cloned or patched, so the same function runs
+per task, under :func:`torch.func.vmap` over a meta-batch, and inside an outer autograd graph
+(second order) or cut off from it (first order).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad
+
+Params = dict[str, Tensor]
+LossFn = Callable[[Tensor, Tensor], Tensor]
+LRMode = Literal["fixed", "scalar", "per_tensor", "per_element"]
+LR_MODES: tuple[str, ...] = ("fixed", "scalar", "per_tensor", "per_element")
+LearningRates = float | Tensor | Mapping[str, float | Tensor]
+
+
+def model_loss(model: nn.Module, loss_fn: LossFn) -> Callable[[Params, Params, Tensor, Tensor], Tensor]:
+    """``(params, buffers, x, y) -> loss``: the model's loss as a pure function of its tensors."""
+
+    def loss(params: Params, buffers: Params, x: Tensor, y: Tensor) -> Tensor:
+        return loss_fn(functional_call(model, (params, buffers), (x,)), y)
+
+    return loss
+
+
+def select(names: Sequence[str], which: str | Sequence[str] | None) -> list[str]:
+    """The parameter names that adapt in the inner loop.
+
+    Args:
+        names: all parameter names, in ``named_parameters()`` order.
+        which: ``None`` or ``"all"`` (every parameter), or glob patterns over the names (e.g.
+            ``["head.*"]`` for ANIL, ``["features.*"]`` for BOIL).
+    """
+    if which is None or which == "all":
+        return list(names)
+    patterns = [which] if isinstance(which, str) else list(which)
+    chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    if not chosen:
+        raise ValueError(
+            f"the adapt patterns {patterns} match no parameter; the model's parameters are "
+            f"{list(names)}. Use 'all' or a glob such as 'head.*'."
+        )
+    return chosen
+
+
+def sgd_step(params: Params, grads: Params, lr: LearningRates) -> Params:
+    """One inner update ``p - lr * g`` for each name in ``grads`` (the rest pass through).
+
+    ``lr`` is a float, a tensor broadcastable to every parameter, or a per-name mapping whose
+    values broadcast to that parameter (a scalar per tensor, or one rate per element: Meta-SGD).
+    """
+    out = dict(params)
+    for name, g in grads.items():
+        rate = lr[name] if isinstance(lr, Mapping) else lr
+        out[name] = params[name] - rate * g
+    return out
+
+
+def adapt_trajectory(
+    loss: Callable[[Params, Params, Tensor, Tensor], Tensor],
+    params: Params,
+    buffers: Params,
+    support_x: Tensor,
+    support_y: Tensor,
+    *,
+    steps: int,
+    lr: LearningRates | Sequence[LearningRates],
+    adapt_names: Sequence[str] | None = None,
+    first_order: bool = False,
+) -> Iterator[Params]:
+    """Yield the parameters after 1, 2, ..., ``steps`` inner gradient steps.
+
+    Args:
+        loss: ``(params, buffers, x, y) -> scalar``, e.g. from :func:`model_loss`.
+        params: the initial parameters (the meta-parameters, or any point to adapt from).
+        buffers: the model's buffers, passed through unchanged.
+        support_x: ``[support, *input_shape]``.
+        support_y: ``[support, *target_shape]``.
+        steps: number of inner steps (>= 0).
+        lr: the inner learning rate(s); a sequence gives one entry per step.
+        adapt_names: the names that adapt (default: all of ``params``).
+        first_order: cut the inner gradients from the outer graph (first-order MAML): the
+            adapted parameters still depend on ``params`` and ``lr``, but not through the
+            Hessian of the support loss.
+    """
+    names = list(params) if adapt_names is None else list(adapt_names)
+    per_step = isinstance(lr, Sequence) and not isinstance(lr, str)
+    if per_step and len(lr) < steps:
+        raise ValueError(f"{len(lr)} per-step learning rates given for {steps} inner steps.")
+
+    def support_loss(adapted: Params, current: Params) -> Tensor:
+        return loss({**current, **adapted}, buffers, support_x, support_y)
+
+    current = params
+    for step in range(steps):
+        grads = grad(support_loss)({n: current[n] for n in names}, current)
+        if first_order:
+            grads = {n: g.detach() for n, g in grads.items()}
+        current = sgd_step(current, grads, lr[step] if per_step else lr)
+        yield current
+
+
+def adapt(
+    loss: Callable[[Params, Params, Tensor, Tensor], Tensor],
+    params: Params,
+    buffers: Params,
+    support_x: Tensor,
+    support_y: Tensor,
+    *,
+    steps: int,
+    lr: LearningRates | Sequence[LearningRates],
+    adapt_names: Sequence[str] | None = None,
+    first_order: bool = False,
+) -> Params:
+    """The parameters after ``steps`` inner gradient steps on the support set.
+
+    A pure function: see :func:`adapt_trajectory` for the arguments. Differentiable with respect
+    to ``params`` and ``lr`` (second order unless ``first_order``).
+    """
+    if steps < 0:
+        raise ValueError(f"inner steps must be >= 0, got {steps}.")
+    result = params
+    for result in adapt_trajectory(  # noqa: B007 - only the last one is returned
+        loss, params, buffers, support_x, support_y,
+        steps=steps, lr=lr, adapt_names=adapt_names, first_order=first_order,
+    ):
+        pass
+    return result
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+class InnerLR(nn.Module):
+    """Inner-loop learning rates, fixed or learned as meta-parameters.
+
+    Modes:
+        ``fixed``: a constant, not learned (plain MAML).
+        ``scalar``: one learned rate shared by every adapted parameter.
+        ``per_tensor``: one learned rate per parameter tensor.
+        ``per_element``: one learned rate per parameter element (Meta-SGD, Li et al. 2017).
+
+    Learned rates are trained by the outer optimiser with the meta-gradient: this is
+    hyperparameter optimisation by hypergradient, with the inner learning rate as the
+    hyperparameter.
+
+    Args:
+        params: the adapted parameters (names and shapes).
+        init: the initial (or fixed) learning rate.
+        mode: one of ``LR_MODES``.
+    """
+
+    def __init__(self, params: Mapping[str, Tensor], init: float, mode: LRMode = "fixed") -> None:
+        super().__init__()
+        if mode not in LR_MODES:
+            raise ValueError(f"unknown inner learning-rate mode {mode!r}; choose one of {LR_MODES}.")
+        if not init > 0:
+            raise ValueError(f"the inner learning rate must be > 0, got {init}.")
+        self.mode, self.init, self.names = mode, float(init), list(params)
+        self.rates = nn.ParameterDict()
+        if mode == "scalar":
+            self.rates["all"] = nn.Parameter(torch.tensor(float(init)))
+        elif mode == "per_tensor":
+            for n in self.names:
+                self.rates[_key(n)] = nn.Parameter(torch.tensor(float(init)))
+        elif mode == "per_element":
+            for n, p in params.items():
+                self.rates[_key(n)] = nn.Parameter(torch.full_like(p.detach(), float(init)))
+
+    def as_dict(self, rates: Mapping[str, Tensor] | None = None) -> dict[str, float | Tensor]:
+        """Per-parameter learning rates. ``rates`` substitutes functional values for
+        ``self.rates`` (keys as in ``self.rates``), e.g. inside ``vmap`` or ``grad``."""
+        r = dict(self.rates) if rates is None else rates
+        if self.mode == "fixed":
+            return dict.fromkeys(self.names, self.init)
+        if self.mode == "scalar":
+            return dict.fromkeys(self.names, r["all"])
+        return {n: r[_key(n)] for n in self.names}
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode}, init={self.init}"

@@ -1,0 +1,7 @@
+"""Meta-learning algorithms, one per file, behind :class:`Algorithm`."""
+
+from innerloop.algorithms.base import Algorithm, GradientBased
+from innerloop.algorithms.maml import MAML
+from innerloop.algorithms.pretrain import Pretrain
+
+__all__ = ["MAML", "Algorithm", "GradientBased", "Pretrain"]

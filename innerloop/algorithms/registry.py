@@ -1,0 +1,40 @@
+"""Algorithms by name, as a config names them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from innerloop.algorithms.base import GradientBased
+from innerloop.algorithms.maml import MAML
+from innerloop.algorithms.pretrain import Pretrain
+from innerloop.tasks import Objective
+
+
+def _maml(model: nn.Module, objective: Objective, cfg: Any) -> GradientBased:
+    return MAML(model, objective, cfg.inner_lr, cfg.inner_steps, cfg.first_order, cfg.lr_mode,
+                cfg.adapt, cfg.vectorize)
+
+
+def _fomaml(model: nn.Module, objective: Objective, cfg: Any) -> GradientBased:
+    return MAML(model, objective, cfg.inner_lr, cfg.inner_steps, True, cfg.lr_mode, cfg.adapt,
+                cfg.vectorize)
+
+
+def _metasgd(model: nn.Module, objective: Objective, cfg: Any) -> GradientBased:
+    return MAML(model, objective, cfg.inner_lr, cfg.inner_steps, cfg.first_order, "per_element",
+                cfg.adapt, cfg.vectorize)
+
+
+def _pretrain(model: nn.Module, objective: Objective, cfg: Any) -> GradientBased:
+    return Pretrain(model, objective, cfg.inner_lr, cfg.inner_steps, cfg.adapt)
+
+
+ALGORITHMS: dict[str, Callable[[nn.Module, Objective, Any], GradientBased]] = {
+    "maml": _maml,
+    "fomaml": _fomaml,
+    "metasgd": _metasgd,
+    "pretrain": _pretrain,
+}

@@ -1,0 +1,5 @@
+"""Models used by the worked problems."""
+
+from innerloop.models.mlp import MLP
+
+__all__ = ["MLP"]

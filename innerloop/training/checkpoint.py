@@ -1,0 +1,72 @@
+"""Checkpoints written atomically, and checked against the model they are loaded into."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+FORMAT = "innerloop-checkpoint-v1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, or was saved for another model or config."""
+
+
+def atomic_write_bytes(path: Path, write: Any) -> None:
+    """Call ``write(file)`` on a temporary file beside ``path`` and rename it into place, so a
+    crash never leaves a half-written ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """Save ``payload`` (tensors, dicts, numbers) to ``path`` atomically."""
+    atomic_write_bytes(Path(path), lambda f: torch.save({"format": FORMAT, **payload}, f))
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {str(path)!r}.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # corrupt or not a torch file
+        raise CheckpointError(f"{str(path)!r} is not a readable checkpoint: {err}") from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not an innerloop checkpoint ({FORMAT}).")
+    return payload
+
+
+def check_state_compatible(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise :class:`CheckpointError` naming the first difference between the tensors in
+    ``state`` and those of ``module``: a missing or extra name, or a shape."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    if missing or extra:
+        raise CheckpointError(
+            f"{source} was saved for another model: it lacks {missing[:4]} and has extra "
+            f"{extra[:4]}. Load it with the config it was trained with (the checkpoint stores "
+            "it: `innerloop eval CHECKPOINT`), or train into a new --out folder."
+        )
+    for k, v in own.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise CheckpointError(
+                f"{source} was saved for another model: {k} has shape {tuple(state[k].shape)} "
+                f"there but {tuple(v.shape)} here. Use the checkpoint's own config, or a new --out."
+            )

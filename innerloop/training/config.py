@@ -1,0 +1,245 @@
+"""Typed run configuration, read from TOML or JSON and validated before any work starts.
+
+The default :class:`Config` *is* the embedded default run (MAML on the sinusoid family), so
+``innerloop train`` with no arguments and ``innerloop train --config FILE`` share one path: a
+file only overrides what it names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+@dataclass
+class TaskConfig:
+    """Which task family to meta-learn on."""
+
+    family: str = "sinusoid"
+    """Family name (``sinusoid``, ``sinusoid-shifted``, ``sinusoid-sum``, ``linear``)."""
+    shots: int = 10
+    """Support examples per task during meta-training (K)."""
+    queries: int = 10
+    """Query examples per task during meta-training."""
+    seed: int = 0
+    """Family seed: fixes every task of every split."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments of the family (e.g. ``amplitude_range = [0.1, 5.0]``)."""
+
+
+@dataclass
+class ModelConfig:
+    """The network adapted to each task."""
+
+    name: str = "mlp"
+    hidden: list[int] = field(default_factory=lambda: [40, 40])
+    activation: str = "relu"
+
+
+@dataclass
+class AlgorithmConfig:
+    """The meta-learning algorithm."""
+
+    name: str = "maml"
+    """``maml``, ``fomaml``, ``metasgd`` or ``pretrain``."""
+    inner_lr: float = 0.01
+    inner_steps: int = 1
+    first_order: bool = False
+    lr_mode: Literal["fixed", "scalar", "per_tensor", "per_element"] = "fixed"
+    """Learned inner learning rates: ``per_element`` is Meta-SGD."""
+    adapt: Union[str, list[str]] = "all"  # noqa: UP007 - read at run time by the type checker
+    """``all`` or glob patterns of the parameters that adapt (``head.*``: ANIL)."""
+    vectorize: Literal["auto", "vmap", "loop"] = "auto"
+
+
+@dataclass
+class TrainConfig:
+    """The outer loop."""
+
+    iterations: int = 15000
+    meta_batch_size: int = 25
+    outer_lr: float = 1e-3
+    optimizer: Literal["adam", "sgd"] = "adam"
+    validate_every: int = 1000
+    val_tasks: int = 200
+    log_every: int = 50
+    seed: int = 0
+    """Seed of the model's initialisation (tasks are fixed by ``task.seed``)."""
+
+
+@dataclass
+class EvalConfig:
+    """Meta-testing: fixed test tasks, metric after 0..steps adaptation steps, with 95% CIs."""
+
+    test_tasks: int = 600
+    steps: int = 10
+    report_steps: list[int] = field(default_factory=lambda: [0, 1, 5, 10])
+    shots: int | None = 5
+    """Support examples per test task (``None``: as in training)."""
+    queries: int | None = 100
+    """Query examples per test task (``None``: as in training)."""
+    baseline: bool = True
+    """Also train and test the transfer-learning baseline (pre-train, then fine-tune)."""
+    baseline_iterations: int | None = None
+    """Pre-training iterations of the baseline (``None``: as many as meta-training)."""
+    plot_tasks: int = 3
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    out_dir: str = "runs/sinusoid-maml"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> Config:
+        """Range checks that types alone cannot express; raises :class:`ConfigError`."""
+        from innerloop.algorithms.registry import ALGORITHMS
+        from innerloop.data.regression import FAMILIES
+        from innerloop.models.mlp import ACTIVATIONS
+
+        def need(ok: bool, key: str, value: Any, rule: str) -> None:
+            if not ok:
+                raise ConfigError(f"{key} = {value!r} is invalid: {rule}.")
+
+        t, m, a, tr, e = self.task, self.model, self.algorithm, self.train, self.eval
+        need(t.family in FAMILIES, "task.family", t.family, f"choose one of {list(FAMILIES)}")
+        need(t.shots >= 1, "task.shots", t.shots, "K must be >= 1")
+        need(t.queries >= 1, "task.queries", t.queries, "must be >= 1")
+        need(m.name == "mlp", "model.name", m.name, "the regression families use 'mlp'")
+        need(all(h >= 1 for h in m.hidden), "model.hidden", m.hidden, "widths must be >= 1")
+        need(m.activation in ACTIVATIONS, "model.activation", m.activation,
+             f"choose one of {list(ACTIVATIONS)}")
+        need(a.name in ALGORITHMS, "algorithm.name", a.name, f"choose one of {list(ALGORITHMS)}")
+        need(a.inner_lr > 0, "algorithm.inner_lr", a.inner_lr, "must be > 0")
+        need(a.inner_steps >= 1, "algorithm.inner_steps", a.inner_steps, "steps must be >= 1")
+        need(tr.iterations >= 1, "train.iterations", tr.iterations, "must be >= 1")
+        need(tr.meta_batch_size >= 1, "train.meta_batch_size", tr.meta_batch_size, "must be >= 1")
+        need(tr.outer_lr > 0, "train.outer_lr", tr.outer_lr, "must be > 0")
+        need(tr.validate_every >= 1, "train.validate_every", tr.validate_every, "must be >= 1")
+        need(tr.val_tasks >= 1, "train.val_tasks", tr.val_tasks, "must be >= 1")
+        need(tr.log_every >= 1, "train.log_every", tr.log_every, "must be >= 1")
+        need(e.test_tasks >= 1, "eval.test_tasks", e.test_tasks, "must be >= 1 (600 for a paper table)")
+        need(e.steps >= 0, "eval.steps", e.steps, "must be >= 0")
+        need(all(0 <= s <= e.steps for s in e.report_steps), "eval.report_steps", e.report_steps,
+             f"each must lie in 0..eval.steps ({e.steps})")
+        need(e.shots is None or e.shots >= 1, "eval.shots", e.shots, "K must be >= 1")
+        need(e.queries is None or e.queries >= 1, "eval.queries", e.queries, "must be >= 1")
+        need(e.baseline_iterations is None or e.baseline_iterations >= 1,
+             "eval.baseline_iterations", e.baseline_iterations, "must be >= 1")
+        need(e.plot_tasks >= 0, "eval.plot_tasks", e.plot_tasks, "must be >= 0")
+        return self
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _check(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against annotation ``tp``; convert nested dataclasses. Raise ConfigError."""
+    origin, args = get_origin(tp), get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a table of settings, got {value!r}.")
+        return _from_dict(tp, value, key)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in args:
+            try:
+                return _check(value, option, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{key} = {value!r} has the wrong type: expected {' or '.join(map(_type_name, args))}.")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key} = {value!r} is not allowed: choose one of {list(args)}.")
+        return value
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{key} = {value!r}: expected nothing (null).")
+        return None
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} = {value!r} has the wrong type: expected a list.")
+        return [_check(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} = {value!r} has the wrong type: expected a table.")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} = {value!r} has the wrong type: expected a number.")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} = {value!r} has the wrong type: expected an integer.")
+        return value
+    if tp in (str, bool):
+        if not isinstance(value, tp):
+            raise ConfigError(f"{key} = {value!r} has the wrong type: expected {tp.__name__}.")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug in this module
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            raise ConfigError(f"unknown config key {full!r}; valid keys here are: {', '.join(names)}.")
+        values[key] = _check(value, hints[key], full)
+    return cls(**values)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a :class:`Config`; unknown keys and wrong types raise ConfigError."""
+    return _from_dict(Config, data).validate()
+
+
+def load_config(path: str | Path) -> Config:
+    """Read a ``.toml`` or ``.json`` config file; everything it omits keeps its default."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist.")
+    text = path.read_text()
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        elif path.suffix == ".toml":
+            data = tomllib.loads(text)
+        else:
+            raise ConfigError(f"config file {str(path)!r}: use a .toml or .json file.")
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"config file {str(path)!r} could not be parsed: {err}") from err
+    return config_from_dict(data)
+
+
+__all__ = [
+    "AlgorithmConfig", "Config", "ConfigError", "EvalConfig", "ModelConfig", "TaskConfig",
+    "TrainConfig", "config_from_dict", "load_config",
+]

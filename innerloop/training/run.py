@@ -1,0 +1,143 @@
+"""A whole run from a :class:`Config`: build, meta-train, meta-test, report and plot."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from innerloop.algorithms.base import GradientBased
+from innerloop.algorithms.registry import ALGORITHMS
+from innerloop.data.regression import make_family
+from innerloop.models.mlp import MLP
+from innerloop.tasks import TaskFamily
+from innerloop.training.checkpoint import (
+    CheckpointError,
+    atomic_write_bytes,
+    check_state_compatible,
+    load_checkpoint,
+)
+from innerloop.training.config import Config, config_from_dict
+from innerloop.training.evaluate import EvalResult, meta_test
+from innerloop.training.loop import BEST, LAST, TrainResult, meta_train
+
+
+def build_family(cfg: Config, shots: int | None = None, queries: int | None = None) -> TaskFamily:
+    t = cfg.task
+    return make_family(t.family, shots=shots or t.shots, queries=queries or t.queries, seed=t.seed,
+                       **t.options)
+
+
+def build_algorithm(cfg: Config, family: TaskFamily, name: str | None = None) -> GradientBased:
+    """The model (initialised from ``train.seed``) wrapped in the configured algorithm."""
+    probe = family.task("train", 0)
+    torch.manual_seed(cfg.train.seed)
+    model = MLP(probe.support_x.shape[-1], probe.support_y.shape[-1], cfg.model.hidden,
+                cfg.model.activation)
+    return ALGORITHMS[name or cfg.algorithm.name](model, family.objective, cfg.algorithm)
+
+
+def identity(cfg: Config, algorithm: str) -> dict[str, Any]:
+    """The settings a checkpoint must share with a run to be resumed by it."""
+    d = cfg.to_dict()
+    tr = d["train"]
+    return {"algorithm": algorithm, "task": d["task"], "model": d["model"],
+            "algorithm_cfg": d["algorithm"],
+            "train": {k: tr[k] for k in ("meta_batch_size", "outer_lr", "optimizer", "seed")}}
+
+
+def machine() -> dict[str, Any]:
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+
+
+def _train_one(cfg: Config, family: TaskFamily, name: str, run_dir: Path, iterations: int,
+               progress: bool, resume: bool) -> tuple[GradientBased, TrainResult]:
+    algorithm = build_algorithm(cfg, family, name)
+    train_cfg = dataclasses.replace(cfg.train, iterations=iterations)
+    result = meta_train(algorithm, family, train_cfg, run_dir, identity=identity(cfg, name),
+                        val_steps=cfg.algorithm.inner_steps, resume=resume, progress=progress,
+                        desc=name)
+    best = load_checkpoint(run_dir / BEST)
+    algorithm.load_state_dict(best["state"])
+    return algorithm, result
+
+
+def format_table(rows: dict[str, EvalResult], steps: list[int], title: str) -> str:
+    """A Markdown table: one row per algorithm, one column per number of adaptation steps."""
+    metric = next(iter(rows.values())).metric
+    head = "| algorithm | " + " | ".join(f"{metric} after {k} step{'s' * (k != 1)}" for k in steps) + " |"
+    lines = [title, "", head, "|---" * (len(steps) + 1) + "|"]
+    for name, res in rows.items():
+        lines.append(f"| {name} | " + " | ".join(str(res.per_step[k]) for k in steps) + " |")
+    return "\n".join(lines)
+
+
+def run(cfg: Config, *, progress: bool = True, overwrite: bool = False, plot: bool = True) -> dict[str, Any]:
+    """Meta-train the configured algorithm (and the baseline), meta-test both, and write
+    ``results.json``, ``results.md`` and plots into ``cfg.out_dir``. Returns the results."""
+    cfg.validate()
+    out = Path(cfg.out_dir)
+    if overwrite:
+        for sub in (out, out / "baseline"):
+            for name in (LAST, BEST, "metrics.jsonl"):
+                (sub / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    family = build_family(cfg)
+    test_family = build_family(cfg, cfg.eval.shots, cfg.eval.queries)
+    names = [cfg.algorithm.name]
+    if cfg.eval.baseline and cfg.algorithm.name != "pretrain":
+        names.append("pretrain")
+    trained: dict[str, GradientBased] = {}
+    results: dict[str, EvalResult] = {}
+    report: dict[str, Any] = {"config": cfg.to_dict(), "machine": machine(), "runs": {}}
+    for name in names:
+        is_baseline = name != cfg.algorithm.name
+        iters = (cfg.eval.baseline_iterations or cfg.train.iterations) if is_baseline else cfg.train.iterations
+        t0 = time.perf_counter()
+        algorithm, tr = _train_one(cfg, family, name, out / "baseline" if is_baseline else out,
+                                   iters, progress, resume=True)
+        train_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        res = meta_test(algorithm, test_family, "test", cfg.eval.test_tasks, cfg.eval.steps)
+        trained[name], results[name] = algorithm, res
+        report["runs"][name] = {
+            "iterations": iters, "best_step": tr.best_step, "best_val": tr.best_val,
+            "train_wall_s": train_s, "eval_wall_s": time.perf_counter() - t0, "test": res.to_dict(),
+        }
+    e = cfg.eval
+    title = (f"{cfg.task.family}: {e.shots or cfg.task.shots}-shot {results[names[0]].metric} on "
+             f"{e.test_tasks} fixed test tasks (mean ± 95% CI)")
+    table = format_table(results, e.report_steps, title)
+    report["table"] = table
+    atomic_write_bytes(out / "results.json", lambda f: f.write(json.dumps(report, indent=2).encode()))
+    atomic_write_bytes(out / "results.md", lambda f: f.write((table + "\n").encode()))
+    if plot:
+        from innerloop.plotting import plot_adaptation_curves, plot_regression_fits
+
+        if e.plot_tasks > 0 and hasattr(test_family, "parameters_of"):
+            plot_regression_fits(trained, test_family, out / "fits.png", e.plot_tasks,
+                                 steps=(1, e.steps) if e.steps > 1 else (e.steps,))
+        plot_adaptation_curves(results, out / "adaptation.png", title)
+    return report
+
+
+def load_for_eval(checkpoint: str | Path) -> tuple[Config, GradientBased]:
+    """Rebuild the algorithm a checkpoint was trained with and load its weights."""
+    payload = load_checkpoint(checkpoint)
+    ident = payload.get("identity")
+    if not ident:
+        raise CheckpointError(f"{checkpoint} carries no config; it was not written by `innerloop train`.")
+    d = Config().to_dict()
+    d.update(task=ident["task"], model=ident["model"], algorithm=ident["algorithm_cfg"])
+    d["train"].update(ident["train"])
+    cfg = config_from_dict(d)
+    algorithm = build_algorithm(cfg, build_family(cfg), ident["algorithm"])
+    check_state_compatible(algorithm, payload["state"], str(checkpoint))
+    algorithm.load_state_dict(payload["state"])
+    return cfg, algorithm
