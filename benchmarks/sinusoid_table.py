@@ -54,7 +54,8 @@ def main() -> None:
         _, alg = load_for_eval(Path(args.out) / sub / "best.pt")
         rows[name] = meta_test(alg, build_family(cfg, 10, 100), "test", 600, 10)
         numbers["10"][name] = rows[name].to_dict()
-    tables.append(format_table(rows, [0, 1, 5, 10], "sinusoid: 10-shot mse on 600 fixed test tasks (mean ± 95% CI)"))
+    title = "sinusoid: 10-shot mse on 600 fixed test tasks (mean ± 95% CI)"
+    tables.append(format_table(rows, [0, 1, 5, 10], title))
     paper = "\n".join(
         ["MAML paper, App. C (5-shot): | algorithm | 1 step | 5 steps | 10 steps |", "|---|---|---|---|"]
         + [f"| {k} (paper) | {v[1]} | {v[5]} | {v[10]} |" for k, v in PAPER.items()]

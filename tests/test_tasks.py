@@ -52,10 +52,13 @@ def test_sinusoid_matches_its_definition():
     torch.testing.assert_close(y, (amp * torch.sin(x.double() + phase)).float())
 
 
-def test_changing_shots_keeps_the_function():
-    a = Sinusoid(shots=5, seed=0).parameters_of("test", 4)
-    b = Sinusoid(shots=20, seed=0).parameters_of("test", 4)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+@pytest.mark.parametrize("shots", [1, 5, 20, 600])
+def test_changing_shots_keeps_the_function(shots):
+    """Test task i is the same function whatever K: 5-shot and 10-shot rows share tasks."""
+    family = Sinusoid(shots=shots, queries=100, seed=0)
+    amp, phase = family.parameters_of("test", 4)
+    task = family.task("test", 4)
+    torch.testing.assert_close(task.query_y, Sinusoid.curve(task.query_x.double(), amp, phase).float())
 
 
 def test_linear_noise_level():

@@ -32,8 +32,9 @@ def _check_range(name: str, r: tuple[float, float]) -> tuple[float, float]:
     return lo, hi
 
 
-def _uniform(g: torch.Generator, r: tuple[float, float], *shape: int) -> Tensor:
-    return r[0] + (r[1] - r[0]) * torch.rand(*shape, generator=g, dtype=torch.float64)
+def _scale(u: Tensor, r: tuple[float, float]) -> Tensor:
+    """Map U[0, 1) draws to U[r]."""
+    return r[0] + (r[1] - r[0]) * u
 
 
 class _RegressionFamily:
@@ -48,17 +49,28 @@ class _RegressionFamily:
     def _draw(self, g: torch.Generator, n: int) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
+    def _generator(self, split: Split, index: int) -> torch.Generator:
+        return torch.Generator().manual_seed(task_seed(self.seed, split, index, type(self).__name__))
+
+    def _examples(self, split: Split, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
+        """x ``[tasks, shots + queries, in]`` and y ``[tasks, shots + queries, 1]`` (float32)."""
+        check_split(split)
+        pairs = [self._draw(self._generator(split, int(i)), self.shots + self.queries) for i in indices]
+        return torch.stack([p[0] for p in pairs]).float(), torch.stack([p[1] for p in pairs]).float()
+
     def task(self, split: Split, index: int) -> Task:
         """Task ``index`` of ``split``: support ``[shots, in]``, query ``[queries, in]``, y ``[*, 1]``."""
-        check_split(split)
-        g = torch.Generator().manual_seed(task_seed(self.seed, split, index, type(self).__name__))
-        x, y = self._draw(g, self.shots + self.queries)
-        x, y = x.float(), y.float()
-        return Task(x[: self.shots], y[: self.shots], x[self.shots :], y[self.shots :])
+        x, y = self._examples(split, [index])
+        k = self.shots
+        return Task(x[0, :k], y[0, :k], x[0, k:], y[0, k:])
 
     def batch(self, split: Split, indices: Sequence[int]) -> TaskBatch:
         """Tasks ``indices`` of ``split`` stacked: ``[len(indices), examples, ...]``."""
-        return TaskBatch.stack([self.task(split, int(i)) for i in indices])
+        if len(indices) == 0:
+            raise ValueError("cannot make an empty meta-batch; pass at least one task index.")
+        x, y = self._examples(split, indices)
+        k = self.shots
+        return TaskBatch(x[:, :k], y[:, :k], x[:, k:], y[:, k:])
 
 
 class LinearRegression(_RegressionFamily):
@@ -99,9 +111,10 @@ class LinearRegression(_RegressionFamily):
         self.x_range = _check_range("x_range", x_range)
 
     def _draw(self, g: torch.Generator, n: int) -> tuple[Tensor, Tensor]:
-        w = _uniform(g, self.slope_range, self.dim)
-        b = _uniform(g, self.intercept_range, 1)
-        x = _uniform(g, self.x_range, n, self.dim)
+        d = self.dim
+        u = torch.rand(d + 1 + n * d, generator=g, dtype=torch.float64)
+        w, b = _scale(u[:d], self.slope_range), _scale(u[d : d + 1], self.intercept_range)
+        x = _scale(u[d + 1 :], self.x_range).view(n, d)
         noise = self.noise_std * torch.randn(n, 1, generator=g, dtype=torch.float64)
         return x, x @ w[:, None] + b + noise
 
@@ -142,12 +155,12 @@ class Sinusoid(_RegressionFamily):
         """(amplitudes, phases) ``[components]`` of task ``index``, e.g. to plot the true curve."""
         check_split(split)
         g = torch.Generator().manual_seed(task_seed(self.seed, split, index, type(self).__name__))
-        return self._params(g)
+        u = torch.rand(2 * self.components, generator=g, dtype=torch.float64)
+        return self._params(u)
 
-    def _params(self, g: torch.Generator) -> tuple[Tensor, Tensor]:
-        amp = _uniform(g, self.amplitude_range, self.components)
-        phase = _uniform(g, self.phase_range, self.components)
-        return amp, phase
+    def _params(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        c = self.components
+        return _scale(u[:c], self.amplitude_range), _scale(u[c : 2 * c], self.phase_range)
 
     @staticmethod
     def curve(x: Tensor, amplitudes: Tensor, phases: Tensor) -> Tensor:
@@ -155,8 +168,10 @@ class Sinusoid(_RegressionFamily):
         return (amplitudes * torch.sin(x + phases)).sum(dim=-1, keepdim=True)
 
     def _draw(self, g: torch.Generator, n: int) -> tuple[Tensor, Tensor]:
-        amp, phase = self._params(g)
-        x = _uniform(g, self.x_range, n, 1)
+        # one draw per task: the function's parameters first, so they do not depend on n
+        u = torch.rand(2 * self.components + n, generator=g, dtype=torch.float64)
+        amp, phase = self._params(u)
+        x = _scale(u[2 * self.components :], self.x_range).unsqueeze(-1)
         return x, self.curve(x, amp, phase)
 
 
