@@ -57,5 +57,5 @@ def test_unreadable_files(tmp_path):
         load_config(bad)
     yml = tmp_path / "x.yaml"
     yml.write_text("a: 1")
-    with pytest.raises(ConfigError, match="use a .toml or .json"):
+    with pytest.raises(ConfigError, match=r"use a \.toml or \.json"):
         load_config(yml)
