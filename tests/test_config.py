@@ -59,3 +59,12 @@ def test_unreadable_files(tmp_path):
     yml.write_text("a: 1")
     with pytest.raises(ConfigError, match=r"use a \.toml or \.json"):
         load_config(yml)
+
+
+def test_every_shipped_config_is_valid():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.toml"))
+    assert configs
+    for path in configs:
+        load_config(path)
