@@ -1,5 +1,43 @@
 """Task families (data sources)."""
 
+from innerloop.data.download import (
+    ChecksumError,
+    CorruptArchiveError,
+    DataError,
+    DownloadError,
+    UnsafeArchiveError,
+    download,
+    extract_zip,
+    iter_zip,
+    safe_members,
+    sha256_file,
+)
+from innerloop.data.images import ImageClassDataset, MiniImageNet, image_folder_dataset
+from innerloop.data.omniglot import Omniglot, load_omniglot_characters
 from innerloop.data.regression import FAMILIES, LinearRegression, Sinusoid, make_family
+from innerloop.data.sampling import FewShotClassification, collate_tasks, task_loader
 
-__all__ = ["FAMILIES", "LinearRegression", "Sinusoid", "make_family"]
+__all__ = [
+    "FAMILIES",
+    "ChecksumError",
+    "CorruptArchiveError",
+    "DataError",
+    "DownloadError",
+    "FewShotClassification",
+    "ImageClassDataset",
+    "LinearRegression",
+    "MiniImageNet",
+    "Omniglot",
+    "Sinusoid",
+    "UnsafeArchiveError",
+    "collate_tasks",
+    "download",
+    "extract_zip",
+    "image_folder_dataset",
+    "iter_zip",
+    "load_omniglot_characters",
+    "make_family",
+    "safe_members",
+    "sha256_file",
+    "task_loader",
+]

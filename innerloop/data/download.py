@@ -23,7 +23,7 @@ import urllib.request
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path, PurePosixPath
 
 __all__ = [
@@ -73,10 +73,8 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def _remove_quietly(path: str | os.PathLike) -> None:
-    try:
+    with suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def download(
@@ -134,7 +132,9 @@ def download(
                         if progress is not None:
                             progress(done, total_n)
             except (urllib.error.URLError, OSError, ValueError) as e:
-                raise DownloadError(f"could not download {url}: {e}. If this machine is offline, {by_hand}.") from e
+                raise DownloadError(
+                    f"could not download {url}: {e}. If this machine is offline, {by_hand}."
+                ) from e
         actual = h.hexdigest()
         if sha256 is not None and actual.lower() != sha256.lower():
             raise ChecksumError(
@@ -219,9 +219,7 @@ def open_zip(path: str | os.PathLike) -> Iterator[tuple[zipfile.ZipFile, list[zi
             raise _corrupt(path, e) from e
 
 
-def iter_zip(
-    path: str | os.PathLike, suffixes: tuple[str, ...] | None = None
-) -> Iterator[tuple[str, bytes]]:
+def iter_zip(path: str | os.PathLike, suffixes: tuple[str, ...] | None = None) -> Iterator[tuple[str, bytes]]:
     """Yield ``(member name, bytes)`` for the files of a zip archive, sorted by name.
 
     Every member is validated (:func:`safe_members`) before the first one is read; directory
@@ -234,9 +232,7 @@ def iter_zip(
     path = Path(path)
     with open_zip(path) as (zf, members):
         chosen = [
-            m
-            for m in members
-            if not m.is_dir() and (suffixes is None or m.filename.lower().endswith(suffixes))
+            m for m in members if not m.is_dir() and (suffixes is None or m.filename.lower().endswith(suffixes))
         ]
         for info in sorted(chosen, key=lambda m: m.filename):
             try:

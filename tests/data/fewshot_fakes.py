@@ -1,0 +1,56 @@
+"""Helpers shared by the image-data tests: fake Omniglot PNGs and archives."""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def omniglot_png(seed: int, size: int = 105) -> bytes:
+    """A 1-bit PNG, white with a black (ink) rectangle placed according to ``seed``."""
+    im = Image.new("1", (size, size), 1)
+    x, y = 5 + (seed * 7) % (size - 40), 5 + (seed * 13) % (size - 40)
+    ImageDraw.Draw(im).rectangle([x, y, x + 20 + seed % 10, y + 25], fill=0)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+FAKE_BACKGROUND = {"Alpha": 3, "Beta": 2, "Gamma": 2}
+FAKE_EVALUATION = {"Delta": 2, "Epsilon": 2}
+FAKE_DRAWINGS = 4
+
+
+def write_omniglot_zip(
+    path: Path,
+    top: str,
+    alphabets: Mapping[str, int],
+    drawings: int = FAKE_DRAWINGS,
+    first_id: int = 1,
+    extra: Sequence[tuple[str, bytes]] = (),
+) -> int:
+    """Write a fake ``images_<set>.zip``; returns the next character id."""
+    cid = first_id
+    with zipfile.ZipFile(path, "w") as zf:
+        for alphabet, n_chars in alphabets.items():
+            for c in range(1, n_chars + 1):
+                for d in range(1, drawings + 1):
+                    name = f"{top}/{alphabet}/character{c:02d}/{cid:04d}_{d:02d}.png"
+                    zf.writestr(name, omniglot_png(cid * 31 + d))
+                cid += 1
+        for name, data in extra:
+            zf.writestr(name, data)
+    return cid
+
+
+def real_data_root() -> Path:
+    """``$INNERLOOP_DATA`` or ``../shared/data`` from the repository root."""
+    env = os.environ.get("INNERLOOP_DATA")
+    return Path(env) if env else REPO_ROOT.parent / "shared" / "data"
