@@ -7,9 +7,10 @@ from typing import Any
 
 from torch import nn
 
-from innerloop.algorithms.base import GradientBased
+from innerloop.algorithms.base import Algorithm, GradientBased
 from innerloop.algorithms.maml import MAML
 from innerloop.algorithms.pretrain import Pretrain
+from innerloop.algorithms.protonet import ProtoNet
 from innerloop.tasks import Objective
 
 
@@ -28,13 +29,18 @@ def _metasgd(model: nn.Module, objective: Objective, cfg: Any) -> GradientBased:
                 cfg.adapt, cfg.vectorize)
 
 
+def _protonet(model: nn.Module, objective: Objective, cfg: Any) -> Algorithm:
+    return ProtoNet(model)
+
+
 def _pretrain(model: nn.Module, objective: Objective, cfg: Any) -> GradientBased:
     return Pretrain(model, objective, cfg.inner_lr, cfg.inner_steps, cfg.adapt)
 
 
-ALGORITHMS: dict[str, Callable[[nn.Module, Objective, Any], GradientBased]] = {
+ALGORITHMS: dict[str, Callable[[nn.Module, Objective, Any], Algorithm]] = {
     "maml": _maml,
     "fomaml": _fomaml,
     "metasgd": _metasgd,
+    "protonet": _protonet,
     "pretrain": _pretrain,
 }

@@ -30,13 +30,28 @@ class TaskConfig:
     """Which task family to meta-learn on."""
 
     family: str = "sinusoid"
-    """Family name (``sinusoid``, ``sinusoid-shifted``, ``sinusoid-sum``, ``linear``)."""
+    """Regression: ``sinusoid``, ``sinusoid-shifted``, ``sinusoid-sum``, ``linear``.
+    Classification: ``omniglot``, ``miniimagenet``, ``image-folder``."""
     shots: int = 10
-    """Support examples per task during meta-training (K)."""
+    """Support examples per task (regression) or per class (classification) in meta-training (K)."""
     queries: int = 10
-    """Query examples per task during meta-training."""
+    """Query examples per task (regression) or per class (classification) in meta-training."""
     seed: int = 0
     """Family seed: fixes every task of every split."""
+    ways: int = 5
+    """Classes per task (N), classification only."""
+    train_ways: int | None = None
+    """Classes per meta-training task when it differs from ``ways`` (ProtoNets trains with more)."""
+    split: str = "vinyals"
+    """Omniglot class split: ``vinyals``, ``lake`` or ``maml``."""
+    within_alphabet: bool = False
+    """Omniglot: draw all classes of a task from one alphabet (the harder original protocol)."""
+    image_size: int | None = None
+    """Side of the resized images (default 28 for Omniglot, 84 for miniImageNet and folders)."""
+    data_root: str | None = None
+    """Omniglot: the folder with the archives (default ``$INNERLOOP_DATA/omniglot``);
+    miniImageNet: the folder with the images (default ``$INNERLOOP_DATA/miniimagenet/images``);
+    image-folder: a folder with ``train/``, ``val/``, ``test/`` each holding ``<class>/*.png``."""
     options: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments of the family (e.g. ``amplitude_range = [0.1, 5.0]``)."""
 
@@ -45,9 +60,17 @@ class TaskConfig:
 class ModelConfig:
     """The network adapted to each task."""
 
-    name: str = "mlp"
+    name: Literal["mlp", "conv4"] = "mlp"
     hidden: list[int] = field(default_factory=lambda: [40, 40])
+    """MLP hidden widths."""
     activation: str = "relu"
+    """MLP activation."""
+    filters: int = 64
+    """conv4: filters per block (64 Omniglot, 32 MAML's miniImageNet)."""
+    pool: Literal["max", "stride"] = "max"
+    """conv4: 2x2 max-pool after each block, or stride-2 convolutions."""
+    norm: Literal["batch", "none"] = "batch"
+    """conv4: BatchNorm with the statistics of each batch (transductive), or none."""
 
 
 @dataclass
@@ -55,7 +78,7 @@ class AlgorithmConfig:
     """The meta-learning algorithm."""
 
     name: str = "maml"
-    """``maml``, ``fomaml``, ``metasgd`` or ``pretrain``."""
+    """``maml``, ``fomaml``, ``metasgd``, ``protonet`` or ``pretrain``."""
     inner_lr: float = 0.01
     inner_steps: int = 1
     first_order: bool = False
@@ -87,6 +110,8 @@ class EvalConfig:
 
     test_tasks: int = 600
     steps: int = 10
+    ways: int | None = None
+    """Classes per test task (``None``: ``task.ways``)."""
     report_steps: list[int] = field(default_factory=lambda: [0, 1, 5, 10])
     shots: int | None = 5
     """Support examples per test task (``None``: as in training)."""
@@ -118,16 +143,35 @@ class Config:
         from innerloop.algorithms.registry import ALGORITHMS
         from innerloop.data.regression import FAMILIES
         from innerloop.models.mlp import ACTIVATIONS
+        from innerloop.training.run import IMAGE_FAMILIES
 
         def need(ok: bool, key: str, value: Any, rule: str) -> None:
             if not ok:
                 raise ConfigError(f"{key} = {value!r} is invalid: {rule}.")
 
         t, m, a, tr, e = self.task, self.model, self.algorithm, self.train, self.eval
-        need(t.family in FAMILIES, "task.family", t.family, f"choose one of {list(FAMILIES)}")
+        families = [*FAMILIES, *IMAGE_FAMILIES]
+        need(t.family in families, "task.family", t.family, f"choose one of {families}")
         need(t.shots >= 1, "task.shots", t.shots, "K must be >= 1")
         need(t.queries >= 1, "task.queries", t.queries, "must be >= 1")
-        need(m.name == "mlp", "model.name", m.name, "the regression families use 'mlp'")
+        need(t.ways >= 1, "task.ways", t.ways, "N must be >= 1")
+        need(t.train_ways is None or t.train_ways >= t.ways, "task.train_ways", t.train_ways,
+             f"must be >= task.ways ({t.ways}) or null")
+        need(t.split in ("vinyals", "lake", "maml"), "task.split", t.split, "choose vinyals, lake or maml")
+        need(t.image_size is None or t.image_size >= 16, "task.image_size", t.image_size, "must be >= 16")
+        images = t.family in IMAGE_FAMILIES
+        need(images == (m.name == "conv4"), "model.name", m.name,
+             f"task.family {t.family!r} needs model.name = {'conv4' if images else 'mlp'!r}")
+        need(m.filters >= 1, "model.filters", m.filters, "must be >= 1")
+        need((a.name == "protonet") <= images, "algorithm.name", a.name,
+             "protonet needs a classification family")
+        need(not (e.baseline and images), "eval.baseline", e.baseline,
+             "the transfer baseline is for regression families here; set eval.baseline = false")
+        need(e.ways is None or e.ways >= 1, "eval.ways", e.ways, "N must be >= 1")
+        need(a.name == "protonet" or (e.ways or t.ways) == t.ways, "eval.ways", e.ways,
+             f"a model with a {t.ways}-way head is tested on {t.ways}-way tasks; set eval.ways = {t.ways}")
+        need(a.name == "protonet" or t.train_ways in (None, t.ways), "task.train_ways", t.train_ways,
+             "only protonet trains with more ways than it tests")
         need(all(h >= 1 for h in m.hidden), "model.hidden", m.hidden, "widths must be >= 1")
         need(m.activation in ACTIVATIONS, "model.activation", m.activation,
              f"choose one of {list(ACTIVATIONS)}")

@@ -78,6 +78,7 @@ def meta_train(
     progress: bool = True,
     desc: str = "meta-train",
     grad_hook: GradHook | None = None,
+    val_family: TaskFamily | None = None,
 ) -> TrainResult:
     """Meta-train ``algorithm`` on ``family``'s train split.
 
@@ -92,10 +93,12 @@ def meta_train(
         resume: continue from ``run_dir/last.pt`` when it exists.
         progress: show a progress bar with loss, metric, validation metric and tasks/s.
         grad_hook: applied to the meta-gradient before the outer step (e.g. an all-reduce).
+        val_family: the family whose ``val`` split validates (default: ``family``), e.g. with the
+            test protocol's ways when training uses more.
     """
     run_dir = Path(run_dir) if run_dir is not None else None
     optimizer = make_optimizer(algorithm, cfg)
-    start, best_val, best_step = 0, None, 0
+    start, best_val, best_step, elapsed_before = 0, None, 0, 0.0
     if run_dir is not None and resume and (run_dir / LAST).exists():
         payload = load_checkpoint(run_dir / LAST)
         if identity is not None and payload.get("identity") != identity:
@@ -107,6 +110,7 @@ def meta_train(
         algorithm.load_state_dict(payload["state"])
         optimizer.load_state_dict(payload["optimizer"])
         start, best_val, best_step = payload["step"], payload["best_val"], payload["best_step"]
+        elapsed_before = payload.get("wall_s", 0.0)
         torch.set_rng_state(payload["torch_rng"])
         _truncate_metrics(run_dir / METRICS, start)
 
@@ -116,6 +120,7 @@ def meta_train(
             "algorithm": algorithm.name, "identity": identity, "step": step,
             "state": algorithm.state_dict(), "optimizer": optimizer.state_dict(),
             "best_val": best_val, "best_step": best_step, "torch_rng": torch.get_rng_state(),
+            "wall_s": elapsed_before + time.perf_counter() - t0,
         })
 
     log = None
@@ -157,9 +162,10 @@ def meta_train(
                 window_loss = window_metric = 0.0
                 window = 0
             if done % cfg.validate_every == 0 or done == cfg.iterations:
-                res = meta_test(algorithm, family, "val", cfg.val_tasks, steps=val_steps)
+                res = meta_test(algorithm, val_family or family, "val", cfg.val_tasks, steps=val_steps)
                 val = res.per_step[val_steps].mean
-                record = {**(record or {"step": done}), f"val_{algorithm.metric_name}": val}
+                record = {**(record or {"step": done}), f"val_{algorithm.metric_name}": val,
+                          "wall_s": elapsed_before + time.perf_counter() - t0}
                 if _better(val, best_val, algorithm.higher_is_better):
                     best_val, best_step = val, done
                     if run_dir is not None:

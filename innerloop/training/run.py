@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import os
 import platform
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from innerloop.algorithms.base import GradientBased
+from innerloop.algorithms.base import Algorithm
 from innerloop.algorithms.registry import ALGORITHMS
 from innerloop.data.regression import make_family
+from innerloop.models.conv4 import Conv4
 from innerloop.models.mlp import MLP
 from innerloop.tasks import TaskFamily
 from innerloop.training.checkpoint import (
@@ -22,24 +27,68 @@ from innerloop.training.checkpoint import (
     check_state_compatible,
     load_checkpoint,
 )
-from innerloop.training.config import Config, config_from_dict
+from innerloop.training.config import Config, ConfigError, config_from_dict
 from innerloop.training.evaluate import EvalResult, meta_test
 from innerloop.training.loop import BEST, LAST, TrainResult, meta_train
 
+IMAGE_FAMILIES = ("omniglot", "miniimagenet", "image-folder")
 
-def build_family(cfg: Config, shots: int | None = None, queries: int | None = None) -> TaskFamily:
+
+def _data_root() -> Path | None:
+    env = os.environ.get("INNERLOOP_DATA")
+    return Path(env) if env else None
+
+
+@functools.lru_cache(maxsize=4)
+def image_splits(family: str, data_root: str | None, split: str, image_size: int | None) -> Mapping:
+    """``{split: ImageClassDataset}`` of an image family, loaded (and cached on disk) once."""
+    from innerloop.data.images import MiniImageNet, image_folder_dataset
+    from innerloop.data.omniglot import Omniglot
+
+    if family == "omniglot":
+        return Omniglot(data_root, split=split, image_size=image_size or 28)  # type: ignore[arg-type]
+    if family == "miniimagenet":
+        base = _data_root()
+        images = data_root or (base / "miniimagenet" / "images" if base else None)
+        if images is None:
+            raise ConfigError("miniImageNet needs its images: set task.data_root or $INNERLOOP_DATA.")
+        splits = (base / "miniimagenet" / "splits" / "ravi") if base else Path(images).parent / "splits" / "ravi"
+        return MiniImageNet(images, splits, size=image_size or 84)
+    if data_root is None:
+        raise ConfigError("task.family = 'image-folder' needs task.data_root (a folder with train/, val/, test/).")
+    return {s: image_folder_dataset(Path(data_root) / s, size=image_size or 84)
+            for s in ("train", "val", "test") if (Path(data_root) / s).is_dir()}
+
+
+def build_family(cfg: Config, shots: int | None = None, queries: int | None = None,
+                 ways: int | None = None) -> TaskFamily:
+    """The configured task family; ``shots``/``queries``/``ways`` override the training ones."""
     t = cfg.task
-    return make_family(t.family, shots=shots or t.shots, queries=queries or t.queries, seed=t.seed,
-                       **t.options)
+    shots, queries = shots or t.shots, queries or t.queries
+    if t.family not in IMAGE_FAMILIES:
+        return make_family(t.family, shots=shots, queries=queries, seed=t.seed, **t.options)
+    from innerloop.data.sampling import FewShotClassification
+
+    splits = image_splits(t.family, t.data_root, t.split, t.image_size)
+    return FewShotClassification(splits, ways=ways or t.ways, shots=shots, queries=queries, seed=t.seed,
+                                 within_alphabet=t.within_alphabet, **t.options)
 
 
-def build_algorithm(cfg: Config, family: TaskFamily, name: str | None = None) -> GradientBased:
-    """The model (initialised from ``train.seed``) wrapped in the configured algorithm."""
+def build_model(cfg: Config, family: TaskFamily) -> nn.Module:
+    """The network for ``family``, initialised from ``train.seed``."""
     probe = family.task("train", 0)
     torch.manual_seed(cfg.train.seed)
-    model = MLP(probe.support_x.shape[-1], probe.support_y.shape[-1], cfg.model.hidden,
-                cfg.model.activation)
-    return ALGORITHMS[name or cfg.algorithm.name](model, family.objective, cfg.algorithm)
+    m = cfg.model
+    if m.name == "mlp":
+        return MLP(probe.support_x.shape[-1], probe.support_y.shape[-1], m.hidden, m.activation)
+    channels, size = probe.support_x.shape[-3], probe.support_x.shape[-1]
+    ways = 0 if cfg.algorithm.name == "protonet" else cfg.task.ways
+    return Conv4(channels, ways, m.filters, size, m.pool, m.norm)
+
+
+def build_algorithm(cfg: Config, family: TaskFamily, name: str | None = None) -> Algorithm:
+    """The model wrapped in the configured algorithm (``name`` overrides ``algorithm.name``)."""
+    return ALGORITHMS[name or cfg.algorithm.name](build_model(cfg, family), family.objective, cfg.algorithm)
 
 
 def identity(cfg: Config, algorithm: str) -> dict[str, Any]:
@@ -56,13 +105,14 @@ def machine() -> dict[str, Any]:
             "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
 
 
-def _train_one(cfg: Config, family: TaskFamily, name: str, run_dir: Path, iterations: int,
-               progress: bool, resume: bool) -> tuple[GradientBased, TrainResult]:
+def _train_one(cfg: Config, families: tuple[TaskFamily, TaskFamily], name: str, run_dir: Path,
+               iterations: int, progress: bool, resume: bool) -> tuple[Algorithm, TrainResult]:
+    family, val_family = families
     algorithm = build_algorithm(cfg, family, name)
     train_cfg = dataclasses.replace(cfg.train, iterations=iterations)
     result = meta_train(algorithm, family, train_cfg, run_dir, identity=identity(cfg, name),
                         val_steps=cfg.algorithm.inner_steps, resume=resume, progress=progress,
-                        desc=name)
+                        desc=name, val_family=val_family)
     best = load_checkpoint(run_dir / BEST)
     algorithm.load_state_dict(best["state"])
     return algorithm, result
@@ -88,20 +138,24 @@ def run(cfg: Config, *, progress: bool = True, overwrite: bool = False, plot: bo
             for name in (LAST, BEST, "metrics.jsonl"):
                 (sub / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    family = build_family(cfg)
-    test_family = build_family(cfg, cfg.eval.shots, cfg.eval.queries)
+    try:  # bad data or sizes (more ways than classes, ...) fail here, before any training
+        family = build_family(cfg, ways=cfg.task.train_ways)
+        val_family = build_family(cfg, ways=cfg.eval.ways)
+        test_family = build_family(cfg, cfg.eval.shots, cfg.eval.queries, cfg.eval.ways)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     names = [cfg.algorithm.name]
     if cfg.eval.baseline and cfg.algorithm.name != "pretrain":
         names.append("pretrain")
-    trained: dict[str, GradientBased] = {}
+    trained: dict[str, Algorithm] = {}
     results: dict[str, EvalResult] = {}
     report: dict[str, Any] = {"config": cfg.to_dict(), "machine": machine(), "runs": {}}
     for name in names:
         is_baseline = name != cfg.algorithm.name
         iters = (cfg.eval.baseline_iterations or cfg.train.iterations) if is_baseline else cfg.train.iterations
         t0 = time.perf_counter()
-        algorithm, tr = _train_one(cfg, family, name, out / "baseline" if is_baseline else out,
-                                   iters, progress, resume=True)
+        algorithm, tr = _train_one(cfg, (family, val_family), name,
+                                   out / "baseline" if is_baseline else out, iters, progress, resume=True)
         train_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         res = meta_test(algorithm, test_family, "test", cfg.eval.test_tasks, cfg.eval.steps)
@@ -111,8 +165,12 @@ def run(cfg: Config, *, progress: bool = True, overwrite: bool = False, plot: bo
             "train_wall_s": train_s, "eval_wall_s": time.perf_counter() - t0, "test": res.to_dict(),
         }
     e = cfg.eval
-    title = (f"{cfg.task.family}: {e.shots or cfg.task.shots}-shot {results[names[0]].metric} on "
-             f"{e.test_tasks} fixed test tasks (mean ± 95% CI)")
+    title = f"{cfg.task.family}: {e.shots or cfg.task.shots}-shot {results[names[0]].metric}"
+    if family.objective == "classification":
+        title = (f"{cfg.task.family} ({cfg.task.split} split): {e.ways or cfg.task.ways}-way "
+                 f"{e.shots or cfg.task.shots}-shot accuracy, BatchNorm: "
+                 f"{'batch statistics (transductive)' if cfg.model.norm == 'batch' else 'none'}")
+    title += f", {e.test_tasks} fixed test tasks (mean ± 95% CI)"
     table = format_table(results, e.report_steps, title)
     report["table"] = table
     atomic_write_bytes(out / "results.json", lambda f: f.write(json.dumps(report, indent=2).encode()))
@@ -127,7 +185,7 @@ def run(cfg: Config, *, progress: bool = True, overwrite: bool = False, plot: bo
     return report
 
 
-def load_for_eval(checkpoint: str | Path) -> tuple[Config, GradientBased]:
+def load_for_eval(checkpoint: str | Path) -> tuple[Config, Algorithm]:
     """Rebuild the algorithm a checkpoint was trained with and load its weights."""
     payload = load_checkpoint(checkpoint)
     ident = payload.get("identity")
