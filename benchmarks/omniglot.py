@@ -41,6 +41,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     cfg = load_config(args.config)
     if args.iterations:
         cfg.train.iterations = args.iterations
+    if args.validate_every:
+        cfg.train.validate_every = args.validate_every
     name = Path(args.config).stem
     cfg.out_dir = str(Path(args.runs) / name)
     t0 = time.perf_counter()
@@ -56,7 +58,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         "curve": [{"step": c["step"], "wall_s": c["wall_s"], "val": c["val_accuracy"]}
                   for c in curve if "val_accuracy" in c],
         "command": f"python benchmarks/omniglot.py run {args.config} --iterations {cfg.train.iterations} "
-                   f"--threads {torch.get_num_threads()}",
+                   f"--validate-every {cfg.train.validate_every} --threads {torch.get_num_threads()}",
         "machine": machine(), "task_seed": cfg.task.seed, "init_seed": cfg.train.seed,
     }
     dest = RESULTS / "omniglot" / f"{name}.json"
@@ -116,6 +118,7 @@ def main() -> None:
     r = sub.add_parser("run")
     r.add_argument("config")
     r.add_argument("--iterations", type=int)
+    r.add_argument("--validate-every", type=int)
     r.add_argument("--threads", type=int, default=0)
     r.add_argument("--runs", default="runs/bench-omniglot")
     sub.add_parser("report")
