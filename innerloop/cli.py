@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from innerloop.data.download import DataError
 from innerloop.training.checkpoint import CheckpointError
 from innerloop.training.config import Config, ConfigError, load_config
 
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         {"train": _train, "eval": _eval}[args.command](args)
-    except (ConfigError, CheckpointError) as err:
+    except (ConfigError, CheckpointError, DataError) as err:
         print(f"innerloop: error: {err}", file=sys.stderr)
         return 2
     return 0

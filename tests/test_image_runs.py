@@ -83,3 +83,18 @@ def test_more_ways_than_classes_fails_before_training(tmp_path, folder, capsys):
 def test_too_many_shots_fails_before_training(tmp_path, folder, capsys):
     assert main(["train", "--config", str(_config(tmp_path, folder, "maml", shots=5, queries=4))]) == 2
     assert "use shots + queries <= 8" in capsys.readouterr().err
+
+
+def test_missing_omniglot_says_where_to_put_it(tmp_path, capsys, monkeypatch):
+    from innerloop.data import DownloadError
+
+    def offline(url, *args, **kwargs):
+        raise DownloadError(f"could not download {url}: offline")
+
+    monkeypatch.setattr("innerloop.data.omniglot.download", offline)
+    path = tmp_path / "o.toml"
+    path.write_text(f'[task]\nfamily = "omniglot"\ndata_root = "{tmp_path}/nothing"\n'
+                    '[model]\nname = "conv4"\n[eval]\nbaseline = false\n')
+    assert main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "images_background.zip" in err and f"{tmp_path}/nothing" in err
