@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from innerloop.algorithms.anil import ANIL, BOIL
 from innerloop.algorithms.base import Algorithm, GradientBased
 from innerloop.algorithms.maml import MAML
 from innerloop.algorithms.pretrain import Pretrain
@@ -29,6 +30,14 @@ def _metasgd(model: nn.Module, objective: Objective, cfg: Any) -> GradientBased:
                 cfg.adapt, cfg.vectorize)
 
 
+def _anil(model: nn.Module, objective: Objective, cfg: Any) -> GradientBased:
+    return ANIL(model, objective, cfg.inner_lr, cfg.inner_steps, cfg.first_order, cfg.lr_mode, cfg.vectorize)
+
+
+def _boil(model: nn.Module, objective: Objective, cfg: Any) -> GradientBased:
+    return BOIL(model, objective, cfg.inner_lr, cfg.inner_steps, cfg.first_order, cfg.lr_mode, cfg.vectorize)
+
+
 def _protonet(model: nn.Module, objective: Objective, cfg: Any) -> Algorithm:
     return ProtoNet(model)
 
@@ -37,10 +46,15 @@ def _pretrain(model: nn.Module, objective: Objective, cfg: Any) -> GradientBased
     return Pretrain(model, objective, cfg.inner_lr, cfg.inner_steps, cfg.adapt)
 
 
+FIXED_ADAPT: dict[str, str] = {"anil": "head.*", "boil": "features.*"}
+"""Algorithms that fix which parameters adapt (``algorithm.adapt`` must stay ``all``)."""
+
 ALGORITHMS: dict[str, Callable[[nn.Module, Objective, Any], Algorithm]] = {
     "maml": _maml,
     "fomaml": _fomaml,
     "metasgd": _metasgd,
+    "anil": _anil,
+    "boil": _boil,
     "protonet": _protonet,
     "pretrain": _pretrain,
 }

@@ -78,14 +78,16 @@ class AlgorithmConfig:
     """The meta-learning algorithm."""
 
     name: str = "maml"
-    """``maml``, ``fomaml``, ``metasgd``, ``protonet`` or ``pretrain``."""
+    """``maml``, ``fomaml``, ``metasgd``, ``anil`` (MAML adapting ``head.*`` only), ``boil``
+    (MAML adapting ``features.*`` only), ``protonet`` or ``pretrain``."""
     inner_lr: float = 0.01
     inner_steps: int = 1
     first_order: bool = False
     lr_mode: Literal["fixed", "scalar", "per_tensor", "per_element"] = "fixed"
     """Learned inner learning rates: ``per_element`` is Meta-SGD."""
     adapt: Union[str, list[str]] = "all"  # noqa: UP007 - read at run time by the type checker
-    """``all`` or glob patterns of the parameters that adapt (``head.*``: ANIL)."""
+    """``all`` or glob patterns of the parameters that adapt (``head.*``: ANIL). ``anil`` and ``boil``
+    fix it themselves, so it must stay ``all`` for them."""
     vectorize: Literal["auto", "vmap", "loop"] = "auto"
 
 
@@ -140,7 +142,7 @@ class Config:
 
     def validate(self) -> Config:
         """Range checks that types alone cannot express; raises :class:`ConfigError`."""
-        from innerloop.algorithms.registry import ALGORITHMS
+        from innerloop.algorithms.registry import ALGORITHMS, FIXED_ADAPT
         from innerloop.data.regression import FAMILIES
         from innerloop.models.mlp import ACTIVATIONS
         from innerloop.training.run import IMAGE_FAMILIES
@@ -176,6 +178,9 @@ class Config:
         need(m.activation in ACTIVATIONS, "model.activation", m.activation,
              f"choose one of {list(ACTIVATIONS)}")
         need(a.name in ALGORITHMS, "algorithm.name", a.name, f"choose one of {list(ALGORITHMS)}")
+        need(a.name not in FIXED_ADAPT or a.adapt == "all", "algorithm.adapt", a.adapt,
+             f"{a.name} always adapts {FIXED_ADAPT.get(a.name)!r}; leave adapt = 'all', or use name = 'maml' "
+             "with your adapt patterns")
         need(a.inner_lr > 0, "algorithm.inner_lr", a.inner_lr, "must be > 0")
         need(a.inner_steps >= 1, "algorithm.inner_steps", a.inner_steps, "steps must be >= 1")
         need(tr.iterations >= 1, "train.iterations", tr.iterations, "must be >= 1")
