@@ -9,6 +9,7 @@ from pathlib import Path
 from innerloop.data.download import DataError
 from innerloop.training.checkpoint import CheckpointError
 from innerloop.training.config import Config, ConfigError, load_config
+from innerloop.training.distributed import DistributedError
 
 DESCRIPTION = """\
 innerloop: meta-learning on PyTorch.
@@ -19,6 +20,9 @@ innerloop: meta-learning on PyTorch.
                                        plots to runs/sinusoid-maml/
   innerloop train --config FILE.toml   the same for any configured run (see configs/)
   innerloop eval CHECKPOINT            meta-test a saved checkpoint
+
+  torchrun --nproc_per_node=N -m innerloop train --config FILE
+                                       data-parallel meta-training on N processes
 """
 
 
@@ -46,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> None:
+    import torch.distributed
+
+    from innerloop.training.distributed import init_from_env, rank
     from innerloop.training.run import run
 
     cfg = load_config(args.config) if args.config else Config()
@@ -54,10 +61,17 @@ def _train(args: argparse.Namespace) -> None:
     if args.iterations is not None:
         cfg.train.iterations = args.iterations
     cfg.validate()
-    report = run(cfg, progress=not args.no_progress, overwrite=args.overwrite)
-    print()
-    print(report["table"])
-    print(f"\nresults, checkpoints and plots in {cfg.out_dir}/")
+    distributed = init_from_env(cfg.train.dist_timeout_s)  # under torchrun: join the process group
+    lead = rank() == 0
+    try:
+        report = run(cfg, progress=not args.no_progress, overwrite=args.overwrite)
+    finally:
+        if distributed:
+            torch.distributed.destroy_process_group()
+    if lead:
+        print()
+        print(report["table"])
+        print(f"\nresults, checkpoints and plots in {cfg.out_dir}/")
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -78,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         {"train": _train, "eval": _eval}[args.command](args)
-    except (ConfigError, CheckpointError, DataError) as err:
+    except (ConfigError, CheckpointError, DataError, DistributedError) as err:
         print(f"innerloop: error: {err}", file=sys.stderr)
         return 2
     return 0

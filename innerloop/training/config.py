@@ -89,6 +89,10 @@ class AlgorithmConfig:
     """``all`` or glob patterns of the parameters that adapt (``head.*``: ANIL). ``anil`` and ``boil``
     fix it themselves, so it must stay ``all`` for them."""
     vectorize: Literal["auto", "vmap", "loop"] = "auto"
+    inner_optimizer: Literal["sgd", "adam"] = "sgd"
+    """``reptile`` only: the inner update, plain gradient steps or Adam (state reset for every task)."""
+    inner_betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
+    """``reptile`` with ``inner_optimizer = "adam"``: Adam's (beta1, beta2); Nichol et al. use beta1 = 0."""
 
 
 @dataclass
@@ -99,11 +103,21 @@ class TrainConfig:
     meta_batch_size: int = 25
     outer_lr: float = 1e-3
     optimizer: Literal["adam", "sgd"] = "adam"
+    """The outer optimiser. Reptile's interpolation ``theta += eps (phi - theta)`` is ``sgd`` with
+    ``outer_lr = eps``."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Outer learning rate over training: ``constant``; ``linear`` from ``outer_lr`` to
+    ``final_outer_lr`` (Reptile's annealed step size); ``cosine`` from ``outer_lr`` to
+    ``final_outer_lr`` (MAML++). A function of the iteration, so resumes stay exact."""
+    final_outer_lr: float = 0.0
+    """The outer learning rate that ``linear`` and ``cosine`` reach at the last iteration."""
     validate_every: int = 1000
     val_tasks: int = 200
     log_every: int = 50
     seed: int = 0
     """Seed of the model's initialisation (tasks are fixed by ``task.seed``)."""
+    dist_timeout_s: float = 300.0
+    """Under torchrun: seconds a collective waits for the other ranks before the run stops."""
 
 
 @dataclass
@@ -183,12 +197,19 @@ class Config:
              "with your adapt patterns")
         need(a.inner_lr > 0, "algorithm.inner_lr", a.inner_lr, "must be > 0")
         need(a.inner_steps >= 1, "algorithm.inner_steps", a.inner_steps, "steps must be >= 1")
+        need(a.inner_optimizer == "sgd" or a.name == "reptile", "algorithm.inner_optimizer", a.inner_optimizer,
+             f"only reptile has an Adam inner loop; {a.name!r} needs 'sgd'")
+        need(len(a.inner_betas) == 2 and all(0 <= b < 1 for b in a.inner_betas), "algorithm.inner_betas",
+             a.inner_betas, "give [beta1, beta2], each in [0, 1)")
         need(tr.iterations >= 1, "train.iterations", tr.iterations, "must be >= 1")
         need(tr.meta_batch_size >= 1, "train.meta_batch_size", tr.meta_batch_size, "must be >= 1")
         need(tr.outer_lr > 0, "train.outer_lr", tr.outer_lr, "must be > 0")
+        need(tr.final_outer_lr >= 0, "train.final_outer_lr", tr.final_outer_lr,
+             "must be >= 0 (the rate a linear or cosine lr_schedule ends at)")
         need(tr.validate_every >= 1, "train.validate_every", tr.validate_every, "must be >= 1")
         need(tr.val_tasks >= 1, "train.val_tasks", tr.val_tasks, "must be >= 1")
         need(tr.log_every >= 1, "train.log_every", tr.log_every, "must be >= 1")
+        need(tr.dist_timeout_s > 0, "train.dist_timeout_s", tr.dist_timeout_s, "must be > 0")
         need(e.test_tasks >= 1, "eval.test_tasks", e.test_tasks, "must be >= 1 (600 for a paper table)")
         need(e.steps >= 0, "eval.steps", e.steps, "must be >= 0")
         need(all(0 <= s <= e.steps for s in e.report_steps), "eval.report_steps", e.report_steps,

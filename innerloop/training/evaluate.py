@@ -9,6 +9,7 @@ import torch
 
 from innerloop.algorithms.base import Algorithm
 from innerloop.tasks import Split, TaskFamily
+from innerloop.training.distributed import gather_rows, shard
 
 
 @dataclass(frozen=True)
@@ -66,21 +67,22 @@ def meta_test(
     chunk: int = 100,
 ) -> EvalResult:
     """Evaluate on tasks ``0..tasks-1`` of ``split`` (a fixed set: every algorithm and run sees
-    the same tasks). Tasks are processed ``chunk`` at a time to bound memory."""
+    the same tasks). Tasks are processed ``chunk`` at a time to bound memory. Under
+    ``torch.distributed`` each rank evaluates a disjoint share and every rank gets the result."""
     if tasks < 1:
         raise ValueError(f"meta-test needs >= 1 task, got {tasks}.")
+    mine = shard(range(tasks))  # all tasks in one process; a disjoint share of them per rank
     was_training = algorithm.training
     algorithm.eval()
     try:
-        metric, loss = [], []
-        for start in range(0, tasks, chunk):
-            batch = family.batch(split, range(start, min(tasks, start + chunk)))
-            scores = algorithm.evaluate(batch, steps)
-            metric.append(scores[algorithm.metric_name])
-            loss.append(scores["loss"])
+        rows = [torch.empty(0, 2, steps + 1)]
+        for start in range(0, len(mine), chunk):
+            scores = algorithm.evaluate(family.batch(split, mine[start : start + chunk]), steps)
+            rows.append(torch.stack([scores["loss"], scores[algorithm.metric_name]], dim=1).float().cpu())
     finally:
         algorithm.train(was_training)
-    m, lo = torch.cat(metric), torch.cat(loss)
+    both = gather_rows(torch.cat(rows))
+    lo, m = both[:, 0], both[:, 1]
     return EvalResult(
         algorithm.metric_name, tasks,
         [mean_ci95(m[:, k]) for k in range(steps + 1)],

@@ -29,7 +29,16 @@ from innerloop.training.checkpoint import (
     save_checkpoint,
 )
 from innerloop.training.config import TrainConfig
+from innerloop.training.distributed import (
+    barrier,
+    broadcast_parameters,
+    reduce_meta_gradient,
+    shard,
+    world_size,
+)
+from innerloop.training.distributed import rank as dist_rank
 from innerloop.training.evaluate import meta_test
+from innerloop.training.schedule import set_outer_lr
 
 LAST, BEST, METRICS = "last.pt", "best.pt", "metrics.jsonl"
 GradHook = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
@@ -97,6 +106,12 @@ def meta_train(
             test protocol's ways when training uses more.
     """
     run_dir = Path(run_dir) if run_dir is not None else None
+    val_family = val_family or family
+    family = algorithm.training_family(family)  # the Baseline pre-trains on global-label batches
+    lead = dist_rank() == 0  # the one rank that writes checkpoints, logs and the progress bar
+    if cfg.meta_batch_size < world_size():
+        raise ValueError(f"meta_batch_size {cfg.meta_batch_size} is smaller than the {world_size()} ranks; "
+                         "every rank needs at least one task per meta-batch.")
     optimizer = make_optimizer(algorithm, cfg)
     start, best_val, best_step, elapsed_before = 0, None, 0, 0.0
     if run_dir is not None and resume and (run_dir / LAST).exists():
@@ -112,7 +127,9 @@ def meta_train(
         start, best_val, best_step = payload["step"], payload["best_val"], payload["best_step"]
         elapsed_before = payload.get("wall_s", 0.0)
         torch.set_rng_state(payload["torch_rng"])
-        _truncate_metrics(run_dir / METRICS, start)
+        if lead:
+            _truncate_metrics(run_dir / METRICS, start)
+    broadcast_parameters(algorithm)
 
     def checkpoint(name: str, step: int) -> None:
         assert run_dir is not None
@@ -124,11 +141,11 @@ def meta_train(
         })
 
     log = None
-    if run_dir is not None:
+    if run_dir is not None and lead:
         run_dir.mkdir(parents=True, exist_ok=True)
         log = (run_dir / METRICS).open("a")
     params = dict(algorithm.named_parameters())
-    bar = tqdm(total=cfg.iterations, initial=start, desc=desc, disable=not progress,
+    bar = tqdm(total=cfg.iterations, initial=start, desc=desc, disable=not (progress and lead),
                dynamic_ncols=True, leave=True)
     t0, tasks_done = time.perf_counter(), 0
     window_loss = window_metric = 0.0
@@ -137,8 +154,11 @@ def meta_train(
     try:
         for step in range(start, cfg.iterations):
             b = cfg.meta_batch_size
-            batch = family.batch("train", range(step * b, (step + 1) * b))
-            grads, metrics = algorithm.meta_gradient(batch)
+            algorithm.set_progress(step, cfg.iterations)  # MAML++'s annealing; a no-op for most
+            set_outer_lr(optimizer, cfg, step)  # lr_schedule; nothing for "constant"
+            mine = shard(range(step * b, (step + 1) * b))  # all of it in one process
+            grads, metrics = algorithm.meta_gradient(family.batch("train", mine))
+            grads, metrics = reduce_meta_gradient(grads, metrics, len(mine), b, step + 1)
             if grad_hook is not None:
                 grads = grad_hook(grads)
             for name, p in params.items():
@@ -168,9 +188,9 @@ def meta_train(
                           "wall_s": elapsed_before + time.perf_counter() - t0}
                 if _better(val, best_val, algorithm.higher_is_better):
                     best_val, best_step = val, done
-                    if run_dir is not None:
+                    if run_dir is not None and lead:
                         checkpoint(BEST, done)
-                if run_dir is not None:
+                if run_dir is not None and lead:
                     checkpoint(LAST, done)
             if record is not None and log is not None:
                 log.write(json.dumps(record) + "\n")
@@ -179,6 +199,7 @@ def meta_train(
         bar.close()
         if log is not None:
             log.close()
+    barrier("barrier at the end of training")  # the checkpoints are written before anyone reads them
     wall = time.perf_counter() - t0
     return TrainResult(cfg.iterations, best_step, float("nan") if best_val is None else best_val,
                        wall, tasks_done / max(wall, 1e-9))

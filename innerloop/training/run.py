@@ -28,6 +28,8 @@ from innerloop.training.checkpoint import (
     load_checkpoint,
 )
 from innerloop.training.config import Config, ConfigError, config_from_dict
+from innerloop.training.distributed import barrier
+from innerloop.training.distributed import rank as dist_rank
 from innerloop.training.evaluate import EvalResult, meta_test
 from innerloop.training.loop import BEST, LAST, TrainResult, meta_train
 
@@ -93,11 +95,18 @@ def build_algorithm(cfg: Config, family: TaskFamily, name: str | None = None) ->
 
 def identity(cfg: Config, algorithm: str) -> dict[str, Any]:
     """The settings a checkpoint must share with a run to be resumed by it."""
-    d = cfg.to_dict()
+    d, default = cfg.to_dict(), Config().to_dict()
     tr = d["train"]
-    return {"algorithm": algorithm, "task": d["task"], "model": d["model"],
-            "algorithm_cfg": d["algorithm"],
-            "train": {k: tr[k] for k in ("meta_batch_size", "outer_lr", "optimizer", "seed")}}
+    # Options added after checkpoints were first written join the identity only when they differ
+    # from their defaults, so the checkpoints of runs that do not use them still resume.
+    algo = {k: v for k, v in d["algorithm"].items() if k in _FIRST_ALGORITHM_KEYS or v != default["algorithm"][k]}
+    train = {k: tr[k] for k in ("meta_batch_size", "outer_lr", "optimizer", "seed")}
+    train.update({k: tr[k] for k in _ADDED_TRAIN_KEYS if tr[k] != default["train"][k]})
+    return {"algorithm": algorithm, "task": d["task"], "model": d["model"], "algorithm_cfg": algo, "train": train}
+
+
+_FIRST_ALGORITHM_KEYS = ("name", "inner_lr", "inner_steps", "first_order", "lr_mode", "adapt", "vectorize")
+_ADDED_TRAIN_KEYS = ("lr_schedule", "final_outer_lr")
 
 
 def machine() -> dict[str, Any]:
@@ -133,10 +142,12 @@ def run(cfg: Config, *, progress: bool = True, overwrite: bool = False, plot: bo
     ``results.json``, ``results.md`` and plots into ``cfg.out_dir``. Returns the results."""
     cfg.validate()
     out = Path(cfg.out_dir)
-    if overwrite:
+    lead = dist_rank() == 0  # under torchrun, one rank writes the files
+    if overwrite and lead:
         for sub in (out, out / "baseline"):
             for name in (LAST, BEST, "metrics.jsonl"):
                 (sub / name).unlink(missing_ok=True)
+    barrier("barrier after --overwrite")
     out.mkdir(parents=True, exist_ok=True)
     try:  # bad data or sizes (more ways than classes, ...) fail here, before any training
         family = build_family(cfg, ways=cfg.task.train_ways)
@@ -173,6 +184,8 @@ def run(cfg: Config, *, progress: bool = True, overwrite: bool = False, plot: bo
     title += f", {e.test_tasks} fixed test tasks (mean ± 95% CI)"
     table = format_table(results, e.report_steps, title)
     report["table"] = table
+    if not lead:
+        return report
     atomic_write_bytes(out / "results.json", lambda f: f.write(json.dumps(report, indent=2).encode()))
     atomic_write_bytes(out / "results.md", lambda f: f.write((table + "\n").encode()))
     if plot:
