@@ -10,6 +10,7 @@ per task, under :func:`torch.func.vmap` over a meta-batch, and inside an outer a
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Literal
 
@@ -64,6 +65,56 @@ def sgd_step(params: Params, grads: Params, lr: LearningRates) -> Params:
         rate = lr[name] if isinstance(lr, Mapping) else lr
         out[name] = params[name] - rate * g
     return out
+
+
+AdamState = tuple[Params, Params, int]
+"""Adam's state ``(first moments, second moments, steps taken)``, moments keyed like the parameters."""
+
+
+def adam_init(params: Mapping[str, Tensor]) -> AdamState:
+    """The state of Adam before its first step: zero moments for every name of ``params``."""
+    zeros = {n: torch.zeros_like(p) for n, p in params.items()}
+    return zeros, dict(zeros), 0
+
+
+def adam_step(
+    params: Params,
+    grads: Params,
+    state: AdamState,
+    lr: LearningRates,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> tuple[Params, AdamState]:
+    """One pure Adam update (Kingma & Ba 2015) for each name in ``grads`` (the rest pass through).
+
+    The arithmetic is that of ``torch.optim.Adam`` (no weight decay, no AMSGrad), written without
+    in-place updates so that it runs under ``vmap`` and ``grad``::
+
+        m = lerp(m, g, 1 - beta1);  v = beta2 v + (1 - beta2) g^2;  t = t + 1
+        p = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+
+    Args:
+        params: the current parameters.
+        grads: gradients for the names that update (shapes as in ``params``).
+        state: from :func:`adam_init` or the previous call, with moments for every name in ``grads``.
+        lr: as for :func:`sgd_step`.
+        betas: ``(beta1, beta2)``, each in [0, 1).
+        eps: added to the denominator.
+
+    Returns:
+        ``(new params, new state)``.
+    """
+    beta1, beta2 = betas
+    m_old, v_old, t = state
+    t += 1
+    bias1, bias2_sqrt = 1 - beta1**t, math.sqrt(1 - beta2**t)
+    out, m, v = dict(params), dict(m_old), dict(v_old)
+    for name, g in grads.items():
+        rate = lr[name] if isinstance(lr, Mapping) else lr
+        m[name] = torch.lerp(m_old[name], g, 1 - beta1)
+        v[name] = torch.addcmul(v_old[name] * beta2, g, g, value=1 - beta2)
+        out[name] = params[name] - (rate / bias1) * m[name] / (v[name].sqrt() / bias2_sqrt + eps)
+    return out, (m, v, t)
 
 
 def adapt_trajectory(

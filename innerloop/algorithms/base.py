@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from innerloop.adapt import InnerLR, LRMode, Params, adapt_trajectory, model_loss, select
-from innerloop.tasks import Objective, TaskBatch
+from innerloop.tasks import Objective, TaskBatch, TaskFamily
 
 Vectorize = Literal["auto", "vmap", "loop"]
 VECTORIZE: tuple[str, ...] = ("auto", "vmap", "loop")
@@ -86,6 +86,23 @@ class Algorithm(nn.Module):
             ``{"loss": [tasks, steps + 1], metric_name: [tasks, steps + 1]}``.
         """
         raise NotImplementedError
+
+    def set_progress(self, step: int, total: int) -> None:
+        """Called by the training loop before outer iteration ``step`` (0-based) of ``total``.
+
+        Algorithms whose meta-objective follows a schedule over training (MAML++ anneals its
+        multi-step loss weights and derivative order) read it here; the default ignores it. The
+        loop passes the true step on resume too, so schedules need no checkpointed state.
+        """
+
+    def training_family(self, family: TaskFamily) -> TaskFamily:
+        """The family whose ``train`` split feeds :meth:`meta_gradient` (default: ``family``).
+
+        Validation and testing always use the few-shot family; an algorithm that trains on
+        something else (the Baseline pre-trains on ordinary batches with global class labels)
+        wraps ``family`` here.
+        """
+        return family
 
 
 def has_conv_or_norm(model: nn.Module) -> bool:

@@ -12,6 +12,7 @@ from innerloop.algorithms.base import Algorithm, GradientBased
 from innerloop.algorithms.maml import MAML
 from innerloop.algorithms.pretrain import Pretrain
 from innerloop.algorithms.protonet import ProtoNet
+from innerloop.algorithms.reptile import Reptile
 from innerloop.tasks import Objective
 
 
@@ -38,6 +39,11 @@ def _boil(model: nn.Module, objective: Objective, cfg: Any) -> GradientBased:
     return BOIL(model, objective, cfg.inner_lr, cfg.inner_steps, cfg.first_order, cfg.lr_mode, cfg.vectorize)
 
 
+def _reptile(model: nn.Module, objective: Objective, cfg: Any) -> GradientBased:
+    return Reptile(model, objective, cfg.inner_lr, cfg.inner_steps, cfg.inner_optimizer, cfg.inner_betas,
+                   cfg.adapt, cfg.vectorize)
+
+
 def _protonet(model: nn.Module, objective: Objective, cfg: Any) -> Algorithm:
     return ProtoNet(model)
 
@@ -55,6 +61,7 @@ ALGORITHMS: dict[str, Callable[[nn.Module, Objective, Any], Algorithm]] = {
     "metasgd": _metasgd,
     "anil": _anil,
     "boil": _boil,
+    "reptile": _reptile,
     "protonet": _protonet,
     "pretrain": _pretrain,
 }
