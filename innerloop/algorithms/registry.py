@@ -9,6 +9,7 @@ from torch import nn
 
 from innerloop.algorithms.anil import ANIL, BOIL
 from innerloop.algorithms.base import Algorithm, GradientBased
+from innerloop.algorithms.imaml import IMAML
 from innerloop.algorithms.maml import MAML
 from innerloop.algorithms.pretrain import Pretrain
 from innerloop.algorithms.protonet import ProtoNet
@@ -44,6 +45,10 @@ def _reptile(model: nn.Module, objective: Objective, cfg: Any) -> GradientBased:
                    cfg.adapt, cfg.vectorize)
 
 
+def _imaml(model: nn.Module, objective: Objective, cfg: Any) -> GradientBased:
+    return IMAML(model, objective, cfg.inner_lr, cfg.inner_steps, cfg.reg_lambda, cfg.cg_steps, cfg.vectorize)
+
+
 def _protonet(model: nn.Module, objective: Objective, cfg: Any) -> Algorithm:
     return ProtoNet(model)
 
@@ -62,6 +67,7 @@ ALGORITHMS: dict[str, Callable[[nn.Module, Objective, Any], Algorithm]] = {
     "anil": _anil,
     "boil": _boil,
     "reptile": _reptile,
+    "imaml": _imaml,
     "protonet": _protonet,
     "pretrain": _pretrain,
 }

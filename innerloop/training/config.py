@@ -79,7 +79,7 @@ class AlgorithmConfig:
 
     name: str = "maml"
     """``maml``, ``fomaml``, ``metasgd``, ``anil`` (MAML adapting ``head.*`` only), ``boil``
-    (MAML adapting ``features.*`` only), ``protonet`` or ``pretrain``."""
+    (MAML adapting ``features.*`` only), ``reptile``, ``imaml``, ``protonet`` or ``pretrain``."""
     inner_lr: float = 0.01
     inner_steps: int = 1
     first_order: bool = False
@@ -93,6 +93,10 @@ class AlgorithmConfig:
     """``reptile`` only: the inner update, plain gradient steps or Adam (state reset for every task)."""
     inner_betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
     """``reptile`` with ``inner_optimizer = "adam"``: Adam's (beta1, beta2); Nichol et al. use beta1 = 0."""
+    reg_lambda: float = 2.0
+    """``imaml``: lambda of the proximal inner objective ``L_support(phi) + lambda/2 ||phi - theta||^2``."""
+    cg_steps: int = 5
+    """``imaml``: conjugate-gradient iterations that solve for the implicit meta-gradient."""
 
 
 @dataclass
@@ -201,6 +205,8 @@ class Config:
              f"only reptile has an Adam inner loop; {a.name!r} needs 'sgd'")
         need(len(a.inner_betas) == 2 and all(0 <= b < 1 for b in a.inner_betas), "algorithm.inner_betas",
              a.inner_betas, "give [beta1, beta2], each in [0, 1)")
+        need(a.reg_lambda > 0, "algorithm.reg_lambda", a.reg_lambda, "must be > 0")
+        need(a.cg_steps >= 1, "algorithm.cg_steps", a.cg_steps, "must be >= 1")
         need(tr.iterations >= 1, "train.iterations", tr.iterations, "must be >= 1")
         need(tr.meta_batch_size >= 1, "train.meta_batch_size", tr.meta_batch_size, "must be >= 1")
         need(tr.outer_lr > 0, "train.outer_lr", tr.outer_lr, "must be > 0")
