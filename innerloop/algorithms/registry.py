@@ -11,6 +11,7 @@ from innerloop.algorithms.anil import ANIL, BOIL
 from innerloop.algorithms.base import Algorithm, GradientBased
 from innerloop.algorithms.imaml import IMAML
 from innerloop.algorithms.maml import MAML
+from innerloop.algorithms.matchingnet import MatchingNet
 from innerloop.algorithms.pretrain import Pretrain
 from innerloop.algorithms.protonet import ProtoNet
 from innerloop.algorithms.reptile import Reptile
@@ -53,12 +54,33 @@ def _protonet(model: nn.Module, objective: Objective, cfg: Any) -> Algorithm:
     return ProtoNet(model)
 
 
+def _matchingnet(model: nn.Module, objective: Objective, cfg: Any) -> Algorithm:
+    return MatchingNet(model)
+
+
 def _pretrain(model: nn.Module, objective: Objective, cfg: Any) -> GradientBased:
     return Pretrain(model, objective, cfg.inner_lr, cfg.inner_steps, cfg.adapt)
 
 
 FIXED_ADAPT: dict[str, str] = {"anil": "head.*", "boil": "features.*"}
 """Algorithms that fix which parameters adapt (``algorithm.adapt`` must stay ``all``)."""
+
+EMBEDDING: tuple[str, ...] = ("protonet", "matchingnet")
+"""Metric-based algorithms: the model is an embedding network without a head, so they classify
+tasks of any number of ways and may meta-train with more ways (``task.train_ways``) than they test."""
+
+CLASSIFICATION_ONLY: tuple[str, ...] = EMBEDDING
+"""Algorithms that need a classification family."""
+
+ANY_TEST_WAYS: tuple[str, ...] = EMBEDDING
+"""Algorithms whose test tasks may have another number of ways than ``task.ways``."""
+
+
+def head_ways(name: str, ways: int, family: Any) -> int:
+    """Output size of the model's ``head`` for algorithm ``name`` on a classification ``family``
+    of ``ways``-way tasks: 0 (no head: an embedding network) for :data:`EMBEDDING`, else ``ways``."""
+    return 0 if name in EMBEDDING else ways
+
 
 ALGORITHMS: dict[str, Callable[[nn.Module, Objective, Any], Algorithm]] = {
     "maml": _maml,
@@ -69,5 +91,6 @@ ALGORITHMS: dict[str, Callable[[nn.Module, Objective, Any], Algorithm]] = {
     "reptile": _reptile,
     "imaml": _imaml,
     "protonet": _protonet,
+    "matchingnet": _matchingnet,
     "pretrain": _pretrain,
 }

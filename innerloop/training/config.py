@@ -79,7 +79,7 @@ class AlgorithmConfig:
 
     name: str = "maml"
     """``maml``, ``fomaml``, ``metasgd``, ``anil`` (MAML adapting ``head.*`` only), ``boil``
-    (MAML adapting ``features.*`` only), ``reptile``, ``imaml``, ``protonet`` or ``pretrain``."""
+    (MAML adapting ``features.*`` only), ``reptile``, ``imaml``, ``protonet``, ``matchingnet`` or ``pretrain``."""
     inner_lr: float = 0.01
     inner_steps: int = 1
     first_order: bool = False
@@ -160,7 +160,13 @@ class Config:
 
     def validate(self) -> Config:
         """Range checks that types alone cannot express; raises :class:`ConfigError`."""
-        from innerloop.algorithms.registry import ALGORITHMS, FIXED_ADAPT
+        from innerloop.algorithms.registry import (
+            ALGORITHMS,
+            ANY_TEST_WAYS,
+            CLASSIFICATION_ONLY,
+            EMBEDDING,
+            FIXED_ADAPT,
+        )
         from innerloop.data.regression import FAMILIES
         from innerloop.models.mlp import ACTIVATIONS
         from innerloop.training.run import IMAGE_FAMILIES
@@ -183,15 +189,15 @@ class Config:
         need(images == (m.name == "conv4"), "model.name", m.name,
              f"task.family {t.family!r} needs model.name = {'conv4' if images else 'mlp'!r}")
         need(m.filters >= 1, "model.filters", m.filters, "must be >= 1")
-        need((a.name == "protonet") <= images, "algorithm.name", a.name,
-             "protonet needs a classification family")
+        need(a.name not in CLASSIFICATION_ONLY or images, "algorithm.name", a.name,
+             f"{a.name} needs a classification family")
         need(not (e.baseline and images), "eval.baseline", e.baseline,
              "the transfer baseline is for regression families here; set eval.baseline = false")
         need(e.ways is None or e.ways >= 1, "eval.ways", e.ways, "N must be >= 1")
-        need(a.name == "protonet" or (e.ways or t.ways) == t.ways, "eval.ways", e.ways,
+        need(a.name in ANY_TEST_WAYS or (e.ways or t.ways) == t.ways, "eval.ways", e.ways,
              f"a model with a {t.ways}-way head is tested on {t.ways}-way tasks; set eval.ways = {t.ways}")
-        need(a.name == "protonet" or t.train_ways in (None, t.ways), "task.train_ways", t.train_ways,
-             "only protonet trains with more ways than it tests")
+        need(a.name in EMBEDDING or t.train_ways in (None, t.ways), "task.train_ways", t.train_ways,
+             f"only {' and '.join(EMBEDDING)} train with more ways than they test")
         need(all(h >= 1 for h in m.hidden), "model.hidden", m.hidden, "widths must be >= 1")
         need(m.activation in ACTIVATIONS, "model.activation", m.activation,
              f"choose one of {list(ACTIVATIONS)}")

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from innerloop.algorithms.base import Algorithm
-from innerloop.algorithms.registry import ALGORITHMS
+from innerloop.algorithms.registry import ALGORITHMS, head_ways
 from innerloop.data.regression import make_family
 from innerloop.models.conv4 import Conv4
 from innerloop.models.mlp import MLP
@@ -84,7 +84,7 @@ def build_model(cfg: Config, family: TaskFamily) -> nn.Module:
     if m.name == "mlp":
         return MLP(probe.support_x.shape[-1], probe.support_y.shape[-1], m.hidden, m.activation)
     channels, size = probe.support_x.shape[-3], probe.support_x.shape[-1]
-    ways = 0 if cfg.algorithm.name == "protonet" else cfg.task.ways
+    ways = head_ways(cfg.algorithm.name, cfg.task.ways, family)
     return Conv4(channels, ways, m.filters, size, m.pool, m.norm)
 
 
