@@ -9,6 +9,7 @@ from torch import nn
 
 from innerloop.algorithms.anil import ANIL, BOIL
 from innerloop.algorithms.base import Algorithm, GradientBased
+from innerloop.algorithms.baseline import Baseline, BaselinePP, train_classes
 from innerloop.algorithms.imaml import IMAML
 from innerloop.algorithms.maml import MAML
 from innerloop.algorithms.matchingnet import MatchingNet
@@ -58,6 +59,14 @@ def _matchingnet(model: nn.Module, objective: Objective, cfg: Any) -> Algorithm:
     return MatchingNet(model)
 
 
+def _baseline(model: nn.Module, objective: Objective, cfg: Any) -> Algorithm:
+    return Baseline(model, "linear", cfg.inner_lr)
+
+
+def _baselinepp(model: nn.Module, objective: Objective, cfg: Any) -> Algorithm:
+    return BaselinePP(model, cfg.inner_lr, cfg.cosine_scale)
+
+
 def _pretrain(model: nn.Module, objective: Objective, cfg: Any) -> GradientBased:
     return Pretrain(model, objective, cfg.inner_lr, cfg.inner_steps, cfg.adapt)
 
@@ -69,17 +78,26 @@ EMBEDDING: tuple[str, ...] = ("protonet", "matchingnet")
 """Metric-based algorithms: the model is an embedding network without a head, so they classify
 tasks of any number of ways and may meta-train with more ways (``task.train_ways``) than they test."""
 
-CLASSIFICATION_ONLY: tuple[str, ...] = EMBEDDING
+GLOBAL_HEAD: tuple[str, ...] = ("baseline", "baselinepp")
+"""Pre-training baselines: the model's head has one output per training class (a global label
+space), and a new head is fitted per test task, so any number of test ways works."""
+
+CLASSIFICATION_ONLY: tuple[str, ...] = EMBEDDING + GLOBAL_HEAD
 """Algorithms that need a classification family."""
 
-ANY_TEST_WAYS: tuple[str, ...] = EMBEDDING
+ANY_TEST_WAYS: tuple[str, ...] = EMBEDDING + GLOBAL_HEAD
 """Algorithms whose test tasks may have another number of ways than ``task.ways``."""
 
 
 def head_ways(name: str, ways: int, family: Any) -> int:
     """Output size of the model's ``head`` for algorithm ``name`` on a classification ``family``
-    of ``ways``-way tasks: 0 (no head: an embedding network) for :data:`EMBEDDING`, else ``ways``."""
-    return 0 if name in EMBEDDING else ways
+    of ``ways``-way tasks: 0 (no head: an embedding network) for :data:`EMBEDDING`, the number
+    of training classes for :data:`GLOBAL_HEAD`, else ``ways``."""
+    if name in EMBEDDING:
+        return 0
+    if name in GLOBAL_HEAD:
+        return train_classes(family)
+    return ways
 
 
 ALGORITHMS: dict[str, Callable[[nn.Module, Objective, Any], Algorithm]] = {
@@ -92,5 +110,7 @@ ALGORITHMS: dict[str, Callable[[nn.Module, Objective, Any], Algorithm]] = {
     "imaml": _imaml,
     "protonet": _protonet,
     "matchingnet": _matchingnet,
+    "baseline": _baseline,
+    "baselinepp": _baselinepp,
     "pretrain": _pretrain,
 }

@@ -79,9 +79,14 @@ class AlgorithmConfig:
 
     name: str = "maml"
     """``maml``, ``fomaml``, ``metasgd``, ``anil`` (MAML adapting ``head.*`` only), ``boil``
-    (MAML adapting ``features.*`` only), ``reptile``, ``imaml``, ``protonet``, ``matchingnet`` or ``pretrain``."""
+    (MAML adapting ``features.*`` only), ``reptile``, ``imaml``, ``protonet``, ``matchingnet``,
+    ``baseline``, ``baselinepp`` (Baseline++) or ``pretrain``."""
     inner_lr: float = 0.01
+    """The inner (adaptation) learning rate; for ``baseline``/``baselinepp`` the step size of fitting
+    the new head on a test task's support set."""
     inner_steps: int = 1
+    """Inner steps in meta-training and validation; for ``baseline``/``baselinepp`` the head-fitting
+    steps of validation (testing reports 0..``eval.steps``)."""
     first_order: bool = False
     lr_mode: Literal["fixed", "scalar", "per_tensor", "per_element"] = "fixed"
     """Learned inner learning rates: ``per_element`` is Meta-SGD."""
@@ -97,6 +102,9 @@ class AlgorithmConfig:
     """``imaml``: lambda of the proximal inner objective ``L_support(phi) + lambda/2 ||phi - theta||^2``."""
     cg_steps: int = 5
     """``imaml``: conjugate-gradient iterations that solve for the implicit meta-gradient."""
+    cosine_scale: float = 10.0
+    """``baselinepp``: the fixed scale ``s`` of the cosine classifier ``s * cos(w_c, z)`` (Chen et al.:
+    2 for features of at most 200 dimensions, else 10)."""
 
 
 @dataclass
@@ -213,6 +221,7 @@ class Config:
              a.inner_betas, "give [beta1, beta2], each in [0, 1)")
         need(a.reg_lambda > 0, "algorithm.reg_lambda", a.reg_lambda, "must be > 0")
         need(a.cg_steps >= 1, "algorithm.cg_steps", a.cg_steps, "must be >= 1")
+        need(a.cosine_scale > 0, "algorithm.cosine_scale", a.cosine_scale, "must be > 0")
         need(tr.iterations >= 1, "train.iterations", tr.iterations, "must be >= 1")
         need(tr.meta_batch_size >= 1, "train.meta_batch_size", tr.meta_batch_size, "must be >= 1")
         need(tr.outer_lr > 0, "train.outer_lr", tr.outer_lr, "must be > 0")
