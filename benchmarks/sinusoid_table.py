@@ -34,11 +34,18 @@ PAPER = {  # Finn et al. 2017, App. C: 5-shot MSE after 1 / 5 / 10 steps
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--iterations", type=int, default=70000)
-    p.add_argument("--out", default="runs/bench-sinusoid")
-    p.add_argument("--results", default=str(Path(__file__).parent / "results" / "sinusoid_table"))
+    p.add_argument("--train-shots", type=int, default=10,
+                   help="K in meta-training (the paper's Figure 2 trains one model per K: 5 and 10)")
+    p.add_argument("--out", help="run folder (default runs/bench-sinusoid, or runs/bench-sinusoid-k5)")
+    p.add_argument("--results", help="results path without suffix (default benchmarks/results/sinusoid_table"
+                   "[_k5])")
     args = p.parse_args()
+    suffix = "" if args.train_shots == 10 else f"_k{args.train_shots}"
+    args.out = args.out or "runs/bench-sinusoid" + suffix.replace("_", "-")
+    args.results = args.results or str(Path(__file__).parent / "results" / f"sinusoid_table{suffix}")
 
     cfg = Config()
+    cfg.task.shots = cfg.task.queries = args.train_shots
     cfg.out_dir = args.out
     cfg.train.iterations = args.iterations
     cfg.train.validate_every = 2000
@@ -61,7 +68,9 @@ def main() -> None:
         + [f"| {k} (paper) | {v[1]} | {v[5]} | {v[10]} |" for k, v in PAPER.items()]
     )
     wall = time.perf_counter() - t0
-    meta = (f"Command: `python benchmarks/sinusoid_table.py --iterations {args.iterations}`; "
+    meta = (f"Command: `python benchmarks/sinusoid_table.py --iterations {args.iterations} "
+            f"--train-shots {args.train_shots}`; meta-trained with K = {args.train_shots} support and "
+            f"{args.train_shots} query points; "
             f"task seed {cfg.task.seed}, init seed {cfg.train.seed}; {args.iterations} meta-iterations "
             f"each for MAML and the baseline (best-on-validation checkpoint, validated every "
             f"{cfg.train.validate_every}); wall time {wall / 60:.1f} min in total on "
@@ -71,7 +80,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(md)
     out.with_suffix(".json").write_text(json.dumps({
-        "paper_5shot": PAPER, "results": numbers, "iterations": args.iterations,
+        "paper_5shot": PAPER, "results": numbers, "iterations": args.iterations, "train_shots": args.train_shots,
         "train_wall_s": {k: v["train_wall_s"] for k, v in report["runs"].items()},
         "best_step": {k: v["best_step"] for k, v in report["runs"].items()},
         "total_wall_s": wall, "machine": machine(), "config": report["config"],
