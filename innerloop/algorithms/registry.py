@@ -12,6 +12,7 @@ from innerloop.algorithms.base import Algorithm, GradientBased
 from innerloop.algorithms.baseline import Baseline, BaselinePP, train_classes
 from innerloop.algorithms.imaml import IMAML
 from innerloop.algorithms.maml import MAML
+from innerloop.algorithms.mamlpp import MAMLPlusPlus
 from innerloop.algorithms.matchingnet import MatchingNet
 from innerloop.algorithms.pretrain import Pretrain
 from innerloop.algorithms.protonet import ProtoNet
@@ -40,6 +41,11 @@ def _anil(model: nn.Module, objective: Objective, cfg: Any) -> GradientBased:
 
 def _boil(model: nn.Module, objective: Objective, cfg: Any) -> GradientBased:
     return BOIL(model, objective, cfg.inner_lr, cfg.inner_steps, cfg.first_order, cfg.lr_mode, cfg.vectorize)
+
+
+def _mamlpp(model: nn.Module, objective: Objective, cfg: Any) -> GradientBased:
+    return MAMLPlusPlus(model, objective, cfg.inner_lr, cfg.inner_steps, cfg.msl_iterations,
+                        cfg.first_order_iterations, cfg.first_order, cfg.per_step_bn, cfg.adapt, cfg.vectorize)
 
 
 def _reptile(model: nn.Module, objective: Objective, cfg: Any) -> GradientBased:
@@ -106,6 +112,7 @@ ALGORITHMS: dict[str, Callable[[nn.Module, Objective, Any], Algorithm]] = {
     "metasgd": _metasgd,
     "anil": _anil,
     "boil": _boil,
+    "mamlpp": _mamlpp,
     "reptile": _reptile,
     "imaml": _imaml,
     "protonet": _protonet,

@@ -79,8 +79,8 @@ class AlgorithmConfig:
 
     name: str = "maml"
     """``maml``, ``fomaml``, ``metasgd``, ``anil`` (MAML adapting ``head.*`` only), ``boil``
-    (MAML adapting ``features.*`` only), ``reptile``, ``imaml``, ``protonet``, ``matchingnet``,
-    ``baseline``, ``baselinepp`` (Baseline++) or ``pretrain``."""
+    (MAML adapting ``features.*`` only), ``mamlpp`` (MAML++), ``reptile``, ``imaml``, ``protonet``,
+    ``matchingnet``, ``baseline``, ``baselinepp`` (Baseline++) or ``pretrain``."""
     inner_lr: float = 0.01
     """The inner (adaptation) learning rate; for ``baseline``/``baselinepp`` the step size of fitting
     the new head on a test task's support set."""
@@ -105,6 +105,14 @@ class AlgorithmConfig:
     cosine_scale: float = 10.0
     """``baselinepp``: the fixed scale ``s`` of the cosine classifier ``s * cos(w_c, z)`` (Chen et al.:
     2 for features of at most 200 dimensions, else 10)."""
+    msl_iterations: int = 0
+    """``mamlpp``: outer iterations over which the multi-step loss weights anneal from uniform to the
+    final step (0: the final step's loss only)."""
+    first_order_iterations: int = 0
+    """``mamlpp``: first-order meta-gradients for this many outer iterations, then second order
+    (derivative-order annealing; 0: second order from the start, unless ``first_order``)."""
+    per_step_bn: bool = True
+    """``mamlpp``: one set of BatchNorm weights per inner step (BNWB); no effect without BatchNorm."""
 
 
 @dataclass
@@ -222,6 +230,11 @@ class Config:
         need(a.reg_lambda > 0, "algorithm.reg_lambda", a.reg_lambda, "must be > 0")
         need(a.cg_steps >= 1, "algorithm.cg_steps", a.cg_steps, "must be >= 1")
         need(a.cosine_scale > 0, "algorithm.cosine_scale", a.cosine_scale, "must be > 0")
+        need(a.msl_iterations >= 0, "algorithm.msl_iterations", a.msl_iterations, "must be >= 0")
+        need(a.first_order_iterations >= 0, "algorithm.first_order_iterations", a.first_order_iterations,
+             "must be >= 0")
+        need(a.name != "mamlpp" or a.lr_mode == "fixed", "algorithm.lr_mode", a.lr_mode,
+             "mamlpp learns its own per-layer, per-step inner learning rates (LSLR); leave lr_mode = 'fixed'")
         need(tr.iterations >= 1, "train.iterations", tr.iterations, "must be >= 1")
         need(tr.meta_batch_size >= 1, "train.meta_batch_size", tr.meta_batch_size, "must be >= 1")
         need(tr.outer_lr > 0, "train.outer_lr", tr.outer_lr, "must be > 0")

@@ -1,0 +1,215 @@
+"""MAML++ (Antoniou, Edwards & Storkey 2019, "How to train your MAML").
+
+MAML with the paper's fixes, each an option here:
+
+* LSLR: learned per-layer, per-step inner learning rates, ``alpha[name][j]`` for inner step ``j``
+  (always on: it is what the algorithm meta-learns besides the initialisation).
+* MSL: the multi-step loss ``sum_j w_j L_query(phi_j)`` over the query losses after every inner
+  step, with weights annealed from uniform to the final step over ``msl_iterations`` outer
+  iterations (the schedule of the paper's code, with outer iterations in place of epochs; after
+  it, only the final step's loss). ``msl_iterations = 0``: the final step's loss only.
+* DA: derivative-order annealing, first-order meta-gradients for the first
+  ``first_order_iterations`` outer iterations, second order after.
+* CA: cosine annealing of the meta learning rate, the training loop's
+  ``train.lr_schedule = "cosine"`` (with ``train.final_outer_lr``), not part of this class.
+* BNWB: per-step BatchNorm weights, one set of BatchNorm ``weight``/``bias`` per inner step
+  (step 0 uses the model's own; steps 1..N-1 extra meta-parameters), used by the forward passes
+  of that step and not adapted in the inner loop. The query loss after step ``j`` uses the set of
+  step ``j`` (0-based), as in the paper's code.
+* BNRS (per-step running statistics) is not implemented: innerloop's Conv4 normalises with the
+  statistics of each batch (``track_running_stats=False``, the transductive MAML protocol), so
+  there are no running statistics to keep per step.
+
+The outer iteration reaches the algorithm through :meth:`set_progress`, which the training loop
+calls before every iteration (and with the true step on resume), so the annealing needs no
+checkpointed state. Called outside the loop, the algorithm is at iteration 0 unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.func import vmap
+
+from innerloop.adapt import Params, adapt
+from innerloop.algorithms.base import GradientBased, Vectorize
+from innerloop.tasks import Objective, TaskBatch
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+def msl_weights(iteration: int, steps: int, msl_iterations: int) -> list[float]:
+    """Weights of the query losses after inner steps 1..``steps`` at outer ``iteration``.
+
+    The paper's schedule: start uniform (``1 / N`` each); every non-final weight falls by
+    ``1 / (N * msl_iterations)`` per iteration down to ``0.03 / N``; the final weight rises by
+    ``(N - 1)`` times that up to ``1 - (N - 1) * 0.03 / N``. From ``msl_iterations`` on (or when it
+    is 0), only the final step counts: ``[0, ..., 0, 1]``.
+    """
+    if msl_iterations <= 0 or iteration >= msl_iterations:
+        return [0.0] * (steps - 1) + [1.0]
+    decay = 1.0 / steps / msl_iterations
+    floor = 0.03 / steps
+    weights = [max(1.0 / steps - iteration * decay, floor) for _ in range(steps - 1)]
+    weights.append(min(1.0 / steps + iteration * (steps - 1) * decay, 1.0 - (steps - 1) * floor))
+    return weights
+
+
+class MAMLPlusPlus(GradientBased):
+    """MAML++: LSLR, multi-step loss, derivative-order annealing and per-step BatchNorm weights.
+
+    Args:
+        model: the network; its parameters are the meta-learned initialisation.
+        objective: ``regression`` or ``classification``.
+        inner_lr: initial value of every learned per-layer, per-step inner learning rate.
+        inner_steps: inner steps ``N`` per task.
+        msl_iterations: outer iterations over which the multi-step loss weights anneal to the final
+            step (0: the final step's loss only).
+        first_order_iterations: outer iterations with first-order meta-gradients before switching
+            to second order (0: second order from the start).
+        first_order: first order throughout (overrides ``first_order_iterations``).
+        per_step_bn: one set of BatchNorm weights per inner step (BNWB); a no-op without BatchNorm.
+        adapt: parameters that adapt (``all`` or glob patterns); BatchNorm weights never adapt
+            when ``per_step_bn`` is on.
+        vectorize: ``auto``, ``vmap`` or ``loop`` (see :class:`~innerloop.algorithms.base.GradientBased`).
+    """
+
+    name = "mamlpp"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: Objective,
+        inner_lr: float = 0.01,
+        inner_steps: int = 5,
+        msl_iterations: int = 0,
+        first_order_iterations: int = 0,
+        first_order: bool = False,
+        per_step_bn: bool = True,
+        adapt: str | list[str] = "all",
+        vectorize: Vectorize = "auto",
+    ) -> None:
+        super().__init__(model, objective, inner_lr, inner_steps, "fixed", adapt, vectorize)
+        if msl_iterations < 0 or first_order_iterations < 0:
+            raise ValueError(f"msl_iterations and first_order_iterations must be >= 0, got {msl_iterations} "
+                             f"and {first_order_iterations}.")
+        self.msl_iterations, self.first_order_iterations = int(msl_iterations), int(first_order_iterations)
+        self.first_order, self.per_step_bn = bool(first_order), bool(per_step_bn)
+        params = dict(model.named_parameters())
+        self.bn_names: list[str] = []
+        if per_step_bn:
+            for prefix, module in model.named_modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
+                    self.bn_names += [f"{prefix}.{w}" if prefix else w for w in ("weight", "bias")]
+            self.adapt_names = [n for n in self.adapt_names if n not in self.bn_names]
+            if not self.adapt_names:
+                raise ValueError("with per_step_bn the BatchNorm weights do not adapt, and nothing else was "
+                                 "chosen to adapt; widen `adapt` or set per_step_bn=False.")
+        # LSLR: alpha[name] has one learned rate per inner step
+        self.step_lr = nn.ParameterDict({
+            _key(n): nn.Parameter(torch.full((inner_steps,), float(inner_lr), dtype=params[n].dtype))
+            for n in self.adapt_names
+        })
+        # BNWB: BatchNorm weights of inner steps 1..N-1 (step 0 uses the model's own)
+        self.bn_steps = nn.ParameterDict({
+            _key(n): nn.Parameter(torch.stack([params[n].detach().clone() for _ in range(inner_steps - 1)]))
+            for n in self.bn_names if inner_steps > 1
+        })
+        self.iteration = 0
+
+    def set_progress(self, step: int, total: int) -> None:
+        """Remember the outer iteration: it sets the MSL weights and the derivative order."""
+        self.iteration = int(step)
+
+    def uses_first_order(self) -> bool:
+        """Whether the meta-gradient at the current outer iteration is first order (DA)."""
+        return self.first_order or self.iteration < self.first_order_iterations
+
+    def loss_weights(self) -> list[float]:
+        """The MSL weights of the current outer iteration (see :func:`msl_weights`)."""
+        return msl_weights(self.iteration, self.inner_steps, self.msl_iterations)
+
+    def _bn(self, bn: Params, step: int) -> Params:
+        """The BatchNorm weights of inner step ``step`` (clamped to the last set): ``{}`` for step 0
+        (the model's own, already in the parameters)."""
+        j = min(step, self.inner_steps - 1)
+        if j == 0 or not bn:
+            return {}
+        return {n: bn[_key(n)][j - 1] for n in self.bn_names}
+
+    def unroll(self, params: Params, buffers: Params, step_lr: Params, bn: Params, task: tuple[Tensor, ...],
+               steps: int, first_order: bool, weights: list[float] | None) -> tuple[Tensor, list[Tensor]]:
+        """Adapt one task for ``steps`` steps with per-step rates and BatchNorm weights.
+
+        Returns the weighted query loss ``sum_j weights[j] * L_q(phi_{j+1})`` (0 when ``weights`` is
+        ``None``) and ``[loss, metric]`` stacks (shape ``[2]``) after 0..steps steps when
+        ``weights`` is ``None``, else after the final step only. Task tensors are
+        ``support_x [s, ...]``, ``support_y [s, ...]``, ``query_x [q, ...]``, ``query_y [q, ...]``.
+        """
+        sx, sy, qx, qy = task
+
+        def score(p: Params, bn_j: Params) -> tuple[Tensor, Tensor]:
+            pred = self._predict({**p, **bn_j}, buffers, qx)
+            return self.fns.loss(pred, qy), self.fns.metric(pred.detach(), qy)
+
+        total: Tensor = torch.zeros((), dtype=qx.dtype if qx.is_floating_point() else torch.float32)
+        scores = [] if weights is not None else [torch.stack(score(params, {}))]
+        current = params
+        for j in range(steps):
+            bn_j = self._bn(bn, j)
+            lr_j = {n: step_lr[_key(n)][min(j, self.inner_steps - 1)] for n in self.adapt_names}
+
+            def loss_j(p: Params, b: Params, x: Tensor, y: Tensor, bn_j: Params = bn_j) -> Tensor:
+                return self._loss({**p, **bn_j}, b, x, y)
+
+            current = adapt(loss_j, current, buffers, sx, sy, steps=1, lr=lr_j, adapt_names=self.adapt_names,
+                            first_order=first_order)
+            if weights is None:
+                scores.append(torch.stack(score(current, bn_j)))
+            elif weights[j] != 0 or j == steps - 1:
+                loss, metric = score(current, bn_j)
+                total = total + weights[j] * loss
+                if j == steps - 1:
+                    scores.append(torch.stack([loss.detach(), metric]))
+        return total, scores
+
+    def meta_gradient(self, batch: TaskBatch) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """Mean over tasks of the MSL-weighted query loss, differentiated w.r.t. the initial weights,
+        the per-step rates and the per-step BatchNorm weights (first or second order per DA).
+        Metrics are the query loss and metric after the final step."""
+        targets = dict(self.named_parameters())
+        params, buffers = self.params(), self.buffers_dict()
+        step_lr, bn = dict(self.step_lr), dict(self.bn_steps)
+        first_order, weights = self.uses_first_order(), self.loss_weights()
+        tensors = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+        n = len(batch)
+
+        def one(*task: Tensor) -> tuple[Tensor, Tensor]:
+            total, scores = self.unroll(params, buffers, step_lr, bn, task, self.inner_steps, first_order, weights)
+            return total, scores[-1]
+
+        if self.use_vmap(second_order=not first_order):
+            totals, finals = vmap(one)(*tensors)
+            grads = self._grads(totals.mean(), targets)
+            final = finals.mean(0)
+        else:
+            grads = {k: torch.zeros_like(v) for k, v in targets.items()}
+            final = torch.zeros(2)
+            for i in range(n):
+                total, last = one(*(t[i] for t in tensors))
+                for k, g in self._grads(total / n, targets).items():
+                    grads[k] += g
+                final = final + last.detach().to(final.dtype) / n
+        return grads, {"loss": float(final[0]), self.metric_name: float(final[1])}
+
+    def trajectory_scores(
+        self, params: Params, buffers: Params, rates: Params, task: tuple[Tensor, ...], steps: int
+    ) -> Tensor:
+        """``[2, steps + 1]``: query (loss, metric) after 0..steps inner steps with the learned
+        per-step rates and BatchNorm weights (beyond ``inner_steps``, those of the last step)."""
+        step_lr = {k: v.detach() for k, v in self.step_lr.items()}
+        bn = {k: v.detach() for k, v in self.bn_steps.items()}
+        _, scores = self.unroll(params, buffers, step_lr, bn, task, steps, True, None)
+        return torch.stack(scores, dim=-1)
