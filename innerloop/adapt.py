@@ -54,15 +54,20 @@ def select(names: Sequence[str], which: str | Sequence[str] | None) -> list[str]
     return chosen
 
 
-def sgd_step(params: Params, grads: Params, lr: LearningRates) -> Params:
+def sgd_step(
+    params: Params, grads: Params, lr: LearningRates, weight_decay: LearningRates | None = None
+) -> Params:
     """One inner update ``p - lr * g`` for each name in ``grads`` (the rest pass through).
 
     ``lr`` is a float, a tensor broadcastable to every parameter, or a per-name mapping whose
     values broadcast to that parameter (a scalar per tensor, or one rate per element: Meta-SGD).
+    ``weight_decay`` (same forms; ``None``: none) makes it ``p - lr * (g + weight_decay * p)``.
     """
     out = dict(params)
     for name, g in grads.items():
         rate = lr[name] if isinstance(lr, Mapping) else lr
+        if weight_decay is not None:
+            g = g + (weight_decay[name] if isinstance(weight_decay, Mapping) else weight_decay) * params[name]
         out[name] = params[name] - rate * g
     return out
 
@@ -128,6 +133,7 @@ def adapt_trajectory(
     lr: LearningRates | Sequence[LearningRates],
     adapt_names: Sequence[str] | None = None,
     first_order: bool = False,
+    weight_decay: LearningRates | None = None,
 ) -> Iterator[Params]:
     """Yield the parameters after 1, 2, ..., ``steps`` inner gradient steps.
 
@@ -143,6 +149,9 @@ def adapt_trajectory(
         first_order: cut the inner gradients from the outer graph (first-order MAML): the
             adapted parameters still depend on ``params`` and ``lr``, but not through the
             Hessian of the support loss.
+        weight_decay: inner weight decay ``wd`` (a float, tensor or per-name mapping, e.g. from
+            :class:`InnerWeightDecay`): each step is ``p - lr * (g + wd * p)``. ``None``: none.
+            Differentiable, so it can be learned by hypergradient like ``lr``.
     """
     names = list(params) if adapt_names is None else list(adapt_names)
     per_step = isinstance(lr, Sequence) and not isinstance(lr, str)
@@ -157,7 +166,7 @@ def adapt_trajectory(
         grads = grad(support_loss)({n: current[n] for n in names}, current)
         if first_order:
             grads = {n: g.detach() for n, g in grads.items()}
-        current = sgd_step(current, grads, lr[step] if per_step else lr)
+        current = sgd_step(current, grads, lr[step] if per_step else lr, weight_decay)
         yield current
 
 
@@ -172,18 +181,19 @@ def adapt(
     lr: LearningRates | Sequence[LearningRates],
     adapt_names: Sequence[str] | None = None,
     first_order: bool = False,
+    weight_decay: LearningRates | None = None,
 ) -> Params:
     """The parameters after ``steps`` inner gradient steps on the support set.
 
     A pure function: see :func:`adapt_trajectory` for the arguments. Differentiable with respect
-    to ``params`` and ``lr`` (second order unless ``first_order``).
+    to ``params``, ``lr`` and ``weight_decay`` (second order unless ``first_order``).
     """
     if steps < 0:
         raise ValueError(f"inner steps must be >= 0, got {steps}.")
     result = params
     for result in adapt_trajectory(  # noqa: B007 - only the last one is returned
         loss, params, buffers, support_x, support_y,
-        steps=steps, lr=lr, adapt_names=adapt_names, first_order=first_order,
+        steps=steps, lr=lr, adapt_names=adapt_names, first_order=first_order, weight_decay=weight_decay,
     ):
         pass
     return result
@@ -215,9 +225,8 @@ class InnerLR(nn.Module):
     def __init__(self, params: Mapping[str, Tensor], init: float, mode: LRMode = "fixed") -> None:
         super().__init__()
         if mode not in LR_MODES:
-            raise ValueError(f"unknown inner learning-rate mode {mode!r}; choose one of {LR_MODES}.")
-        if not init > 0:
-            raise ValueError(f"the inner learning rate must be > 0, got {init}.")
+            raise ValueError(f"unknown inner {self.what} mode {mode!r}; choose one of {LR_MODES}.")
+        self._check_init(init)
         self.mode, self.init, self.names = mode, float(init), list(params)
         self.rates = nn.ParameterDict()
         if mode == "scalar":
@@ -228,6 +237,13 @@ class InnerLR(nn.Module):
         elif mode == "per_element":
             for n, p in params.items():
                 self.rates[_key(n)] = nn.Parameter(torch.full_like(p.detach(), float(init)))
+
+    what = "learning-rate"
+
+    @staticmethod
+    def _check_init(init: float) -> None:
+        if not init > 0:
+            raise ValueError(f"the inner learning rate must be > 0, got {init}.")
 
     def as_dict(self, rates: Mapping[str, Tensor] | None = None) -> dict[str, float | Tensor]:
         """Per-parameter learning rates. ``rates`` substitutes functional values for
@@ -241,3 +257,38 @@ class InnerLR(nn.Module):
 
     def extra_repr(self) -> str:
         return f"mode={self.mode}, init={self.init}"
+
+
+class InnerWeightDecay(InnerLR):
+    """Inner-loop weight decay ``wd`` (each inner step is ``p - lr * (g + wd * p)``), fixed or
+    learned as a meta-parameter: hyperparameter optimisation by hypergradient, as
+    :class:`InnerLR` does for the learning rate.
+
+    Modes as :class:`InnerLR`: ``fixed`` (a constant; 0 means no weight decay at all), or learned
+    ``scalar``, ``per_tensor``, ``per_element``, starting from ``init`` (>= 0; a learned value may
+    leave that range, as a learned rate may).
+
+    Args:
+        params: the adapted parameters (names and shapes).
+        init: the initial (or fixed) weight decay, >= 0.
+        mode: one of ``LR_MODES``.
+    """
+
+    what = "weight-decay"
+
+    @staticmethod
+    def _check_init(init: float) -> None:
+        if not init >= 0:
+            raise ValueError(f"the inner weight decay must be >= 0, got {init}.")
+
+    def __init__(self, params: Mapping[str, Tensor], init: float = 0.0, mode: LRMode = "fixed") -> None:
+        super().__init__(params, init, mode)
+
+    @property
+    def enabled(self) -> bool:
+        """False for the fixed weight decay 0 (the inner update is then exactly plain SGD)."""
+        return self.mode != "fixed" or self.init != 0
+
+    def as_dict(self, rates: Mapping[str, Tensor] | None = None) -> dict[str, float | Tensor] | None:  # type: ignore[override]
+        """Per-parameter weight decay, or ``None`` when disabled (see :attr:`enabled`)."""
+        return super().as_dict(rates) if self.enabled else None

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import vmap
 
-from innerloop.adapt import InnerLR, LRMode, Params, adapt_trajectory, model_loss, select
+from innerloop.adapt import InnerLR, InnerWeightDecay, LRMode, Params, adapt_trajectory, model_loss, select
 from innerloop.tasks import Objective, TaskBatch, TaskFamily
 
 Vectorize = Literal["auto", "vmap", "loop"]
@@ -129,6 +129,9 @@ class GradientBased(Algorithm):
             models are dominated by per-op overhead, and vectorising wins), ``loop`` otherwise
             (on CPU the per-task loop of convolutions is faster, and ``vmap`` through BatchNorm
             gives a wrong second-order gradient in torch 2.13). Both give the same gradient.
+        weight_decay: inner weight decay ``wd``, each inner step ``p - lr * (g + wd * p)``
+            (initial value when learned; 0 and ``fixed``: none).
+        wd_mode: ``fixed``, or learned ``scalar`` / ``per_tensor`` / ``per_element``, like ``lr_mode``.
     """
 
     def __init__(
@@ -140,6 +143,8 @@ class GradientBased(Algorithm):
         lr_mode: LRMode = "fixed",
         adapt: str | list[str] = "all",
         vectorize: Vectorize = "auto",
+        weight_decay: float = 0.0,
+        wd_mode: LRMode = "fixed",
     ) -> None:
         super().__init__(model, objective)
         if not isinstance(inner_steps, int) or inner_steps < 1:
@@ -150,6 +155,7 @@ class GradientBased(Algorithm):
         self.adapt_names = select(names, adapt)
         params = dict(model.named_parameters())
         self.inner_lr = InnerLR({n: params[n] for n in self.adapt_names}, inner_lr, lr_mode)
+        self.inner_wd = InnerWeightDecay({n: params[n] for n in self.adapt_names}, weight_decay, wd_mode)
         self.inner_steps = inner_steps
         self.vectorize = vectorize
         self._loss = model_loss(model, self.fns.loss)
@@ -194,6 +200,7 @@ class GradientBased(Algorithm):
             for p in adapt_trajectory(
                 self._loss, params, buffers, sx, sy, steps=steps,
                 lr=self.inner_lr.as_dict(rates), adapt_names=self.adapt_names, first_order=True,
+                weight_decay=self.inner_wd.as_dict({k: v.detach() for k, v in self.inner_wd.rates.items()}),
             )
         ]
         return torch.stack(scores, dim=-1)

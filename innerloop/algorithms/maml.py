@@ -7,7 +7,8 @@ The meta-objective of a meta-batch of tasks ``i``::
 with ``adapt`` the inner loop of :mod:`innerloop.adapt`. Second order by default; with
 ``first_order=True`` the inner gradients are treated as constants (FOMAML). Learned inner
 learning rates (``lr_mode`` other than ``fixed``) are meta-parameters too: ``per_element`` is
-Meta-SGD.
+Meta-SGD. The inner update may carry a weight decay (``weight_decay``), fixed or learned by
+hypergradient the same way (``wd_mode``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ class MAML(GradientBased):
         lr_mode: ``fixed``, ``scalar``, ``per_tensor`` or ``per_element`` (Meta-SGD).
         adapt: parameters that adapt: ``all`` or glob patterns.
         vectorize: ``auto``, ``vmap`` or ``loop`` (see :class:`GradientBased`).
+        weight_decay: inner weight decay (initial value when ``wd_mode`` learns it); 0: none.
+        wd_mode: ``fixed``, ``scalar``, ``per_tensor`` or ``per_element`` (learned weight decay).
     """
 
     name = "maml"
@@ -47,8 +50,10 @@ class MAML(GradientBased):
         lr_mode: LRMode = "fixed",
         adapt: str | list[str] = "all",
         vectorize: Vectorize = "auto",
+        weight_decay: float = 0.0,
+        wd_mode: LRMode = "fixed",
     ) -> None:
-        super().__init__(model, objective, inner_lr, inner_steps, lr_mode, adapt, vectorize)
+        super().__init__(model, objective, inner_lr, inner_steps, lr_mode, adapt, vectorize, weight_decay, wd_mode)
         self.first_order = first_order
 
     def task_loss(
@@ -62,7 +67,7 @@ class MAML(GradientBased):
         adapted = adapt(
             self._loss, params, buffers, sx, sy,
             steps=self.inner_steps, lr=self.inner_lr.as_dict(rates),
-            adapt_names=self.adapt_names, first_order=self.first_order,
+            adapt_names=self.adapt_names, first_order=self.first_order, weight_decay=self.inner_wd.as_dict(),
         )
         pred = self._predict(adapted, buffers, qx)
         return self.fns.loss(pred, qy), self.fns.metric(pred.detach(), qy)

@@ -22,17 +22,17 @@ from innerloop.tasks import Objective
 
 def _maml(model: nn.Module, objective: Objective, cfg: Any) -> GradientBased:
     return MAML(model, objective, cfg.inner_lr, cfg.inner_steps, cfg.first_order, cfg.lr_mode,
-                cfg.adapt, cfg.vectorize)
+                cfg.adapt, cfg.vectorize, cfg.inner_weight_decay, cfg.weight_decay_mode)
 
 
 def _fomaml(model: nn.Module, objective: Objective, cfg: Any) -> GradientBased:
     return MAML(model, objective, cfg.inner_lr, cfg.inner_steps, True, cfg.lr_mode, cfg.adapt,
-                cfg.vectorize)
+                cfg.vectorize, cfg.inner_weight_decay, cfg.weight_decay_mode)
 
 
 def _metasgd(model: nn.Module, objective: Objective, cfg: Any) -> GradientBased:
     return MAML(model, objective, cfg.inner_lr, cfg.inner_steps, cfg.first_order, "per_element",
-                cfg.adapt, cfg.vectorize)
+                cfg.adapt, cfg.vectorize, cfg.inner_weight_decay, cfg.weight_decay_mode)
 
 
 def _anil(model: nn.Module, objective: Objective, cfg: Any) -> GradientBased:
@@ -76,6 +76,9 @@ def _baselinepp(model: nn.Module, objective: Objective, cfg: Any) -> Algorithm:
 def _pretrain(model: nn.Module, objective: Objective, cfg: Any) -> GradientBased:
     return Pretrain(model, objective, cfg.inner_lr, cfg.inner_steps, cfg.adapt)
 
+
+WEIGHT_DECAY: tuple[str, ...] = ("maml", "fomaml", "metasgd")
+"""Algorithms with the (learnable) inner weight decay option."""
 
 FIXED_ADAPT: dict[str, str] = {"anil": "head.*", "boil": "features.*"}
 """Algorithms that fix which parameters adapt (``algorithm.adapt`` must stay ``all``)."""

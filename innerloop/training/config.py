@@ -113,6 +113,11 @@ class AlgorithmConfig:
     (derivative-order annealing; 0: second order from the start, unless ``first_order``)."""
     per_step_bn: bool = True
     """``mamlpp``: one set of BatchNorm weights per inner step (BNWB); no effect without BatchNorm."""
+    inner_weight_decay: float = 0.0
+    """``maml``, ``fomaml``, ``metasgd``: weight decay ``wd`` of the inner update
+    ``p - inner_lr * (g + wd * p)`` (initial value when learned; 0 with ``fixed``: none)."""
+    weight_decay_mode: Literal["fixed", "scalar", "per_tensor", "per_element"] = "fixed"
+    """Learn the inner weight decay by hypergradient, like ``lr_mode`` the learning rate."""
 
 
 @dataclass
@@ -182,6 +187,7 @@ class Config:
             CLASSIFICATION_ONLY,
             EMBEDDING,
             FIXED_ADAPT,
+            WEIGHT_DECAY,
         )
         from innerloop.data.regression import FAMILIES
         from innerloop.models.mlp import ACTIVATIONS
@@ -233,6 +239,11 @@ class Config:
         need(a.msl_iterations >= 0, "algorithm.msl_iterations", a.msl_iterations, "must be >= 0")
         need(a.first_order_iterations >= 0, "algorithm.first_order_iterations", a.first_order_iterations,
              "must be >= 0")
+        need(a.inner_weight_decay >= 0, "algorithm.inner_weight_decay", a.inner_weight_decay, "must be >= 0")
+        wd = a.inner_weight_decay != 0 or a.weight_decay_mode != "fixed"
+        need(not wd or a.name in WEIGHT_DECAY, "algorithm.inner_weight_decay", a.inner_weight_decay,
+             f"inner weight decay is an option of {', '.join(WEIGHT_DECAY)}, not {a.name!r}; set it to 0 and "
+             "weight_decay_mode = 'fixed'")
         need(a.name != "mamlpp" or a.lr_mode == "fixed", "algorithm.lr_mode", a.lr_mode,
              "mamlpp learns its own per-layer, per-step inner learning rates (LSLR); leave lr_mode = 'fixed'")
         need(tr.iterations >= 1, "train.iterations", tr.iterations, "must be >= 1")
