@@ -83,7 +83,7 @@ def _eval(args: argparse.Namespace) -> None:
                           f"({args.queries}) must be >= 1 and --steps ({args.steps}) >= 0.")
     cfg, algorithm = load_for_eval(args.checkpoint)
     res = meta_test(algorithm, build_family(cfg, args.shots, args.queries), "test", args.tasks, args.steps)
-    steps = sorted({0, 1, min(5, args.steps), args.steps})
+    steps = sorted({0, min(1, args.steps), min(5, args.steps), args.steps})
     print(format_table({algorithm.name: res}, steps,
                        f"{cfg.task.family}: {args.shots}-shot {res.metric}, {args.tasks} test tasks"))
 

@@ -244,3 +244,6 @@ report_steps = [0, 20]
     report = json.loads((tmp_path / "run" / "results.json").read_text())
     per_step = report["runs"][name]["test"]["per_step"]
     assert per_step[-1]["mean"] > 0.75  # 2-way test tasks: chance is 1/2 (measured: 0.996 and 0.946)
+    # the checkpoint is rebuilt (head sized from the family) and meta-tested by `innerloop eval`
+    assert main(["eval", str(tmp_path / "run" / "best.pt"), "--tasks", "5", "--shots", "1", "--queries", "2",
+                 "--steps", "3"]) == 0

@@ -149,3 +149,6 @@ report_steps = [0]
     assert main(["train", "--config", str(config), "--no-progress"]) == 0
     report = json.loads((tmp_path / "run" / "results.json").read_text())
     assert report["runs"]["matchingnet"]["test"]["per_step"][0]["mean"] > 0.6  # chance is 1/3
+    # `innerloop eval` rebuilds an image-family checkpoint, also with 0 steps
+    assert main(["eval", str(tmp_path / "run" / "best.pt"), "--tasks", "5", "--shots", "1", "--queries", "2",
+                 "--steps", "0"]) == 0

@@ -206,6 +206,7 @@ def load_for_eval(checkpoint: str | Path) -> tuple[Config, Algorithm]:
         raise CheckpointError(f"{checkpoint} carries no config; it was not written by `innerloop train`.")
     d = Config().to_dict()
     d.update(task=ident["task"], model=ident["model"], algorithm=ident["algorithm_cfg"])
+    d["eval"]["baseline"] = False  # evaluating trains nothing; the default would refuse image families
     d["train"].update(ident["train"])
     cfg = config_from_dict(d)
     algorithm = build_algorithm(cfg, build_family(cfg), ident["algorithm"])
