@@ -13,6 +13,7 @@ Writes benchmarks/results/vectorize.md.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -65,6 +66,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "vectorize.md"))
     args = p.parse_args()
+    load = os.getloadavg()[0]
     sinusoid = make_family("sinusoid", shots=10, queries=10).batch("train", range(25))
 
     def mlp(v: str, first_order: bool = False) -> MAML:
@@ -90,7 +92,9 @@ def main() -> None:
         print(rows[-1], flush=True)
     text = ("# vmap over tasks vs a per-task loop (MAML meta-gradient, medians)\n\n" + "\n".join(rows)
             + f"\n\nCommand: `python benchmarks/vectorize.py --repeats {args.repeats}`; "
-            f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; float32, seed 0.\n")
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; float32, seed 0; machine load "
+            f"average {load:.1f} on {os.cpu_count()} cores while it ran (absolute times are inflated by other "
+            "jobs; the two paths are interleaved, so their ratio holds).\n")
     Path(args.out).write_text(text)
     print(text)
 
