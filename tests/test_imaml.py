@@ -28,13 +28,7 @@ from innerloop.models import MLP
 from innerloop.tasks import TaskBatch
 from innerloop.training.config import ConfigError, config_from_dict
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _augment(x: torch.Tensor) -> torch.Tensor:

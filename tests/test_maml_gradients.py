@@ -17,13 +17,7 @@ from innerloop.algorithms import MAML
 from innerloop.data import LinearRegression, Sinusoid
 from innerloop.models import MLP
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _batch(family, tasks=4):

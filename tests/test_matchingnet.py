@@ -13,13 +13,7 @@ from innerloop.algorithms.matchingnet import MatchingNet, matching_logits
 from innerloop.tasks import TaskBatch
 from innerloop.training.config import ConfigError, config_from_dict
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 SUPPORT = [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]

@@ -24,12 +24,7 @@ from innerloop.training.config import ConfigError, config_from_dict
 TOL = {"rtol": 1e-12, "atol": 1e-12}
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _augment(x):
