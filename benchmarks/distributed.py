@@ -101,6 +101,7 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=6)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "distributed.md"))
     args = p.parse_args()
+    load = os.getloadavg()[0]
     rows = ["| case | meta-batch | 1 process (s/iter) | 2 processes (s/iter) | speed-up | efficiency "
             "| all-reduce per iteration |", "|---|---|---|---|---|---|---|"]
     for name, label in (("sinusoid", "sinusoid MAML, MLP 1-40-40-1, 1 step"),
@@ -118,7 +119,9 @@ def main() -> None:
             "machines an iteration costs roughly that volume over the network bandwidth plus a latency term, "
             "against the compute of meta_batch/N tasks.\n\n"
             f"Command: `python benchmarks/distributed.py --iterations {args.iterations}`; "
-            f"torch {torch.__version__}, CPU, seed 0.\n")
+            f"torch {torch.__version__}, CPU, seed 0; machine load average {load:.1f} on {os.cpu_count()} "
+            "cores when it started (other jobs running: the two-process runs compete with them for the "
+            "second core, so efficiency here is a lower bound).\n")
     Path(args.out).write_text(text)
     print(text)
 
