@@ -52,6 +52,7 @@ class TrainResult:
     best_step: int
     best_val: float
     wall_time_s: float
+    """Training wall time in total, summed over the runs a resumed run continued."""
     tasks_per_s: float
 
 
@@ -202,4 +203,4 @@ def meta_train(
     barrier("barrier at the end of training")  # the checkpoints are written before anyone reads them
     wall = time.perf_counter() - t0
     return TrainResult(cfg.iterations, best_step, float("nan") if best_val is None else best_val,
-                       wall, tasks_done / max(wall, 1e-9))
+                       elapsed_before + wall, tasks_done / max(wall, 1e-9))

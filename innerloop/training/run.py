@@ -164,16 +164,14 @@ def run(cfg: Config, *, progress: bool = True, overwrite: bool = False, plot: bo
     for name in names:
         is_baseline = name != cfg.algorithm.name
         iters = (cfg.eval.baseline_iterations or cfg.train.iterations) if is_baseline else cfg.train.iterations
-        t0 = time.perf_counter()
         algorithm, tr = _train_one(cfg, (family, val_family), name,
                                    out / "baseline" if is_baseline else out, iters, progress, resume=True)
-        train_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         res = meta_test(algorithm, test_family, "test", cfg.eval.test_tasks, cfg.eval.steps)
         trained[name], results[name] = algorithm, res
         report["runs"][name] = {
             "iterations": iters, "best_step": tr.best_step, "best_val": tr.best_val,
-            "train_wall_s": train_s, "eval_wall_s": time.perf_counter() - t0, "test": res.to_dict(),
+            "train_wall_s": tr.wall_time_s, "eval_wall_s": time.perf_counter() - t0, "test": res.to_dict(),
         }
     e = cfg.eval
     title = f"{cfg.task.family}: {e.shots or cfg.task.shots}-shot {results[names[0]].metric}"
