@@ -124,7 +124,7 @@ class AlgorithmConfig:
 class TrainConfig:
     """The outer loop."""
 
-    iterations: int = 20000
+    iterations: int = 10000
     meta_batch_size: int = 25
     outer_lr: float = 1e-3
     optimizer: Literal["adam", "sgd"] = "adam"
