@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 
 @pytest.fixture
@@ -13,3 +15,21 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(old)
+
+
+@pytest.fixture(scope="session")
+def fewshot_folder(tmp_path_factory):
+    """An image folder ``train/``, ``val/``, ``test/`` with 6 classes each and 8 16x16 images per class;
+    a class is a bright square at its own place on a dark noisy background (easy to learn)."""
+    root = tmp_path_factory.mktemp("fewshot")
+    rng = np.random.default_rng(0)
+    for s, split in enumerate(("train", "val", "test")):
+        for c in range(6):
+            d = root / split / f"class{s}{c}"
+            d.mkdir(parents=True)
+            for i in range(8):
+                img = rng.integers(0, 60, (16, 16, 3), dtype=np.uint8)
+                r, col = divmod(c, 3)
+                img[2 + 6 * r : 8 + 6 * r, 1 + 5 * col : 6 + 5 * col] = 255
+                Image.fromarray(img).save(d / f"{i}.png")
+    return root

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 from innerloop.algorithms.baseline import Baseline, BaselinePP, GlobalLabelBatches, cosine_logits
@@ -175,21 +173,9 @@ def test_errors_name_the_way_out():
         config_from_dict({"algorithm": {"cosine_scale": 0.0}})
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """train/val/test, 6 classes each, 8 images per class: a class is a bright square at its own place."""
-    root = tmp_path_factory.mktemp("fewshot")
-    rng = np.random.default_rng(0)
-    for s, split in enumerate(("train", "val", "test")):
-        for c in range(6):
-            d = root / split / f"class{s}{c}"
-            d.mkdir(parents=True)
-            for i in range(8):
-                img = rng.integers(0, 60, (16, 16, 3), dtype=np.uint8)
-                r, col = divmod(c, 3)
-                img[2 + 6 * r : 8 + 6 * r, 1 + 5 * col : 6 + 5 * col] = 255
-                Image.fromarray(img).save(d / f"{i}.png")
-    return root
+@pytest.fixture
+def folder(fewshot_folder):
+    return fewshot_folder
 
 
 @pytest.mark.parametrize("name", ["baseline", "baselinepp"])

@@ -4,28 +4,14 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from innerloop.cli import main
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """train/val/test, 6 classes each, 8 images per class: a class is a bright square at its own place."""
-    root = tmp_path_factory.mktemp("fewshot")
-    rng = np.random.default_rng(0)
-    for s, split in enumerate(("train", "val", "test")):
-        for c in range(6):
-            d = root / split / f"class{s}{c}"
-            d.mkdir(parents=True)
-            for i in range(8):
-                img = rng.integers(0, 60, (16, 16, 3), dtype=np.uint8)
-                r, col = divmod(c, 3)
-                img[2 + 6 * r : 8 + 6 * r, 1 + 5 * col : 6 + 5 * col] = 255
-                Image.fromarray(img).save(d / f"{i}.png")
-    return root
+@pytest.fixture
+def folder(fewshot_folder):
+    return fewshot_folder
 
 
 def _config(tmp_path, folder, algorithm, **task):
@@ -62,7 +48,9 @@ report_steps = [0, 2]
     return path
 
 
-@pytest.mark.parametrize(("algorithm", "task"), [("maml", {}), ("protonet", {"train_ways": 5})])
+@pytest.mark.parametrize(("algorithm", "task"), [
+    ("maml", {}), ("protonet", {"train_ways": 5}), ("matchingnet", {"train_ways": 5}),
+])
 def test_image_run_learns(tmp_path, folder, algorithm, task, capsys):
     assert main(["train", "--config", str(_config(tmp_path, folder, algorithm, **task)), "--no-progress"]) == 0
     out = capsys.readouterr().out
@@ -71,6 +59,9 @@ def test_image_run_learns(tmp_path, folder, algorithm, task, capsys):
     final = report["runs"][algorithm]["test"]["per_step"][-1]["mean"]
     assert final > 0.6  # chance is 1/3
     assert (tmp_path / "run" / "adaptation.png").exists()
+    # `innerloop eval` rebuilds an image-family checkpoint, also with 0 steps
+    assert main(["eval", str(tmp_path / "run" / "best.pt"), "--tasks", "5", "--shots", "1", "--queries", "2",
+                 "--steps", "0"]) == 0
 
 
 def test_more_ways_than_classes_fails_before_training(tmp_path, folder, capsys):
