@@ -32,7 +32,10 @@ PAPER = {  # accuracy %, Finn et al. 2017 Table 1 and Snell et al. 2017 Table 1
     ("protonet", 5, 1): "98.8", ("protonet", 5, 5): "99.7",
     ("protonet", 20, 1): "96.0", ("protonet", 20, 5): "98.9",
 }
-PAPER_ITERATIONS = {"maml": "60,000 × 32 (5-way)", "protonet": "many thousands of 60-way episodes (lr halved every 2000)"}
+PAPER_ITERATIONS = {
+    "maml": "60,000 × 32 (5-way)",
+    "protonet": "many thousands of 60-way episodes (lr halved every 2000)",
+}
 
 
 def cmd_run(args: argparse.Namespace) -> None:
