@@ -12,7 +12,7 @@ so one loop, one checkpoint format and one evaluation protocol serve every algor
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -184,6 +184,17 @@ class GradientBased(Algorithm):
     def _predict(self, params: Params, buffers: Params, x: Tensor) -> Tensor:
         return torch.func.functional_call(self.model, (params, buffers), (x,))
 
+    def eval_trajectory(
+        self, params: Params, buffers: Params, rates: Params, support_x: Tensor, support_y: Tensor, steps: int
+    ) -> Iterator[Params]:
+        """The test-time inner loop of one task: parameters after 1..``steps`` steps, no outer graph.
+        Algorithms with another inner loop (Reptile's Adam, iMAML's proximal steps) override this."""
+        return adapt_trajectory(
+            self._loss, params, buffers, support_x, support_y, steps=steps,
+            lr=self.inner_lr.as_dict(rates), adapt_names=self.adapt_names, first_order=True,
+            weight_decay=self.inner_wd.as_dict({k: v.detach() for k, v in self.inner_wd.rates.items()}),
+        )
+
     def trajectory_scores(
         self, params: Params, buffers: Params, rates: Params, task: tuple[Tensor, ...], steps: int
     ) -> Tensor:
@@ -194,16 +205,8 @@ class GradientBased(Algorithm):
             pred = self._predict(p, buffers, qx)
             return torch.stack([self.fns.loss(pred, qy), self.fns.metric(pred, qy)])
 
-        scores = [score(params)]
-        scores += [
-            score(p)
-            for p in adapt_trajectory(
-                self._loss, params, buffers, sx, sy, steps=steps,
-                lr=self.inner_lr.as_dict(rates), adapt_names=self.adapt_names, first_order=True,
-                weight_decay=self.inner_wd.as_dict({k: v.detach() for k, v in self.inner_wd.rates.items()}),
-            )
-        ]
-        return torch.stack(scores, dim=-1)
+        trajectory = self.eval_trajectory(params, buffers, rates, sx, sy, steps)
+        return torch.stack([score(params)] + [score(p) for p in trajectory], dim=-1)
 
     def evaluate(self, batch: TaskBatch, steps: int, chunk: int = 200) -> dict[str, Tensor]:
         """Fine-tune on each task's support set with the inner update rule (no meta-graph) and

@@ -176,19 +176,11 @@ class IMAML(GradientBased):
         grads.update({f"model.{k}": v for k, v in total.items()})
         return grads, {"loss": float(score[0]), self.metric_name: float(score[1])}
 
-    def trajectory_scores(
-        self, params: Params, buffers: Params, rates: Params, task: tuple[Tensor, ...], steps: int
-    ) -> Tensor:
-        """``[2, steps + 1]``: query (loss, metric) after 0..steps gradient steps on the proximal
-        objective anchored at ``params`` (the test-time inner loop of iMAML)."""
-        sx, sy, qx, qy = task
-
-        def score(p: Params) -> Tensor:
-            pred = self._predict(p, buffers, qx)
-            return torch.stack([self.fns.loss(pred, qy), self.fns.metric(pred, qy)])
-
-        steps_iter: Iterator[Params] = adapt_trajectory(
-            self.proximal_loss(params), params, buffers, sx, sy, steps=steps, lr=self.inner_lr.as_dict(),
-            first_order=True,
+    def eval_trajectory(
+        self, params: Params, buffers: Params, rates: Params, support_x: Tensor, support_y: Tensor, steps: int
+    ) -> Iterator[Params]:
+        """Gradient steps on the proximal objective anchored at ``params`` (iMAML's test-time loop)."""
+        return adapt_trajectory(
+            self.proximal_loss(params), params, buffers, support_x, support_y, steps=steps,
+            lr=self.inner_lr.as_dict(), first_order=True,
         )
-        return torch.stack([score(params)] + [score(p) for p in steps_iter], dim=-1)

@@ -119,18 +119,11 @@ class Reptile(GradientBased):
                                 lr=self.inner_lr.as_dict(), adapt_names=self.adapt_names,
                                 optimizer=self.inner_optimizer, betas=self.betas)
 
-    def trajectory_scores(
-        self, params: Params, buffers: Params, rates: Params, task: tuple[Tensor, ...], steps: int
-    ) -> Tensor:
-        """``[2, steps + 1]``: query (loss, metric) after 0..steps steps of the inner optimiser."""
-        sx, sy, qx, qy = task
-
-        def score(p: Params) -> Tensor:
-            pred = self._predict(p, buffers, qx)
-            return torch.stack([self.fns.loss(pred, qy), self.fns.metric(pred, qy)])
-
-        scores = [score(params)] + [score(p) for p in self.trajectory(params, buffers, sx, sy, steps)]
-        return torch.stack(scores, dim=-1)
+    def eval_trajectory(
+        self, params: Params, buffers: Params, rates: Params, support_x: Tensor, support_y: Tensor, steps: int
+    ) -> Iterator[Params]:
+        """Test time runs the same inner optimiser as training."""
+        return self.trajectory(params, buffers, support_x, support_y, steps)
 
     def adapt_task(self, params: Params, buffers: Params, task: tuple[Tensor, ...]) -> tuple[Params, Tensor]:
         """``phi`` of one task (the adapted names only) and its query ``[loss, metric]`` (shape ``[2]``)."""
