@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
 def _train(args: argparse.Namespace) -> None:
     import torch.distributed
 
-    from innerloop.training.distributed import init_from_env, rank
+    from innerloop.training.distributed import barrier, init_from_env, rank
     from innerloop.training.run import run
 
     cfg = load_config(args.config) if args.config else Config()
@@ -65,6 +65,9 @@ def _train(args: argparse.Namespace) -> None:
     lead = rank() == 0
     try:
         report = run(cfg, progress=not args.no_progress, overwrite=args.overwrite)
+        # rank 0 still writes results and plots: the others wait for it, so no rank tears down
+        # gloo while a peer still holds the connection (which aborts the process)
+        barrier("barrier at the end of the run")
     finally:
         if distributed:
             torch.distributed.destroy_process_group()
