@@ -20,6 +20,7 @@ innerloop: meta-learning on PyTorch.
                                        plots to runs/sinusoid-maml/
   innerloop train --config FILE.toml   the same for any configured run (see configs/)
   innerloop eval CHECKPOINT            meta-test a saved checkpoint
+  innerloop rl train [--config FILE]   meta-RL: MAML + TRPO on 2D navigation or HalfCheetah
 
   torchrun --nproc_per_node=N -m innerloop train --config FILE
                                        data-parallel meta-training on N processes
@@ -29,7 +30,7 @@ innerloop: meta-learning on PyTorch.
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="innerloop", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,eval}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,eval,rl}")
     t = sub.add_parser("train", help="meta-train, meta-test and report (default: MAML on sinusoids)",
                        description="Meta-train, then meta-test with 95%% CIs. A run resumes from "
                        "OUT/last.pt when it exists and matches the config.")
@@ -46,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=int, default=defaults.steps, help="adaptation steps (default %(default)s)")
     e.add_argument("--shots", type=int, default=defaults.shots, help="support size (default %(default)s)")
     e.add_argument("--queries", type=int, default=defaults.queries, help="query size (default %(default)s)")
+    from innerloop.rl.cli import add_parser as add_rl_parser
+
+    add_rl_parser(sub)
     return p
 
 
@@ -91,11 +95,19 @@ def _eval(args: argparse.Namespace) -> None:
                        f"{cfg.task.family}: {args.shots}-shot {res.metric}, {args.tasks} test tasks"))
 
 
+def _rl(args: argparse.Namespace) -> None:
+    from innerloop.rl.cli import run_command
+
+    run_command(args)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from innerloop.rl.mujoco import MissingMuJoCoError
+
     args = _parser().parse_args(argv)
     try:
-        {"train": _train, "eval": _eval}[args.command](args)
-    except (ConfigError, CheckpointError, DataError, DistributedError) as err:
+        {"train": _train, "eval": _eval, "rl": _rl}[args.command](args)
+    except (ConfigError, CheckpointError, DataError, DistributedError, MissingMuJoCoError) as err:
         print(f"innerloop: error: {err}", file=sys.stderr)
         return 2
     return 0

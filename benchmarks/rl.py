@@ -1,0 +1,100 @@
+"""MAML-RL against the MAML paper (Finn et al. 2017, Sec. 5.3): 2D navigation and HalfCheetah.
+
+Meta-trains MAML (one policy-gradient step in the inner loop, TRPO in the outer loop) and the
+pre-trained baseline (the same TRPO on all tasks, no adaptation) within a stated budget of
+iterations, then reports the return after 0..3 policy-gradient steps on fixed test tasks (mean
+and 95% CI over tasks) beside a random initialisation and the paper's numbers:
+
+    OMP_NUM_THREADS=1 python benchmarks/rl.py nav2d --iterations 200 --pretrain-iterations 200
+    OMP_NUM_THREADS=1 python benchmarks/rl.py cheetah-vel --iterations 40 --pretrain-iterations 10 \\
+        --meta-batch 20 --rollouts 10
+
+Writes benchmarks/results/rl_<env>.{md,json} (and rl_nav2d_trajectories.png); the run folder
+(runs/bench-rl-<env>) keeps checkpoints, so the same command resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from innerloop.rl.config import load_rl_config
+from innerloop.rl.train import run_rl
+from innerloop.training.run import machine
+
+CONFIGS = {"nav2d": "rl_nav2d.toml", "cheetah-vel": "rl_cheetah_vel.toml", "cheetah-dir": "rl_cheetah_dir.toml"}
+PAPER = {  # Finn et al. 2017, average return after 0, 1, 2, 3 policy-gradient steps (as quoted in issue 7)
+    "nav2d": {"MAML (paper, Table 4)": [-40.41, -11.68, -3.33, -3.23]},
+    "cheetah-vel": {"MAML (paper): 0 and 3 steps": [-129.5, None, None, -60.8],
+                    "oracle (paper)": [-54.5, None, None, None]},
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("env", choices=list(CONFIGS))
+    p.add_argument("--iterations", type=int, required=True, help="MAML meta-iterations (the budget)")
+    p.add_argument("--pretrain-iterations", type=int, required=True, help="iterations of the pre-trained baseline")
+    p.add_argument("--meta-batch", type=int, help="tasks per meta-iteration (default: the config's)")
+    p.add_argument("--rollouts", type=int, help="episodes per task per step in training (default: the config's)")
+    p.add_argument("--test-tasks", type=int, help="fixed test tasks (default: the config's, 40)")
+    p.add_argument("--out", help="run folder (default runs/bench-rl-<env>)")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    cfg = load_rl_config(Path(__file__).parent.parent / "configs" / CONFIGS[args.env])
+    cfg.out_dir = args.out or f"runs/bench-rl-{args.env}"
+    cfg.train.iterations = args.iterations
+    cfg.eval.pretrain_iterations = args.pretrain_iterations
+    if args.meta_batch:
+        cfg.train.meta_batch_size = args.meta_batch
+    if args.rollouts:
+        cfg.algorithm.rollouts = args.rollouts
+    if args.test_tasks:
+        cfg.eval.test_tasks = args.test_tasks
+    t0 = time.perf_counter()
+    report = run_rl(cfg, progress=sys.stderr.isatty())
+    wall = time.perf_counter() - t0
+    command = "OMP_NUM_THREADS=1 python " + " ".join(["benchmarks/rl.py", *sys.argv[1:]])
+    runs = report["runs"]
+    lines = [f"# MAML-RL: {args.env}", "", report["table"], ""]
+    if args.env in PAPER:
+        lines += ["The paper's numbers (return after 0, 1, 2, 3 steps; '-' where not reported):", "",
+                  "| source | 0 steps | 1 step | 2 steps | 3 steps |", "|---|---|---|---|---|"]
+        for name, values in PAPER[args.env].items():
+            lines.append(f"| {name} | " + " | ".join("-" if v is None else str(v) for v in values) + " |")
+        lines.append("")
+    a, t, e = cfg.algorithm, cfg.train, cfg.eval
+    budget = (f"MAML {t.iterations} meta-iterations x {t.meta_batch_size} tasks x {a.rollouts} episodes x "
+              f"{a.inner_steps + 1} (pre- and post-update) x horizon {cfg.env.horizon}; pre-trained baseline "
+              f"{e.pretrain_iterations} iterations x {t.meta_batch_size} tasks x {a.rollouts} episodes")
+    m = machine()
+    lines += [
+        f"Command: `{command}` (config `configs/{CONFIGS[args.env]}`, overridden as the command says).",
+        f"Budget: {budget}. TRPO max KL {t.max_kl}, {t.cg_iterations} CG iterations on the KL of "
+        f"{t.fisher_subsample:.0%} of the meta-batch's tasks, inner lr {a.inner_lr}, discount {a.discount}; "
+        f"test: {e.test_tasks} fixed test tasks, {e.rollouts} episodes per step, lr {e.inner_lr or a.inner_lr}.",
+        f"Seeds: env/task seed {cfg.env.seed}, policy init seed {t.seed}.",
+        "Wall time: " + ", ".join(f"{k} training {v['train_wall_s'] / 60:.1f} min + test {v['eval_wall_s']:.0f} s"
+                                  for k, v in runs.items()) + f"; {wall / 60:.1f} min in all for this command.",
+        f"Machine: {m['cpu']}, {m['threads']} thread(s), torch {m['torch']}, Python {m['python']} "
+        "(2 cores shared with other jobs).",
+    ]
+    md = "\n".join(lines) + "\n"
+    stem = Path(__file__).parent / "results" / f"rl_{args.env.replace('-', '_')}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".md").write_text(md)
+    stem.with_suffix(".json").write_text(json.dumps({**report, "command": command, "wall_s": wall,
+                                                     "paper": PAPER.get(args.env)}, indent=2))
+    if (Path(cfg.out_dir) / "trajectories.png").exists():
+        shutil.copy(Path(cfg.out_dir) / "trajectories.png", str(stem) + "_trajectories.png")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""Typed configuration of a meta-RL run (``innerloop rl train --config FILE``).
+
+Sections ``env``, ``policy``, ``algorithm``, ``train`` and ``eval``; a file sets only what it
+changes, and the defaults are the MAML paper's 2D navigation set-up. Validated before any work
+starts, with the same rules and messages as :mod:`innerloop.training.config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from innerloop.training.config import ConfigError, _from_dict
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass
+class EnvConfig:
+    """The task family of MDPs."""
+
+    name: Literal["nav2d", "cheetah-vel", "cheetah-dir"] = "nav2d"
+    """``nav2d`` (2D point navigation, torch), ``cheetah-vel`` (HalfCheetah goal velocity) or
+    ``cheetah-dir`` (forward/backward); the HalfCheetah families need ``pip install 'innerloop[rl]'``."""
+    horizon: int | None = None
+    """Steps per episode (``None``: the paper's, 100 for nav2d and 200 for HalfCheetah)."""
+    seed: int = 0
+    """Family seed: fixes every task of every split, and the rollout noise."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments of the family (nav2d: ``goal_low``, ``goal_high``, ``action_bound``,
+    ``goal_radius``; cheetah-vel: ``low``, ``high``)."""
+
+
+@dataclass
+class PolicyConfig:
+    """The Gaussian MLP policy."""
+
+    hidden: list[int] = field(default_factory=lambda: [100, 100])
+    activation: str = "relu"
+    init_std: float = 1.0
+
+
+@dataclass
+class RLAlgorithmConfig:
+    """The inner loop (vanilla policy gradient with a linear feature baseline per task)."""
+
+    inner_lr: float = 0.1
+    inner_steps: int = 1
+    """Policy-gradient steps per task in meta-training."""
+    rollouts: int = 20
+    """Episodes per task per step (the paper: 20)."""
+    first_order: bool = False
+    estimator: Literal["vpg", "lvc"] = "vpg"
+    """``vpg``: the paper's ``log pi * A``; ``lvc``: ``pi / stop_grad(pi) * A`` (unbiased curvature)."""
+    discount: float = 0.99
+    gae_lambda: float = 1.0
+    normalize_advantages: bool = True
+
+
+@dataclass
+class RLTrainConfig:
+    """The outer loop."""
+
+    iterations: int = 500
+    meta_batch_size: int = 20
+    """Tasks per meta-iteration (the paper: 20 for nav2d, 40 for HalfCheetah)."""
+    optimizer: Literal["trpo", "ppo"] = "trpo"
+    max_kl: float = 0.01
+    """TRPO's trust region on the mean KL."""
+    cg_iterations: int = 10
+    cg_damping: float = 1e-5
+    backtracks: int = 15
+    fisher_subsample: float = 1.0
+    """Share of the meta-batch's tasks whose KL gives the Fisher-vector products (1: all)."""
+    ppo_epochs: int = 5
+    ppo_clip: float = 0.2
+    ppo_lr: float = 3e-4
+    seed: int = 0
+    """Seed of the policy's initialisation."""
+    checkpoint_every: int = 10
+    """Write ``last.pt`` every this many iterations (and at the end)."""
+
+
+@dataclass
+class RLEvalConfig:
+    """Meta-testing: returns after 0..steps policy-gradient steps on fixed test tasks, 95% CIs."""
+
+    test_tasks: int = 40
+    steps: int = 3
+    rollouts: int = 20
+    inner_lr: float | None = None
+    """Step size of test-time adaptation (``None``: ``algorithm.inner_lr``)."""
+    pretrain: bool = True
+    """Also train and test the pre-trained baseline (one policy trained on all tasks, no adaptation)."""
+    pretrain_iterations: int | None = None
+    """Iterations of the baseline (``None``: as many as meta-training)."""
+    random_init: bool = True
+    """Also test the untrained policy (random initialisation), adapted the same way."""
+    plot_tasks: int = 4
+    """nav2d: tasks in the trajectory plot."""
+
+
+@dataclass
+class RLConfig:
+    """A whole meta-RL run."""
+
+    env: EnvConfig = field(default_factory=EnvConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    algorithm: RLAlgorithmConfig = field(default_factory=RLAlgorithmConfig)
+    train: RLTrainConfig = field(default_factory=RLTrainConfig)
+    eval: RLEvalConfig = field(default_factory=RLEvalConfig)
+    out_dir: str = "runs/rl-nav2d"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> RLConfig:
+        """Range checks that types alone cannot express; raises :class:`ConfigError`."""
+        from innerloop.models.mlp import ACTIVATIONS
+
+        def need(ok: bool, key: str, value: Any, rule: str) -> None:
+            if not ok:
+                raise ConfigError(f"{key} = {value!r} is invalid: {rule}.")
+
+        e, p, a, t, v = self.env, self.policy, self.algorithm, self.train, self.eval
+        need(e.horizon is None or e.horizon >= 1, "env.horizon", e.horizon, "must be >= 1 or null")
+        need(all(h >= 1 for h in p.hidden), "policy.hidden", p.hidden, "widths must be >= 1")
+        need(p.activation in ACTIVATIONS, "policy.activation", p.activation, f"choose one of {list(ACTIVATIONS)}")
+        need(p.init_std > 0, "policy.init_std", p.init_std, "must be > 0")
+        need(a.inner_lr > 0, "algorithm.inner_lr", a.inner_lr, "must be > 0")
+        need(a.inner_steps >= 1, "algorithm.inner_steps", a.inner_steps,
+             "must be >= 1 (the pre-trained baseline, 0 steps, is eval.pretrain)")
+        need(a.rollouts >= 2, "algorithm.rollouts", a.rollouts, "must be >= 2 (the baseline needs several)")
+        need(0 < a.discount <= 1, "algorithm.discount", a.discount, "must lie in (0, 1]")
+        need(0 <= a.gae_lambda <= 1, "algorithm.gae_lambda", a.gae_lambda, "must lie in [0, 1]")
+        need(t.iterations >= 1, "train.iterations", t.iterations, "must be >= 1")
+        need(t.meta_batch_size >= 1, "train.meta_batch_size", t.meta_batch_size, "must be >= 1")
+        need(t.max_kl > 0, "train.max_kl", t.max_kl, "must be > 0 (the paper: 0.01)")
+        need(t.cg_iterations >= 1, "train.cg_iterations", t.cg_iterations, "must be >= 1")
+        need(t.cg_damping >= 0, "train.cg_damping", t.cg_damping, "must be >= 0")
+        need(t.backtracks >= 1, "train.backtracks", t.backtracks, "must be >= 1")
+        need(0 < t.fisher_subsample <= 1, "train.fisher_subsample", t.fisher_subsample, "must lie in (0, 1]")
+        need(t.ppo_epochs >= 1, "train.ppo_epochs", t.ppo_epochs, "must be >= 1")
+        need(0 < t.ppo_clip < 1, "train.ppo_clip", t.ppo_clip, "must lie in (0, 1)")
+        need(t.ppo_lr > 0, "train.ppo_lr", t.ppo_lr, "must be > 0")
+        need(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "must be >= 1")
+        need(v.test_tasks >= 2, "eval.test_tasks", v.test_tasks, "must be >= 2 (a CI needs several tasks)")
+        need(v.steps >= 0, "eval.steps", v.steps, "must be >= 0")
+        need(v.rollouts >= 2, "eval.rollouts", v.rollouts, "must be >= 2")
+        need(v.inner_lr is None or v.inner_lr > 0, "eval.inner_lr", v.inner_lr, "must be > 0 or null")
+        need(v.pretrain_iterations is None or v.pretrain_iterations >= 1, "eval.pretrain_iterations",
+             v.pretrain_iterations, "must be >= 1 or null")
+        need(v.plot_tasks >= 0, "eval.plot_tasks", v.plot_tasks, "must be >= 0")
+        return self
+
+
+def rl_config_from_dict(data: dict[str, Any]) -> RLConfig:
+    """Build and validate an :class:`RLConfig`; unknown keys and wrong types raise ConfigError."""
+    return _from_dict(RLConfig, data).validate()
+
+
+def load_rl_config(path: str | Path) -> RLConfig:
+    """Read a ``.toml`` or ``.json`` RL config; everything it omits keeps its default."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist.")
+    text = path.read_text()
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        elif path.suffix == ".toml":
+            data = tomllib.loads(text)
+        else:
+            raise ConfigError(f"config file {str(path)!r}: use a .toml or .json file.")
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"config file {str(path)!r} could not be parsed: {err}") from err
+    if "task" in data or "model" in data:
+        raise ConfigError(f"{str(path)!r} has [task]/[model] sections: it is a supervised config; run it with "
+                          "`innerloop train --config`, not `innerloop rl train`.")
+    return rl_config_from_dict(data)

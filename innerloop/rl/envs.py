@@ -1,0 +1,174 @@
+"""Task families of environments, and the 2D point navigation of the MAML paper in torch.
+
+An *environment family* is a distribution of MDPs with ``train`` / ``val`` / ``test`` splits,
+like a supervised :class:`~innerloop.tasks.TaskFamily`: task ``i`` of a split is a deterministic
+function of (family seed, split, ``i``), so the meta-test tasks are fixed. A task is a small
+vector (a goal position, a target velocity, a direction); :meth:`EnvFamily.make` builds one
+vectorised environment with one copy per row of a task matrix, stepped all at once.
+
+Vectorised environments follow the gymnasium API with torch tensors and a leading batch
+dimension: ``reset(seed) -> (obs [n, obs_dim], info)`` and
+``step(action [n, act_dim]) -> (obs, reward [n], terminated [n], truncated [n], info)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from innerloop.tasks import Split, check_split, task_seed
+
+
+@runtime_checkable
+class VectorEnv(Protocol):
+    """``n`` environments stepped together (gymnasium's API, batched, on tensors)."""
+
+    num_envs: int
+
+    def reset(self, seed: Sequence[int] | None = None) -> tuple[Tensor, dict[str, Any]]: ...
+
+    def step(self, action: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, dict[str, Any]]: ...
+
+
+@runtime_checkable
+class EnvFamily(Protocol):
+    """A distribution of MDPs with fixed, disjoint splits.
+
+    Attributes:
+        name: the family's config name.
+        obs_dim, act_dim: observation and action sizes.
+        task_dim: size of the vector that defines a task.
+        horizon: steps per episode (an episode may terminate earlier).
+        seed: fixes every task of every split.
+    """
+
+    name: str
+    obs_dim: int
+    act_dim: int
+    task_dim: int
+    horizon: int
+    seed: int
+
+    def tasks(self, split: Split, indices: Sequence[int]) -> Tensor:
+        """``[len(indices), task_dim]``: the tasks ``indices`` of ``split``."""
+        ...
+
+    def make(self, tasks: Tensor) -> VectorEnv:
+        """One environment per row of ``tasks [n, task_dim]``."""
+        ...
+
+
+def uniform_tasks(seed: int, split: Split, indices: Sequence[int], low: Tensor, high: Tensor, salt: str) -> Tensor:
+    """``[n, d]``: task ``i`` drawn from U[low, high] by a generator seeded with :func:`task_seed`
+    (drawn in float64, returned in torch's default dtype)."""
+    check_split(split)
+    rows = []
+    for i in indices:
+        g = torch.Generator().manual_seed(task_seed(seed, split, int(i), salt))
+        rows.append(low + (high - low) * torch.rand(low.shape, generator=g, dtype=torch.float64))
+    dtype = torch.get_default_dtype()
+    return torch.stack(rows).to(dtype) if rows else torch.empty(0, low.numel(), dtype=dtype)
+
+
+class Navigation2DEnv:
+    """Point navigation in the plane (Finn et al. 2017, Sec. 5.3), ``n`` copies at once.
+
+    The agent starts at the origin; the observation is its position ``[n, 2]``; the action is a
+    velocity, clipped to ``[-action_bound, action_bound]`` per coordinate, added to the position;
+    the reward is minus the Euclidean distance to the goal after the move. An episode terminates
+    when the agent is within ``goal_radius`` of the goal (the paper: 0.01) and is truncated at
+    ``horizon`` steps (the paper: 100). A copy that has terminated stays put and earns 0 until
+    :meth:`reset`.
+
+    Args:
+        goals: ``[n, 2]`` goal positions.
+        horizon: steps before truncation.
+        action_bound: the velocity clip.
+        goal_radius: termination distance (0: never terminate early).
+    """
+
+    def __init__(self, goals: Tensor, horizon: int = 100, action_bound: float = 0.1,
+                 goal_radius: float = 0.01) -> None:
+        if goals.dim() != 2 or goals.shape[-1] != 2:
+            raise ValueError(f"goals must be [n, 2], got shape {tuple(goals.shape)}.")
+        self.goals = goals
+        self.num_envs = goals.shape[0]
+        self.horizon, self.action_bound, self.goal_radius = horizon, action_bound, goal_radius
+        self.position = torch.zeros_like(self.goals)
+        self.done = torch.zeros(self.num_envs, dtype=torch.bool)
+        self.t = 0
+
+    def reset(self, seed: Sequence[int] | None = None) -> tuple[Tensor, dict[str, Any]]:
+        """Every copy back to the origin (deterministic: ``seed`` is accepted and unused)."""
+        self.position = torch.zeros_like(self.goals)
+        self.done = torch.zeros(self.num_envs, dtype=torch.bool)
+        self.t = 0
+        return self.position.clone(), {}
+
+    def step(self, action: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, dict[str, Any]]:
+        """``action [n, 2]`` (unclipped) -> ``(obs [n, 2], reward [n], terminated [n], truncated [n], {})``."""
+        if action.shape != self.position.shape:
+            raise ValueError(f"action must be [{self.num_envs}, 2], got shape {tuple(action.shape)}.")
+        live = ~self.done
+        move = action.to(self.goals.dtype).clamp(-self.action_bound, self.action_bound)
+        self.position = torch.where(live[:, None], self.position + move, self.position)
+        distance = torch.linalg.vector_norm(self.position - self.goals, dim=-1)
+        reward = torch.where(live, -distance, torch.zeros_like(distance))
+        self.done = self.done | (live & (distance < self.goal_radius))
+        self.t += 1
+        truncated = torch.full((self.num_envs,), self.t >= self.horizon)
+        return self.position.clone(), reward, self.done.clone(), truncated, {}
+
+
+class Navigation2D:
+    """The 2D navigation task family: goals uniform in ``[goal_low, goal_high]^2``.
+
+    The default square ``[-0.5, 0.5]^2`` is the unit square centred on the start, as sampled by
+    the MAML paper's code (``point_env_randgoal.py`` of rllab/maml_rl); the paper's text says
+    "randomly chosen within a unit square".
+    """
+
+    name = "nav2d"
+    obs_dim = act_dim = task_dim = 2
+
+    def __init__(self, seed: int = 0, horizon: int = 100, goal_low: float = -0.5, goal_high: float = 0.5,
+                 action_bound: float = 0.1, goal_radius: float = 0.01) -> None:
+        if not goal_low < goal_high:
+            raise ValueError(f"goal_low ({goal_low}) must be < goal_high ({goal_high}).")
+        if horizon < 1 or action_bound <= 0 or goal_radius < 0:
+            raise ValueError(f"need horizon >= 1 (got {horizon}), action_bound > 0 (got {action_bound}) "
+                             f"and goal_radius >= 0 (got {goal_radius}).")
+        self.seed, self.horizon = seed, horizon
+        self.goal_low, self.goal_high = goal_low, goal_high
+        self.action_bound, self.goal_radius = action_bound, goal_radius
+
+    def tasks(self, split: Split, indices: Sequence[int]) -> Tensor:
+        """``[n, 2]`` goal positions."""
+        low, high = torch.full((2,), self.goal_low, dtype=torch.float64), torch.full((2,), self.goal_high,
+                                                                                        dtype=torch.float64)
+        return uniform_tasks(self.seed, split, indices, low, high, "nav2d")
+
+    def make(self, tasks: Tensor) -> Navigation2DEnv:
+        return Navigation2DEnv(tasks, self.horizon, self.action_bound, self.goal_radius)
+
+
+def make_env_family(name: str, seed: int = 0, horizon: int | None = None, **options: Any) -> EnvFamily:
+    """An environment family by config name: ``nav2d``, ``cheetah-vel`` or ``cheetah-dir``.
+
+    The HalfCheetah families need MuJoCo (``pip install 'innerloop[rl]'``); asking for one
+    without it raises an :class:`ImportError` that says so.
+    """
+    if name == "nav2d":
+        return Navigation2D(seed=seed, horizon=horizon or 100, **options)
+    if name in ("cheetah-vel", "cheetah-dir"):
+        from innerloop.rl.mujoco import HalfCheetahDir, HalfCheetahVel
+
+        cls = HalfCheetahVel if name == "cheetah-vel" else HalfCheetahDir
+        return cls(seed=seed, horizon=horizon or 200, **options)
+    raise ValueError(f"unknown environment family {name!r}; choose one of {list(ENV_FAMILIES)}.")
+
+
+ENV_FAMILIES: tuple[str, ...] = ("nav2d", "cheetah-vel", "cheetah-dir")

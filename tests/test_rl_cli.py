@@ -1,0 +1,131 @@
+"""``innerloop rl train`` / ``rl eval`` end to end on tiny 2D navigation runs: results, exact resume, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from innerloop.cli import main
+from innerloop.rl.config import RLConfig, load_rl_config, rl_config_from_dict
+from innerloop.rl.train import run_rl
+from innerloop.training.checkpoint import CheckpointError, load_checkpoint
+from innerloop.training.config import ConfigError
+
+TINY = """
+out_dir = "{out}"
+[env]
+horizon = 8
+[policy]
+hidden = [8]
+[algorithm]
+rollouts = 3
+[train]
+iterations = {iterations}
+meta_batch_size = 3
+checkpoint_every = 1
+fisher_subsample = 0.5
+optimizer = "{optimizer}"
+[eval]
+test_tasks = 3
+rollouts = 3
+steps = 2
+pretrain_iterations = 1
+plot_tasks = 2
+"""
+
+
+def write(tmp_path, name, iterations=3, optimizer="trpo"):
+    path = tmp_path / f"{name}.toml"
+    path.write_text(TINY.format(out=tmp_path / name, iterations=iterations, optimizer=optimizer))
+    return path
+
+
+def test_train_writes_results_plots_and_checkpoints(tmp_path, capsys):
+    assert main(["rl", "train", "--config", str(write(tmp_path, "run")), "--no-progress"]) == 0
+    out = tmp_path / "run"
+    table = capsys.readouterr().out
+    assert "| maml |" in table and "| pretrained |" in table and "| random init |" in table
+    report = json.loads((out / "results.json").read_text())
+    assert set(report["runs"]) == {"maml", "pretrained", "random init"}
+    for run in report["runs"].values():
+        assert len(run["test"]["per_step"]) == 3 and run["test"]["tasks"] == 3
+    for name in ("results.md", "adaptation.png", "trajectories.png", "last.pt", "metrics.jsonl",
+                 "pretrain/last.pt"):
+        assert (out / name).exists(), name
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(ln)["step"] for ln in lines] == [1, 2, 3]
+    assert {"return_0", "return_1", "kl", "step_fraction"} <= set(json.loads(lines[0]))
+    assert main(["rl", "eval", str(out / "last.pt"), "--tasks", "2", "--steps", "1", "--rollouts", "2"]) == 0
+    assert "return after 1 step" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("optimizer", ["trpo", "ppo"])
+def test_a_resumed_run_equals_the_uninterrupted_run(tmp_path, optimizer):
+    def run(name, iterations):
+        cfg = load_rl_config(write(tmp_path, name, iterations=iterations, optimizer=optimizer))
+        cfg.eval.pretrain = cfg.eval.random_init = False
+        cfg.eval.steps = 0
+        run_rl(cfg, progress=False, plot=False)
+
+    run("straight", 3)
+    run("resumed", 2)
+    run("resumed", 3)  # the same command with more iterations continues from last.pt
+    a = load_checkpoint(tmp_path / "straight" / "last.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert a["step"] == b["step"] == 3
+    for k, v in a["state"].items():
+        assert torch.equal(v, b["state"][k]), k
+    log = [json.loads(ln) for ln in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]
+
+
+def test_a_checkpoint_of_another_config_is_refused(tmp_path):
+    path = write(tmp_path, "run", iterations=1)
+    cfg = load_rl_config(path)
+    cfg.eval.pretrain = cfg.eval.random_init = False
+    run_rl(cfg, progress=False, plot=False)
+    cfg.algorithm.inner_lr = 0.5
+    with pytest.raises(CheckpointError, match="another configuration"):
+        run_rl(cfg, progress=False, plot=False)
+    run_rl(cfg, progress=False, plot=False, overwrite=True)  # the way out the message names
+
+
+@pytest.mark.parametrize(("data", "match"), [
+    ({"train": {"max_kl": 0.0}}, "train.max_kl = 0.0 is invalid"),
+    ({"algorithm": {"inner_lr": -1.0}}, "algorithm.inner_lr = -1.0 is invalid"),
+    ({"env": {"name": "ant"}}, "env.name = 'ant' is not allowed"),
+    ({"train": {"optimizer": "adam"}}, "choose one of \\['trpo', 'ppo'\\]"),
+    ({"train": {"lr": 1}}, "unknown config key 'train.lr'"),
+    ({"eval": {"test_tasks": 1}}, "eval.test_tasks = 1 is invalid"),
+    ({"algorithm": {"rollouts": "20"}}, "expected an integer"),
+])
+def test_bad_configs_are_refused_with_the_key_named(data, match):
+    with pytest.raises(ConfigError, match=match):
+        rl_config_from_dict(data)
+
+
+def test_cli_errors_exit_2_with_the_reason(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nmeta_batch_size = 0\n")
+    assert main(["rl", "train", "--config", str(bad)]) == 2
+    assert "train.meta_batch_size = 0" in capsys.readouterr().err
+    supervised = tmp_path / "sup.toml"
+    supervised.write_text("[task]\nfamily = 'sinusoid'\n")
+    assert main(["rl", "train", "--config", str(supervised)]) == 2
+    assert "innerloop train --config" in capsys.readouterr().err
+    options = tmp_path / "opt.toml"
+    options.write_text("[env]\noptions = { radius = 2 }\n")
+    assert main(["rl", "train", "--config", str(options), "--out", str(tmp_path / "o")]) == 2
+    assert "env.options" in capsys.readouterr().err
+    assert main(["rl", "eval", str(tmp_path / "missing.pt")]) == 2
+
+
+def test_default_config_is_the_papers_navigation_setup():
+    cfg = RLConfig().validate()
+    a = cfg.algorithm
+    assert (cfg.env.name, cfg.policy.hidden, a.inner_lr, a.rollouts) == ("nav2d", [100, 100], 0.1, 20)
+    assert (cfg.train.meta_batch_size, cfg.train.max_kl, cfg.train.optimizer) == (20, 0.01, "trpo")
+    for name in ("rl_nav2d", "rl_cheetah_vel", "rl_cheetah_dir"):
+        load_rl_config(f"configs/{name}.toml")
