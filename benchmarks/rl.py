@@ -9,8 +9,9 @@ and 95% CI over tasks) beside a random initialisation and the paper's numbers:
     OMP_NUM_THREADS=1 python benchmarks/rl.py cheetah-vel --iterations 40 --pretrain-iterations 10 \\
         --meta-batch 20 --rollouts 10
 
-Writes benchmarks/results/rl_<env>.{md,json} (and rl_nav2d_trajectories.png); the run folder
-(runs/bench-rl-<env>) keeps checkpoints, so the same command resumes.
+Writes benchmarks/results/rl_<env>[_<tag>].{md,json} (and rl_nav2d_trajectories.png); the run
+folder (runs/bench-rl-<env>[-<tag>]) keeps checkpoints, so the same command resumes. Variants:
+``--first-order``, ``--optimizer ppo``, ``--no-pretrain``, ``--tag NAME``.
 """
 
 from __future__ import annotations
@@ -40,15 +41,22 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("env", choices=list(CONFIGS))
     p.add_argument("--iterations", type=int, required=True, help="MAML meta-iterations (the budget)")
-    p.add_argument("--pretrain-iterations", type=int, required=True, help="iterations of the pre-trained baseline")
+    p.add_argument("--pretrain-iterations", type=int, default=1, help="iterations of the pre-trained baseline")
     p.add_argument("--meta-batch", type=int, help="tasks per meta-iteration (default: the config's)")
     p.add_argument("--rollouts", type=int, help="episodes per task per step in training (default: the config's)")
     p.add_argument("--test-tasks", type=int, help="fixed test tasks (default: the config's, 40)")
-    p.add_argument("--out", help="run folder (default runs/bench-rl-<env>)")
+    p.add_argument("--first-order", action="store_true", help="first-order MAML (inner gradient as a constant)")
+    p.add_argument("--optimizer", choices=["trpo", "ppo"], help="outer optimiser (default: the config's, trpo)")
+    p.add_argument("--no-pretrain", action="store_true", help="skip the pre-trained baseline")
+    p.add_argument("--tag", help="suffix of the results files, e.g. first_order (default: none)")
+    p.add_argument("--out", help="run folder (default runs/bench-rl-<env>[-<tag>])")
     args = p.parse_args()
     torch.set_num_threads(1)
     cfg = load_rl_config(Path(__file__).parent.parent / "configs" / CONFIGS[args.env])
-    cfg.out_dir = args.out or f"runs/bench-rl-{args.env}"
+    cfg.out_dir = args.out or f"runs/bench-rl-{args.env}" + (f"-{args.tag}" if args.tag else "")
+    cfg.algorithm.first_order = args.first_order or cfg.algorithm.first_order
+    cfg.train.optimizer = args.optimizer or cfg.train.optimizer
+    cfg.eval.pretrain = not args.no_pretrain
     cfg.train.iterations = args.iterations
     cfg.eval.pretrain_iterations = args.pretrain_iterations
     if args.meta_batch:
@@ -62,7 +70,9 @@ def main() -> None:
     wall = time.perf_counter() - t0
     command = "OMP_NUM_THREADS=1 python " + " ".join(["benchmarks/rl.py", *sys.argv[1:]])
     runs = report["runs"]
-    lines = [f"# MAML-RL: {args.env}", "", report["table"], ""]
+    order = "first-order" if cfg.algorithm.first_order else "second-order"
+    variant = f"{order} MAML, {cfg.train.optimizer.upper()}"
+    lines = [f"# MAML-RL: {args.env} ({variant})", "", report["table"], ""]
     if args.env in PAPER:
         lines += ["The paper's numbers (return after 0, 1, 2, 3 steps; '-' where not reported):", "",
                   "| source | 0 steps | 1 step | 2 steps | 3 steps |", "|---|---|---|---|---|"]
@@ -71,8 +81,10 @@ def main() -> None:
         lines.append("")
     a, t, e = cfg.algorithm, cfg.train, cfg.eval
     budget = (f"MAML {t.iterations} meta-iterations x {t.meta_batch_size} tasks x {a.rollouts} episodes x "
-              f"{a.inner_steps + 1} (pre- and post-update) x horizon {cfg.env.horizon}; pre-trained baseline "
-              f"{e.pretrain_iterations} iterations x {t.meta_batch_size} tasks x {a.rollouts} episodes")
+              f"{a.inner_steps + 1} (pre- and post-update) x horizon {cfg.env.horizon}")
+    if e.pretrain:
+        budget += f"; pre-trained baseline {e.pretrain_iterations} iterations x {t.meta_batch_size} tasks x " \
+                  f"{a.rollouts} episodes"
     m = machine()
     lines += [
         f"Command: `{command}` (config `configs/{CONFIGS[args.env]}`, overridden as the command says).",
@@ -86,7 +98,8 @@ def main() -> None:
         "(2 cores shared with other jobs).",
     ]
     md = "\n".join(lines) + "\n"
-    stem = Path(__file__).parent / "results" / f"rl_{args.env.replace('-', '_')}"
+    stem = Path(__file__).parent / "results" / (f"rl_{args.env.replace('-', '_')}" + (f"_{args.tag}" if args.tag
+                                                                                     else ""))
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".md").write_text(md)
     stem.with_suffix(".json").write_text(json.dumps({**report, "command": command, "wall_s": wall,
