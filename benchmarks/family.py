@@ -7,10 +7,11 @@ test tasks), the same number of meta-iterations and meta-batch size for each::
     python benchmarks/family.py sinusoid --iterations 10000 [--threads 1]
 
 Omniglot 5-way K-shot (K = 1, 5): each algorithm's own recipe (its config in ``configs/``, see
-``RECIPES``), the same 600 fixed test tasks (15 queries per class), and the same *wall-clock*
-budget of meta-training on one thread: a short calibration times the algorithm's meta-iteration,
+``RECIPES``), the same 600 fixed test tasks (15 queries per class), and the same *compute*
+budget of meta-training on one thread: a short calibration measures the CPU time of the
+algorithm's meta-iteration (process time, so other jobs on the machine do not shrink the budget),
 and the run gets as many iterations as fit in the budget (its learning-rate and annealing
-schedules are set for that many, so they complete). Equal time, not equal tasks, is the fair
+schedules are set for that many, so they complete). Equal compute, not equal tasks, is the fair
 budget here: a ProtoNets episode costs a small fraction of a second-order MAML meta-batch. The
 iterations each run got are recorded, so a row can be rerun exactly with its iteration count::
 
@@ -66,7 +67,7 @@ PAPER_OMNIGLOT: dict[str, tuple[str, str, str]] = {
     "maml": ("98.7 ± 0.4", "99.9 ± 0.1", "Finn et al. 2017, Table 1"),
     "fomaml": ("98.3 ± 0.5", "99.2 ± 0.2", "Finn et al. 2017, Table 1"),
     "metasgd": ("99.53 ± 0.26", "99.93 ± 0.09", "Li et al. 2017, Table 2"),
-    "anil": ("—", "—", "Raghu et al. 2020 report 20-way only (96.2 / 98.0)"),
+    "anil": ("—", "—", "Raghu et al. 2020 report Omniglot 20-way only"),
     "boil": ("—", "—", "Oh et al. 2021 report no Omniglot"),
     "mamlpp": ("99.47", "99.93", "Antoniou et al. 2019, Table 1"),
     "reptile": ("95.39 / 97.68", "98.90 / 99.48", "Nichol et al. 2018, non-transductive / transductive"),
@@ -104,17 +105,17 @@ def _config(base: Config | Path, overrides: dict[str, Any]) -> Config:
 
 
 def seconds_per_iteration(cfg: Config, repeats: int = 2) -> float:
-    """Median wall time of one meta-iteration (after one warm-up) on this machine, now."""
+    """Median CPU time (this process, one thread) of one meta-iteration, after one warm-up."""
     family = build_family(cfg, ways=cfg.task.train_ways)
     algorithm = build_algorithm(cfg, family)
     train = algorithm.training_family(family)
     b = cfg.train.meta_batch_size
     times = []
     for i in range(repeats + 1):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         algorithm.set_progress(0, 1)
         grads, _ = algorithm.meta_gradient(train.batch("train", range(i * b, (i + 1) * b)))
-        times.append(time.perf_counter() - t0)
+        times.append(time.process_time() - t0)
         del grads
     return statistics.median(times[1:])
 
@@ -147,16 +148,17 @@ def cmd_omniglot(args: argparse.Namespace) -> None:
     cfg.eval.report_steps = sorted({0, 1, cfg.eval.steps} & set(range(cfg.eval.steps + 1)))
     cfg.out_dir = str(Path(args.runs) / f"{args.algorithm}_5w{args.shots}s")
     cfg.validate()
-    t0 = time.perf_counter()
-    report = run(cfg, progress=sys.stderr.isatty(), overwrite=True, plot=False)
+    t0, c0 = time.perf_counter(), time.process_time()
+    report = run(cfg, progress=sys.stderr.isatty(), overwrite=not args.resume, plot=False)
     r = report["runs"][cfg.algorithm.name]
     _write(ROWS / f"omniglot_{args.algorithm}_5w{args.shots}s.json", {
         "algorithm": args.algorithm, "shots": args.shots, "config": config.format(K=args.shots),
-        "overrides": overrides, "budget_min": args.budget_min, "calibrated_s_per_iteration": per_iter,
+        "overrides": overrides, "budget_min": args.budget_min, "calibrated_cpu_s_per_iteration": per_iter,
         "iterations": iterations, "meta_batch_size": cfg.train.meta_batch_size,
         "train_tasks": iterations * cfg.train.meta_batch_size, "best_step": r["best_step"],
         "train_wall_s": r["train_wall_s"], "eval_wall_s": r["eval_wall_s"],
-        "total_wall_s": time.perf_counter() - t0, "eval_steps": cfg.eval.steps, "test": r["test"],
+        "total_wall_s": time.perf_counter() - t0, "total_cpu_s": time.process_time() - c0, "resumed": args.resume,
+        "eval_steps": cfg.eval.steps, "test": r["test"],
         "final_config": cfg.to_dict(), "machine": machine(), "load_average": os.getloadavg(),
         "command": f"python benchmarks/family.py omniglot {args.algorithm} --shots {args.shots} "
                    f"--iterations {iterations} --threads {args.threads}",
@@ -218,7 +220,8 @@ def cmd_report(args: argparse.Namespace) -> None:
         lines += [
             "## Omniglot 5-way, accuracy % on 600 fixed test tasks (15 queries per class, mean ± 95% CI)",
             "",
-            f"Each algorithm gets the same {any_row['budget_min']:g} minutes of meta-training on one thread of "
+            f"Each algorithm gets the same {any_row['budget_min']:g} CPU-minutes of meta-training on one thread "
+            "of "
             f"{any_row['machine']['cpu']} (torch {any_row['machine']['torch']}), with its own recipe "
             "(configs/ and `RECIPES` in benchmarks/family.py); vinyals split, conv-4 with BatchNorm on batch "
             "statistics (transductive, as in the MAML protocol); task seed 0, init seed 0; best-on-validation "
@@ -258,11 +261,13 @@ def cmd_report(args: argparse.Namespace) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    o = sub.add_parser("omniglot", help="one algorithm on Omniglot 5-way K-shot within a wall-clock budget")
+    o = sub.add_parser("omniglot", help="one algorithm on Omniglot 5-way K-shot within a compute budget")
     o.add_argument("algorithm", choices=sorted(RECIPES))
     o.add_argument("--shots", type=int, choices=(1, 5), default=1)
-    o.add_argument("--budget-min", type=float, default=3.0, help="meta-training minutes (default 3)")
+    o.add_argument("--budget-min", type=float, default=2.0, help="meta-training CPU-minutes (default 2)")
     o.add_argument("--iterations", type=int, help="skip the calibration: train exactly this many iterations")
+    o.add_argument("--resume", action="store_true",
+                   help="continue the row's run folder to --iterations (constant learning rates only)")
     o.add_argument("--test-tasks", type=int, default=600)
     o.add_argument("--threads", type=int, default=1)
     o.add_argument("--runs", default="runs/family")
