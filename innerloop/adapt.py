@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Literal
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch.func import functional_call, grad
 
@@ -68,7 +69,8 @@ def sgd_step(
         rate = lr[name] if isinstance(lr, Mapping) else lr
         if weight_decay is not None:
             g = g + (weight_decay[name] if isinstance(weight_decay, Mapping) else weight_decay) * params[name]
-        out[name] = params[name] - rate * g
+        # A float rate: one fused op (the same rounding as p - rate * g), half the elementwise passes.
+        out[name] = torch.add(params[name], g, alpha=-rate) if isinstance(rate, float) else params[name] - rate * g
     return out
 
 
@@ -134,6 +136,8 @@ def adapt_trajectory(
     adapt_names: Sequence[str] | None = None,
     first_order: bool = False,
     weight_decay: LearningRates | None = None,
+    checkpoint: bool = False,
+    use_autograd: bool = False,
 ) -> Iterator[Params]:
     """Yield the parameters after 1, 2, ..., ``steps`` inner gradient steps.
 
@@ -152,6 +156,16 @@ def adapt_trajectory(
         weight_decay: inner weight decay ``wd`` (a float, tensor or per-name mapping, e.g. from
             :class:`InnerWeightDecay`): each step is ``p - lr * (g + wd * p)``. ``None``: none.
             Differentiable, so it can be learned by hypergradient like ``lr``.
+        checkpoint: second order only: keep no activation of the support passes; the outer
+            backward recomputes each inner step (:func:`torch.utils.checkpoint.checkpoint`), so
+            the memory of a long inner loop grows by one set of parameters per step instead of
+            one set of activations, at the cost of one more support forward and backward per
+            step. The same values and meta-gradient. Ignored for ``first_order`` (its memory is
+            already flat) and where gradients are off.
+        use_autograd: differentiate the support loss with ``torch.autograd.grad`` instead of
+            ``torch.func.grad``: the same values, and safe to run in several Python threads at
+            once (torch.func transforms are not), but not under ``vmap``. Where gradients are off
+            (evaluation), ``torch.func.grad`` is used regardless.
     """
     names = list(params) if adapt_names is None else list(adapt_names)
     per_step = isinstance(lr, Sequence) and not isinstance(lr, str)
@@ -162,12 +176,51 @@ def adapt_trajectory(
         return loss({**current, **adapted}, buffers, support_x, support_y)
 
     current = params
+    if (use_autograd or (checkpoint and not first_order)) and torch.is_grad_enabled():
+        for step in range(steps):
+            current = _autograd_step(
+                support_loss, current, names, lr[step] if per_step else lr, weight_decay,
+                first_order=first_order, checkpoint=checkpoint and not first_order,
+            )
+            yield current
+        return
     for step in range(steps):
         grads = grad(support_loss)({n: current[n] for n in names}, current)
         if first_order:
             grads = {n: g.detach() for n, g in grads.items()}
         current = sgd_step(current, grads, lr[step] if per_step else lr, weight_decay)
         yield current
+
+
+def _autograd_step(
+    support_loss: Callable[[Params, Params], Tensor],
+    current: Params,
+    names: Sequence[str],
+    lr: LearningRates,
+    weight_decay: LearningRates | None,
+    *,
+    first_order: bool,
+    checkpoint: bool,
+) -> Params:
+    """One inner step differentiated with ``torch.autograd.grad`` (``create_graph`` unless
+    ``first_order``), optionally under a non-reentrant checkpoint (``torch.func.grad`` does not
+    run under the saved-tensor hooks a checkpoint uses)."""
+    keys = list(current)
+
+    def step(*tensors: Tensor) -> tuple[Tensor, ...]:
+        now = dict(zip(keys, tensors, strict=True))
+        value = support_loss({n: now[n] for n in names}, now)
+        wrt = [now[n] for n in names]
+        grads = torch.autograd.grad(value, wrt, create_graph=not first_order, allow_unused=True)
+        by_name = {n: torch.zeros_like(t) if g is None else g for n, t, g in zip(names, wrt, grads, strict=True)}
+        new = sgd_step(now, by_name, lr, weight_decay)
+        return tuple(new[k] for k in keys)
+
+    # autograd.grad needs inputs that require grad; a tensor outside the outer graph (a frozen
+    # parameter) gets a detached copy that does, and stays outside it.
+    inputs = tuple(t if t.requires_grad else t.detach().requires_grad_() for t in current.values())
+    out = torch.utils.checkpoint.checkpoint(step, *inputs, use_reentrant=False) if checkpoint else step(*inputs)
+    return dict(zip(keys, out, strict=True))
 
 
 def adapt(
@@ -182,6 +235,8 @@ def adapt(
     adapt_names: Sequence[str] | None = None,
     first_order: bool = False,
     weight_decay: LearningRates | None = None,
+    checkpoint: bool = False,
+    use_autograd: bool = False,
 ) -> Params:
     """The parameters after ``steps`` inner gradient steps on the support set.
 
@@ -194,6 +249,7 @@ def adapt(
     for result in adapt_trajectory(  # noqa: B007 - only the last one is returned
         loss, params, buffers, support_x, support_y,
         steps=steps, lr=lr, adapt_names=adapt_names, first_order=first_order, weight_decay=weight_decay,
+        checkpoint=checkpoint, use_autograd=use_autograd,
     ):
         pass
     return result

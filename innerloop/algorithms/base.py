@@ -26,6 +26,8 @@ from innerloop.tasks import Objective, TaskBatch, TaskFamily
 
 Vectorize = Literal["auto", "vmap", "loop"]
 VECTORIZE: tuple[str, ...] = ("auto", "vmap", "loop")
+MemoryFormat = Literal["auto", "channels_last", "contiguous"]
+MEMORY_FORMATS: tuple[str, ...] = ("auto", "channels_last", "contiguous")
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,17 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
+def has_conv2d(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def to_channels_last(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Every 4-D tensor (conv weights ``[out, in, kh, kw]``, images ``[batch, C, H, W]``) in the
+    channels-last memory format; a differentiable copy where the layout changes, else the same
+    tensor. Values, and so results, are unchanged."""
+    return {k: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for k, t in tensors.items()}
+
+
 class GradientBased(Algorithm):
     """Shared machinery of learners that adapt by gradient steps on the support set.
 
@@ -132,6 +145,10 @@ class GradientBased(Algorithm):
         weight_decay: inner weight decay ``wd``, each inner step ``p - lr * (g + wd * p)``
             (initial value when learned; 0 and ``fixed``: none).
         wd_mode: ``fixed``, or learned ``scalar`` / ``per_tensor`` / ``per_element``, like ``lr_mode``.
+        memory_format: layout of the per-task loop's images and conv weights: ``channels_last``,
+            ``contiguous`` (NCHW), or ``auto``: channels-last for models with a 2-D convolution
+            (faster on CPU for conv-4; measured in ``benchmarks/speed``). The values, and so the
+            meta-gradient, are the same either way; returned gradients may be channels-last strided.
     """
 
     def __init__(
@@ -145,12 +162,16 @@ class GradientBased(Algorithm):
         vectorize: Vectorize = "auto",
         weight_decay: float = 0.0,
         wd_mode: LRMode = "fixed",
+        memory_format: MemoryFormat = "auto",
     ) -> None:
         super().__init__(model, objective)
         if not isinstance(inner_steps, int) or inner_steps < 1:
             raise ValueError(f"inner_steps must be an integer >= 1, got {inner_steps!r}.")
         if vectorize not in VECTORIZE:
             raise ValueError(f"unknown vectorize {vectorize!r}; choose one of {VECTORIZE}.")
+        if memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"unknown memory_format {memory_format!r}; choose one of {MEMORY_FORMATS}.")
+        self.memory_format = memory_format
         names = [n for n, _ in model.named_parameters()]
         self.adapt_names = select(names, adapt)
         params = dict(model.named_parameters())
@@ -167,6 +188,24 @@ class GradientBased(Algorithm):
 
     def buffers_dict(self) -> Params:
         return dict(self.model.named_buffers())
+
+    @property
+    def channels_last(self) -> bool:
+        """Whether the per-task loop runs in the channels-last layout (see ``memory_format``)."""
+        if self.memory_format == "auto":
+            return has_conv2d(self.model)
+        return self.memory_format == "channels_last"
+
+    def layout_params(self, params: Params) -> Params:
+        """``params`` in the per-task loop's memory format (unchanged for ``contiguous``)."""
+        return to_channels_last(params) if self.channels_last else params
+
+    def layout_task(self, task: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """One task's tensors ``(support_x, support_y, query_x, query_y)`` in the loop's memory format."""
+        if not self.channels_last:
+            return task
+        laid = to_channels_last({str(i): t for i, t in enumerate(task)})
+        return tuple(laid[str(i)] for i in range(len(task)))
 
     def use_vmap(self, second_order: bool) -> bool:
         if self.vectorize == "loop":
@@ -228,10 +267,9 @@ class GradientBased(Algorithm):
                 ]
                 out = torch.cat(parts)
             else:
-                out = torch.stack([
-                    self.trajectory_scores(params, buffers, rates, tuple(t[i] for t in tensors), steps)
-                    for i in range(len(batch))
-                ])
+                laid = self.layout_params(params)
+                tasks = (self.layout_task(tuple(t[i] for t in tensors)) for i in range(len(batch)))
+                out = torch.stack([self.trajectory_scores(laid, buffers, rates, task, steps) for task in tasks])
         return {"loss": out[:, 0], self.metric_name: out[:, 1]}
 
     def _grads(self, loss: Tensor, targets: dict[str, Tensor]) -> dict[str, Tensor]:

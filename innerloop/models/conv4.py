@@ -4,6 +4,10 @@ Four blocks of 3x3 convolution (``hidden`` filters), BatchNorm, ReLU and 2x2 dow
 (max-pool, or stride 2 as in MAML's Omniglot model), then a linear ``head`` sized to the number
 of ways. ``head=None`` (``ways=0``) gives the embedding network of ProtoNets.
 
+With max-pool, a block applies the pool before the ReLU: ``relu(maxpool(x)) == maxpool(relu(x))``
+exactly (ReLU is monotone), gradients included, and the ReLU then runs on a quarter of the
+elements (measured in ``benchmarks/speed``). The parameter names are those of the usual order.
+
 BatchNorm policy: the layers are built with ``track_running_stats=False``, so every forward
 pass normalises with the statistics of the batch it is given. This is the MAML protocol
 ("transductive"): at test time the query set of a task is normalised with its own statistics.
@@ -26,9 +30,8 @@ def _block(cin: int, cout: int, pool: Pool, norm: Norm) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, stride=stride, padding=1)]
     if norm == "batch":
         layers.append(nn.BatchNorm2d(cout, track_running_stats=False))
-    layers.append(nn.ReLU())
-    if pool == "max":
-        layers.append(nn.MaxPool2d(2))
+    # Max-pool first: the same function as ReLU then max-pool, with 4x less ReLU work.
+    layers += [nn.MaxPool2d(2), nn.ReLU()] if pool == "max" else [nn.ReLU()]
     return nn.Sequential(*layers)
 
 
