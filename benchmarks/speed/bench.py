@@ -1,0 +1,536 @@
+"""MAML meta-training speed and memory: innerloop against learn2learn, higher and torchopt.
+
+The same math in every library, in one run: the Omniglot-shaped conv-4 MAML (5-way 1-shot, 15
+queries per class, 1x28x28 images, 64 filters, BatchNorm with batch statistics, max-pool; inner
+lr 0.4, Adam 1e-3 outside), its 5-step and 20-way variants, and the sinusoid MLP 1-40-40-1.
+
+* Parity first: each implementation's meta-gradient for the same initial weights and batch,
+  against innerloop's default (relative error of the whole gradient vector).
+* Timing: every (implementation, setting) runs in its own fresh subprocess, so its max RSS is its
+  own; rounds interleave the implementations (runs on this machine vary by 10-20%), and the
+  median is over all timed meta-iterations (gradient + Adam step) after a warm-up.
+* FLOPs of one meta-iteration (``torch.utils.flop_counter`` on innerloop's per-task loop) and
+  the machine's measured float32 peaks (a large conv forward+backward, a large matmul).
+* bfloat16 autocast on a CPU without native bfloat16 (AVX2 only) is several times slower than
+  float32, so on CPU it is timed over ``--bf16-iters`` iterations in one round only.
+
+    bash benchmarks/speed/make_env.sh            # .venv-bench: torch 2.13.0 + the old libraries
+    .venv-bench/bin/python benchmarks/speed/bench.py [--threads 2] [--rounds 2 --iters 10]
+    .venv-bench/bin/python benchmarks/speed/bench.py --device cuda   # see gpu.sh
+
+Writes benchmarks/results/speed.md, speed.json and speed_*.png (``--tag`` for another name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE.parent / "results"
+sys.path.insert(0, str(HERE))
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One benchmark problem: ``omniglot`` (conv-4) or ``sinusoid`` (MLP 1-40-40-1)."""
+
+    problem: str
+    ways: int = 5
+    shots: int = 1
+    queries: int = 15
+    meta_batch: int = 32
+    steps: int = 1
+    first_order: bool = False
+    inner_lr: float = 0.4
+
+    @property
+    def label(self) -> str:
+        order = "1st order" if self.first_order else "2nd order"
+        if self.problem == "sinusoid":
+            return f"sinusoid MLP 1-40-40-1, K=10+10, meta-batch {self.meta_batch}, {self.steps} step, {order}"
+        step = f"{self.steps} inner step" + ("s" if self.steps > 1 else "")
+        return f"conv-4 {self.ways}-way {self.shots}-shot, meta-batch {self.meta_batch}, {step}, {order}"
+
+
+OMNI = Setting("omniglot")
+SINE = Setting("sinusoid", ways=1, shots=10, queries=10, meta_batch=25, inner_lr=0.01)
+SETTINGS: dict[str, Setting] = {
+    "omniglot-2nd": OMNI,
+    "omniglot-1st": replace(OMNI, first_order=True),
+    "omniglot-5step-2nd": replace(OMNI, steps=5),
+    "omniglot-20way-5step-2nd": replace(OMNI, ways=20, meta_batch=16, steps=5),
+    "sinusoid-2nd": SINE,
+    "sinusoid-1st": replace(SINE, first_order=True),
+}
+
+# Implementations. innerloop variants switch its levers off one at a time.
+IMPLS: dict[str, str] = {
+    "innerloop": "innerloop default: per-task loop over task threads (one intra-op thread each), channels-last, "
+                 "max-pool before ReLU, fused inner update (sinusoid: vmap over tasks)",
+    "innerloop-bf16": "innerloop default under torch.autocast(bfloat16)",
+    "innerloop-intraop": "innerloop default but one task at a time, the threads inside each op (task_threads=1)",
+    "innerloop-nchw": "innerloop default but contiguous (NCHW) layout",
+    "innerloop-before": "innerloop as before this work: one task at a time (intra-op threads), NCHW, ReLU before "
+                        "max-pool, torch.func.grad (the plain torch.func loop)",
+    "innerloop-checkpoint": "innerloop default with checkpointed inner steps (checkpoint=True)",
+    "learn2learn": "learn2learn 0.2.0 MAML (clone + adapt per task)",
+    "higher": "higher 0.2.1 innerloop_ctx per task",
+    "torchopt": "torchopt 0.7.3 MetaSGD per task (extract/recover state dict)",
+}
+
+
+# -- problems -----------------------------------------------------------------------------------
+def make_model(setting: Setting, relu_first: bool = False) -> nn.Module:
+    """The model with seed-0 weights; ``relu_first`` swaps conv-4's blocks to conv, BN, ReLU, pool
+    (the usual order; the same function and parameters as innerloop's Conv4)."""
+    torch.manual_seed(0)
+    if setting.problem == "sinusoid":
+        from innerloop.models import MLP
+
+        return MLP(1, 1, hidden=(40, 40))
+    from innerloop.models.conv4 import Conv4
+
+    model = Conv4(1, setting.ways, 64, 28)
+    if relu_first:
+        for block in list(model.features)[:4]:
+            block[2], block[3] = block[3], block[2]
+    return model
+
+
+def make_batch(setting: Setting, device: torch.device):
+    """A fixed meta-batch (seeded): ``TaskBatch`` of ``[tasks, examples, ...]`` tensors."""
+    from innerloop.tasks import TaskBatch
+
+    if setting.problem == "sinusoid":
+        from innerloop.data import make_family
+
+        fam = make_family("sinusoid", shots=setting.shots, queries=setting.queries, seed=0)
+        return fam.batch("train", range(setting.meta_batch)).to(device=device)
+    g = torch.Generator().manual_seed(0)
+    t, w = setting.meta_batch, setting.ways
+    batch = TaskBatch(
+        torch.rand(t, w * setting.shots, 1, 28, 28, generator=g),
+        torch.arange(w).repeat_interleave(setting.shots).expand(t, -1).clone(),
+        torch.rand(t, w * setting.queries, 1, 28, 28, generator=g),
+        torch.arange(w).repeat_interleave(setting.queries).expand(t, -1).clone(),
+    )
+    return batch.to(device=device)
+
+
+def loss_fn(setting: Setting) -> Callable[[Tensor, Tensor], Tensor]:
+    return F.mse_loss if setting.problem == "sinusoid" else F.cross_entropy
+
+
+# -- implementations: each returns ``meta_grad(batch) -> [grad per model parameter]`` ----------------
+def impl_innerloop(lib: str, setting: Setting, model: nn.Module):
+    from innerloop.algorithms import MAML
+
+    objective = "regression" if setting.problem == "sinusoid" else "classification"
+    fmt = "contiguous" if lib in ("innerloop-nchw", "innerloop-before") else "auto"
+    threads = 1 if lib in ("innerloop-intraop", "innerloop-before") else None
+    maml = MAML(model, objective, setting.inner_lr, setting.steps, setting.first_order,
+                memory_format=fmt, checkpoint=lib == "innerloop-checkpoint", task_threads=threads)
+    names = [f"model.{n}" for n, _ in model.named_parameters()]
+
+    def meta_grad(batch) -> list[Tensor]:
+        if lib == "innerloop-bf16":
+            with torch.autocast(batch.support_x.device.type, dtype=torch.bfloat16):
+                grads, _ = maml.meta_gradient(batch)
+        else:
+            grads, _ = maml.meta_gradient(batch)
+        return [grads[n] for n in names]
+
+    return meta_grad
+
+
+def impl_learn2learn(setting: Setting, model: nn.Module):
+    import stubs
+
+    stubs.install()
+    import learn2learn as l2l
+
+    maml = l2l.algorithms.MAML(model, lr=setting.inner_lr, first_order=setting.first_order)
+    loss = loss_fn(setting)
+
+    def meta_grad(batch) -> list[Tensor]:
+        model.zero_grad(set_to_none=True)
+        n = len(batch)
+        for i in range(n):
+            learner = maml.clone()
+            for _ in range(setting.steps):
+                learner.adapt(loss(learner(batch.support_x[i]), batch.support_y[i]))
+            (loss(learner(batch.query_x[i]), batch.query_y[i]) / n).backward()
+        return [p.grad for p in model.parameters()]
+
+    return meta_grad
+
+
+def impl_higher(setting: Setting, model: nn.Module):
+    import higher
+
+    inner_opt = torch.optim.SGD(model.parameters(), lr=setting.inner_lr)
+    loss = loss_fn(setting)
+    params = list(model.parameters())
+
+    def meta_grad(batch) -> list[Tensor]:
+        total = [torch.zeros_like(p) for p in params]
+        n = len(batch)
+        for i in range(n):
+            with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False,
+                                      track_higher_grads=not setting.first_order) as (fmodel, diffopt):
+                for _ in range(setting.steps):
+                    diffopt.step(loss(fmodel(batch.support_x[i]), batch.support_y[i]))
+                query = loss(fmodel(batch.query_x[i]), batch.query_y[i]) / n
+                # Second order: back to the initial weights; first order (no tracked history):
+                # the gradient at the adapted weights, which is FOMAML's meta-gradient.
+                wrt = params if not setting.first_order else list(fmodel.parameters())
+                for t, g in zip(total, torch.autograd.grad(query, wrt), strict=True):
+                    t += g
+        return total
+
+    return meta_grad
+
+
+def impl_torchopt(setting: Setting, model: nn.Module):
+    import torchopt
+
+    if setting.first_order:
+        raise NotImplementedError("torchopt's MetaSGD has no first-order mode")
+    inner_opt = torchopt.MetaSGD(model, lr=setting.inner_lr)
+    loss = loss_fn(setting)
+
+    def meta_grad(batch) -> list[Tensor]:
+        model.zero_grad(set_to_none=True)
+        net_state = torchopt.extract_state_dict(model)
+        opt_state = torchopt.extract_state_dict(inner_opt)
+        n = len(batch)
+        for i in range(n):
+            for _ in range(setting.steps):
+                inner_opt.step(loss(model(batch.support_x[i]), batch.support_y[i]))
+            (loss(model(batch.query_x[i]), batch.query_y[i]) / n).backward()
+            torchopt.recover_state_dict(model, net_state)
+            torchopt.recover_state_dict(inner_opt, opt_state)
+        return [p.grad for p in model.parameters()]
+
+    return meta_grad
+
+
+def make_impl(lib: str, setting: Setting, model: nn.Module):
+    if lib.startswith("innerloop"):
+        return impl_innerloop(lib, setting, model)
+    return {"learn2learn": impl_learn2learn, "higher": impl_higher, "torchopt": impl_torchopt}[lib](setting, model)
+
+
+# -- the worker: one (implementation, setting) in a fresh process --------------------------------
+def max_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def worker(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    setting = SETTINGS[args.setting] if args.setting in SETTINGS else Setting(**json.loads(args.setting))
+    model = make_model(setting, relu_first=args.impl == "innerloop-before").to(device)
+    batch = make_batch(setting, device)
+    meta_grad = make_impl(args.impl, setting, model)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    out: dict = {"impl": args.impl, "threads": args.threads}
+    if args.grad_out:
+        grads = meta_grad(batch)
+        torch.save([g.detach().double().cpu().contiguous() for g in grads], args.grad_out)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def iteration() -> None:
+        for p, g in zip(model.parameters(), meta_grad(batch), strict=True):
+            p.grad = g
+        opt.step()
+        sync()
+
+    for _ in range(args.warmup):
+        iteration()
+    times = []
+    for _ in range(args.iters):
+        t0 = time.perf_counter()
+        iteration()
+        times.append(time.perf_counter() - t0)
+    out["times"] = times
+    out["max_rss"] = max_rss_bytes()
+    if device.type == "cuda":
+        out["cuda_peak"] = torch.cuda.max_memory_allocated()
+    return out
+
+
+def flops_worker(args: argparse.Namespace) -> dict:
+    """FLOPs of one meta-iteration, counted on innerloop's per-task loop (NCHW: the counter's
+    formulas do not depend on the layout)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    setting = SETTINGS[args.setting] if args.setting in SETTINGS else Setting(**json.loads(args.setting))
+    model = make_model(setting)
+    meta_grad = make_impl("innerloop-before", setting, model)
+    batch = make_batch(setting, torch.device("cpu"))
+    with FlopCounterMode(display=False) as counter:
+        meta_grad(batch)
+    return {"flops": counter.get_total_flops()}
+
+
+def peak_worker(args: argparse.Namespace) -> dict:
+    """The machine's float32 peaks: a large 3x3 conv forward+backward (64 -> 64 channels,
+    [128, 64, 28, 28], NCHW and channels-last; the better one) and a 2048^3 matmul; bf16 too."""
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def best(fn: Callable[[], None], flops: float, repeats: int = 3) -> float:
+        fn()
+        sync()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return flops / statistics.median(times)
+
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        name = "fp32" if dtype == torch.float32 else "bf16"
+        m = 2048 if dtype == torch.float32 or device.type == "cuda" else 512
+        a = torch.randn(m, m, device=device, dtype=dtype)
+        b = torch.randn(m, m, device=device, dtype=dtype)
+        out[f"matmul_{name}"] = best(lambda a=a, b=b: torch.mm(a, b), 2 * m**3)
+        conv_rates = []
+        # bfloat16 without native CPU support (no AVX512-BF16 / AMX) is slow: a smaller batch.
+        n = 128 if dtype == torch.float32 or device.type == "cuda" else 16
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            x = torch.randn(n, 64, 28, 28, device=device, dtype=dtype).contiguous(memory_format=fmt)
+            w = torch.randn(64, 64, 3, 3, device=device, dtype=dtype).contiguous(memory_format=fmt)
+            w.requires_grad_()
+            x.requires_grad_()
+            flops = 3 * 2 * n * 64 * 64 * 9 * 28 * 28  # forward, grad input, grad weight
+
+            def conv(x=x, w=w) -> None:
+                y = F.conv2d(x, w, padding=1)
+                torch.autograd.grad(y, (x, w), torch.ones_like(y))
+
+            conv_rates.append(best(conv, flops))
+        out[f"conv_{name}"] = max(conv_rates)
+    return out
+
+
+# -- the driver ----------------------------------------------------------------------------------
+def run_worker(python: str, mode: str, extra: list[str], threads: int, device: str) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    cmd = [python, str(Path(__file__).resolve()), "--mode", mode, "--threads", str(threads),
+           "--device", device, *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-3:])
+        return {"error": tail}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def rel_err(a: list[Tensor], b: list[Tensor]) -> float:
+    """``||a - b|| / ||b||`` over the whole meta-gradient (per-tensor errors are meaningless for
+    the conv biases before BatchNorm, whose true gradient is 0)."""
+    va = torch.cat([t.flatten() for t in a])
+    vb = torch.cat([t.flatten() for t in b])
+    return float((va - vb).norm() / vb.norm())
+
+
+def available_libs() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("learn2learn", "higher", "torchopt"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = ""
+    return out
+
+
+def plan(args: argparse.Namespace) -> dict[str, list[str]]:
+    libs = [lib for lib, version in available_libs().items() if version]
+    core = ["innerloop", *libs]
+    chosen = {
+        "omniglot-2nd": ["innerloop", "innerloop-intraop", "innerloop-nchw", "innerloop-before", "innerloop-bf16",
+                         *libs],
+        "omniglot-1st": ["innerloop", "innerloop-intraop", "innerloop-nchw", "innerloop-before", "innerloop-bf16",
+                         *[lib for lib in libs if lib != "torchopt"]],
+        "omniglot-5step-2nd": [*core, "innerloop-checkpoint"],
+        "omniglot-20way-5step-2nd": core,
+        "sinusoid-2nd": core,
+        "sinusoid-1st": [lib for lib in core if lib != "torchopt"],
+    }
+    if args.impls:
+        chosen = {s: [i for i in impls if i in args.impls] for s, impls in chosen.items()}
+    return {s: chosen[s] for s in args.settings}
+
+
+def main_run(args: argparse.Namespace) -> None:
+    python = sys.executable
+    start = {"time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "load": os.getloadavg()}
+    print(f"start {start}", flush=True)
+    result: dict = {
+        "command": " ".join(["python benchmarks/speed/bench.py", *sys.argv[1:]]),
+        "torch": torch.__version__, "device": args.device, "threads": args.threads, "cpu_count": os.cpu_count(),
+        "libs": available_libs(), "impls": IMPLS, "start": start, "settings": {}, "peak": {},
+    }
+    if args.device == "cpu":
+        result["cpu"] = _cpu_name()
+    result["peak"] = run_worker(python, "peak", [], args.threads, args.device)
+    print("peak", result["peak"], flush=True)
+    todo = plan(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, impls in todo.items():
+            setting = SETTINGS[name]
+            if args.meta_batch is not None:
+                setting = replace(setting, meta_batch=args.meta_batch)
+            spec = json.dumps(asdict(setting))
+            entry: dict = {"setting": asdict(setting), "label": setting.label, "impls": {}}
+            if setting.problem == "omniglot":  # counted on CPU: the count does not depend on the device
+                entry["flops"] = run_worker(python, "flops", ["--setting", spec], args.threads, "cpu").get("flops")
+            ref = None
+            for r in range(args.rounds):
+                for impl in impls:
+                    slow = impl == "innerloop-bf16" and args.device == "cpu"
+                    lever = impl in ("innerloop-nchw", "innerloop-before", "innerloop-checkpoint")
+                    if (slow or lever) and r > 0:
+                        continue
+                    iters, warmup = (args.iters, args.warmup)
+                    if slow:
+                        iters, warmup = args.bf16_iters, 0
+                    elif lever:
+                        iters = args.lever_iters
+                    extra = ["--impl", impl, "--setting", spec, "--iters", str(iters), "--warmup", str(warmup)]
+                    gpath = Path(tmp) / f"{name}-{impl}.pt"
+                    if r == 0:
+                        extra += ["--grad-out", str(gpath)]
+                    res = run_worker(python, "worker", extra, args.threads, args.device)
+                    e = entry["impls"].setdefault(impl, {"times": [], "max_rss": 0})
+                    if "error" in res:
+                        e["error"] = res["error"]
+                        print(f"{name} {impl}: {res['error']}", flush=True)
+                        continue
+                    e["times"] += res["times"]
+                    e["max_rss"] = max(e["max_rss"], res["max_rss"])
+                    if "cuda_peak" in res:
+                        e["cuda_peak"] = max(e.get("cuda_peak", 0), res["cuda_peak"])
+                    if r == 0:
+                        grads = torch.load(gpath)
+                        if impl == "innerloop":
+                            ref = grads
+                        e["rel_err"] = rel_err(grads, ref) if ref is not None else None
+                    print(f"{name} {impl} round {r}: median {statistics.median(res['times']):.3f} s, "
+                          f"rss {res['max_rss'] / 2**30:.2f} GiB, rel_err {e.get('rel_err')}", flush=True)
+            for e in entry["impls"].values():
+                if e["times"]:
+                    e["median_s"] = statistics.median(e["times"])
+            result["settings"][name] = entry
+    if args.sweeps:
+        result["sweeps"] = sweeps(python, args)
+        result["sweep_batch"] = args.sweep_batch
+    result["end"] = {"time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "load": os.getloadavg()}
+    print(f"end {result['end']}", flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.tag}.json").write_text(json.dumps(result, indent=1))
+    print(f"wrote {RESULTS / (args.tag + '.json')}", flush=True)
+
+
+def sweeps(python: str, args: argparse.Namespace) -> dict:
+    """Time per meta-iteration against meta-batch size, inner steps and ways, and max RSS against
+    inner steps (few iterations each: the shape of the curves, not the headline numbers)."""
+    libs = [lib for lib in ("learn2learn",) if available_libs().get(lib)]
+    base = replace(OMNI, meta_batch=args.sweep_batch)
+    axes: dict[str, list[tuple[float, Setting]]] = {
+        "meta_batch": [(b, replace(OMNI, meta_batch=b)) for b in (2, 4, 8, 16)],
+        "steps": [(k, replace(base, steps=k)) for k in (1, 2, 3, 5)],
+        "ways": [(w, replace(base, ways=w)) for w in (5, 10, 20)],
+        "memory_steps": [(k, replace(base, meta_batch=2, steps=k)) for k in (1, 2, 4, 8, 16)],
+    }
+    out: dict = {}
+    for axis, points in axes.items():
+        impls = ["innerloop", *libs]
+        if axis == "memory_steps":
+            impls = ["innerloop", "innerloop-checkpoint", "innerloop-1st", *libs]
+        for x, setting in points:
+            for impl in impls:
+                s = replace(setting, first_order=True) if impl == "innerloop-1st" else setting
+                real = "innerloop" if impl == "innerloop-1st" else impl
+                extra = ["--impl", real, "--setting", json.dumps(asdict(s)), "--iters", str(args.sweep_iters),
+                         "--warmup", "1"]
+                res = run_worker(python, "worker", extra, args.threads, args.device)
+                row = out.setdefault(axis, {}).setdefault(impl, [])
+                if "error" in res:
+                    print(f"sweep {axis}={x} {impl}: {res['error']}", flush=True)
+                    continue
+                row.append({"x": x, "median_s": statistics.median(res["times"]), "max_rss": res["max_rss"],
+                            **({"cuda_peak": res["cuda_peak"]} if "cuda_peak" in res else {})})
+                print(f"sweep {axis}={x} {impl}: {row[-1]}", flush=True)
+    return out
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=("run", "worker", "flops", "peak", "report"), default="run")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds (a fresh process each)")
+    p.add_argument("--iters", type=int, default=10, help="timed meta-iterations per round")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--meta-batch", type=int, default=None, help="override every setting's (smoke tests only)")
+    p.add_argument("--bf16-iters", type=int, default=3,
+                   help="timed iterations of bfloat16 on CPU, one round (no native bf16 on AVX2: very slow)")
+    p.add_argument("--impls", nargs="+", choices=list(IMPLS), help="only these implementations")
+    p.add_argument("--sweeps", action="store_true", help="also the scaling and memory sweeps (plots)")
+    p.add_argument("--sweep-iters", type=int, default=3)
+    p.add_argument("--sweep-batch", type=int, default=4, help="meta-batch of the steps and ways sweeps")
+    p.add_argument("--lever-iters", type=int, default=5,
+                   help="timed iterations (one round) of innerloop-nchw, -before, -checkpoint")
+    p.add_argument("--tag", default="speed", help="results file name under benchmarks/results/")
+    p.add_argument("--impl", default="innerloop", choices=list(IMPLS))
+    p.add_argument("--setting", default="omniglot-2nd")
+    p.add_argument("--grad-out", default="")
+    args = p.parse_args()
+    if args.mode == "run":
+        main_run(args)
+    elif args.mode == "report":
+        import report
+
+        report.write(args.tag)
+    else:
+        fn = {"worker": worker, "flops": flops_worker, "peak": peak_worker}[args.mode]
+        print(json.dumps(fn(args)))
+
+
+if __name__ == "__main__":
+    main()

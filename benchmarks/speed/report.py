@@ -1,0 +1,224 @@
+"""Write benchmarks/results/<tag>.md and the plots from <tag>.json (written by bench.py).
+
+    python benchmarks/speed/report.py [--tag speed]
+
+Every number in the page comes from the JSON; the verdict on the goals of issue 5 is computed
+from them (the page says which goal is met and which is not, with the ratio).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+GiB = 2**30
+
+NOTES = Path(__file__).resolve().parent / "notes.md"
+
+
+def _fmt_s(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x * 1e3:.1f} ms" if x < 0.1 else f"{x:.3f} s"
+
+
+def _table(name: str, entry: dict, peak_conv: float | None) -> list[str]:
+    impls = entry["impls"]
+    l2l = impls.get("learn2learn", {}).get("median_s")
+    flops = entry.get("flops")
+    tasks = entry["setting"]["meta_batch"]
+    rows = [
+        f"### {entry['label']}",
+        "",
+        "| implementation | s / meta-iteration (median) | tasks/s | vs learn2learn | GFLOP/s | % of conv peak "
+        "| max RSS | meta-gradient rel. error vs innerloop |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for impl, e in impls.items():
+        if "median_s" not in e:
+            rows.append(f"| {impl} | failed: {e.get('error', '?').splitlines()[-1][:120]} | | | | | | |")
+            continue
+        t = e["median_s"]
+        speed = f"{l2l / t:.2f}x" if l2l else "-"
+        gflops = f"{flops / t / 1e9:.1f}" if flops else "-"
+        frac = f"{flops / t / peak_conv * 100:.0f}%" if flops and peak_conv else "-"
+        err = e.get("rel_err")
+        err_s = "reference" if impl == "innerloop" else ("-" if err is None else f"{err:.1e}")
+        mem = f"{e['max_rss'] / GiB:.2f} GiB" + (f" (GPU {e['cuda_peak'] / GiB:.2f})" if "cuda_peak" in e else "")
+        rows.append(f"| {impl} | {_fmt_s(t)} (n={len(e['times'])}) | {tasks / t:.1f} | {speed} | {gflops} "
+                    f"| {frac} | {mem} | {err_s} |")
+    if flops:
+        rows += ["", f"FLOPs per meta-iteration: {flops / 1e9:.1f} GFLOP (torch.utils.flop_counter, "
+                 "per-task loop)."]
+    return [*rows, ""]
+
+
+def _ratio(result: dict, setting: str, impl: str, base: str = "learn2learn") -> float | None:
+    e = result["settings"].get(setting, {}).get("impls", {})
+    if "median_s" in e.get(impl, {}) and "median_s" in e.get(base, {}):
+        return e[base]["median_s"] / e[impl]["median_s"]
+    return None
+
+
+def _verdict(result: dict) -> list[str]:
+    out = ["## The goals of issue 5", ""]
+
+    def line(goal: str, value: float | None, target: float, what: str) -> str:
+        if value is None:
+            return f"- {goal}: not measured in this run."
+        met = "**met**" if value >= target else "**not met**"
+        return f"- {goal}: {met}: {what} {value:.2f}x learn2learn's tasks/s (goal {target:g}x)."
+
+    out.append(line("float32, second order, 2x learn2learn", _ratio(result, "omniglot-2nd", "innerloop"), 2,
+                    "innerloop's default reaches"))
+    out.append(line("float32, first order, 2x learn2learn", _ratio(result, "omniglot-1st", "innerloop"), 2,
+                    "innerloop's default reaches"))
+    bf16 = "innerloop under bfloat16 autocast reaches"
+    out.append(line("bfloat16 autocast, second order, 4x learn2learn",
+                    _ratio(result, "omniglot-2nd", "innerloop-bf16"), 4, bf16))
+    out.append(line("bfloat16 autocast, first order, 4x learn2learn",
+                    _ratio(result, "omniglot-1st", "innerloop-bf16"), 4, bf16))
+    for name in ("omniglot-2nd", "omniglot-1st", "omniglot-5step-2nd", "omniglot-20way-5step-2nd"):
+        impls = result["settings"].get(name, {}).get("impls", {})
+        if "innerloop" not in impls:
+            continue
+        mine = impls["innerloop"]["max_rss"]
+        others = {k: v["max_rss"] for k, v in impls.items() if not k.startswith("innerloop") and v.get("times")}
+        if others:
+            lowest = min(others.values())
+            verdict = "**met**" if mine <= lowest else "**not met**"
+            theirs = ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in others.items())
+            out.append(f"- peak memory no higher than the old libraries' ({name}): {verdict}: innerloop "
+                       f"{mine / GiB:.2f} GiB; {theirs}.")
+    return [*out, ""]
+
+
+def _sweep_tables(result: dict) -> list[str]:
+    sweeps = result["sweeps"]
+    out = ["## Scaling (few iterations per point: the shape, not the headline numbers)", ""]
+    b = result.get("sweep_batch", 4)
+    names = {"meta_batch": "meta-batch size (5-way 1-shot, 1 step, 2nd order)",
+             "steps": f"inner steps (5-way 1-shot, meta-batch {b}, 2nd order)",
+             "ways": f"ways (1-shot, meta-batch {b}, 1 step, 2nd order)",
+             "memory_steps": "inner steps, memory: max RSS and time (5-way 1-shot, meta-batch 2; innerloop-1st is "
+                             "first order, the rest second order)"}
+    for axis, by_impl in sweeps.items():
+        xs = sorted({p["x"] for pts in by_impl.values() for p in pts})
+        header = "| implementation | " + " | ".join(f"{x:g}" for x in xs) + " |"
+        out += [f"**{names.get(axis, axis)}**", "", header, "|---|" + "---|" * len(xs)]
+        for impl, pts in by_impl.items():
+            at = {p["x"]: p for p in pts}
+            if axis == "memory_steps":
+                cells = [f"{at[x]['max_rss'] / GiB:.2f} GiB, {_fmt_s(at[x]['median_s'])}" if x in at else "-"
+                         for x in xs]
+            else:
+                cells = [_fmt_s(at[x]["median_s"]) if x in at else "-" for x in xs]
+            out.append(f"| {impl} | " + " | ".join(cells) + " |")
+        out.append("")
+    return out
+
+
+def _plots(result: dict, tag: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweeps = result.get("sweeps", {})
+    files = []
+    axes_time = [a for a in ("meta_batch", "steps", "ways") if a in sweeps]
+    if axes_time:
+        fig, axs = plt.subplots(1, len(axes_time), figsize=(4.2 * len(axes_time), 3.4), squeeze=False)
+        labels = {"meta_batch": "meta-batch size", "steps": "inner steps", "ways": "ways"}
+        for ax, axis in zip(axs[0], axes_time, strict=True):
+            for impl, pts in sweeps[axis].items():
+                ax.plot([p["x"] for p in pts], [p["median_s"] for p in pts], "o-", label=impl)
+            ax.set_xlabel(labels[axis])
+            ax.set_ylabel("s / meta-iteration")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle(f"MAML conv-4, 2nd order, {result['device']}, {result['threads']} threads", fontsize=10)
+        fig.tight_layout()
+        path = RESULTS / f"{tag}_scaling.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(path.name)
+    if "memory_steps" in sweeps:
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        for impl, pts in sweeps["memory_steps"].items():
+            ax.plot([p["x"] for p in pts], [p["max_rss"] / GiB for p in pts], "o-", label=impl)
+        ax.set_xlabel("inner steps")
+        ax.set_ylabel("max RSS (GiB)")
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title("MAML conv-4 5-way 1-shot, meta-batch 2: memory vs inner steps", fontsize=9)
+        fig.tight_layout()
+        path = RESULTS / f"{tag}_memory.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(path.name)
+    return files
+
+
+def write(tag: str = "speed") -> Path:
+    result = json.loads((RESULTS / f"{tag}.json").read_text())
+    peak = result.get("peak", {})
+    peak_conv = peak.get("conv_fp32")
+    libs = ", ".join(f"{k} {v}" if v else f"{k} (not installed)" for k, v in result["libs"].items())
+    lines = [
+        "# MAML meta-training speed and memory: innerloop vs learn2learn, higher, torchopt",
+        "",
+        f"Command: `{result['command']}` (then `python benchmarks/speed/report.py --tag {tag}`), in the "
+        "environment made by `bash benchmarks/speed/make_env.sh`.",
+        "",
+        f"Machine: {result.get('cpu', result['device'])}, {result['cpu_count']} cores; torch {result['torch']}; "
+        f"{libs}; {result['threads']} threads; float32 unless said. Start {result['start']['time']}, load average "
+        f"(1/5/15 min) {', '.join(f'{x:.2f}' for x in result['start']['load'])}; end {result['end']['time']}, "
+        f"load average {', '.join(f'{x:.2f}' for x in result['end']['load'])}.",
+        "",
+        "Each (implementation, setting) runs in its own fresh process (its max RSS is its own); the "
+        "implementations are interleaved in rounds; times are medians over all timed meta-iterations "
+        "(meta-gradient + Adam step) after a warm-up. The meta-gradient of each implementation for the same "
+        "initial weights and batch is compared with innerloop's (relative error of the whole gradient vector) "
+        "before timing. Images are random (a fixed seeded batch): speed does not depend on the pixels. "
+        "learn2learn is imported with torchvision and gym stubbed (`benchmarks/speed/stubs.py`: placeholders for "
+        "names its vision and gym sub-packages import; MAML uses neither), and built from its sdist with its C "
+        "files regenerated by Cython 3.0 (the shipped ones do not compile on Python 3.11).",
+        "",
+        "## Machine peaks (measured in the same run)",
+        "",
+        "| kernel | float32 GFLOP/s | bfloat16 GFLOP/s |",
+        "|---|---|---|",
+        f"| 3x3 conv 64->64, [128, 64, 28, 28], forward + backward | {peak.get('conv_fp32', 0) / 1e9:.0f} "
+        f"| {peak.get('conv_bf16', 0) / 1e9:.0f} |",
+        f"| matmul 2048^3 | {peak.get('matmul_fp32', 0) / 1e9:.0f} | {peak.get('matmul_bf16', 0) / 1e9:.0f} |",
+        "",
+        "## Implementations",
+        "",
+        *[f"- `{k}`: {v}" for k, v in result["impls"].items()],
+        "",
+        "## Results",
+        "",
+    ]
+    for name, entry in result["settings"].items():
+        lines += _table(name, entry, peak_conv)
+    lines += _verdict(result)
+    if result.get("sweeps"):
+        lines += _sweep_tables(result)
+        files = _plots(result, tag)
+        lines += [f"![{f}]({f})" for f in files] + [""]
+    if NOTES.exists():
+        lines += [NOTES.read_text().strip(), ""]
+    path = RESULTS / f"{tag}.md"
+    path.write_text("\n".join(lines))
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--tag", default="speed")
+    write(p.parse_args().tag)
