@@ -8,6 +8,7 @@ and the iteration, and a resumed run continues exactly as the uninterrupted one 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -212,7 +213,7 @@ def run_rl(cfg: RLConfig, *, progress: bool = True, overwrite: bool = False, plo
     results: dict[str, EvalResult] = {}
     for name, folder, inner_steps, iterations in runs:
         algorithm = build_algorithm(cfg, family, inner_steps)
-        train_cfg = RLTrainConfig(**{**cfg.train.__dict__, "iterations": iterations})
+        train_cfg = dataclasses.replace(cfg.train, iterations=iterations)
         tr = meta_train_rl(algorithm, family, train_cfg, cfg.algorithm.rollouts, folder,
                            identity=rl_identity(cfg, name), progress=progress, desc=name)
         t0 = time.perf_counter()
