@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench bench-speed clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/sinusoid_table.py
+
+# MAML speed and memory against learn2learn, higher and torchopt (their own environment, .venv-bench).
+bench-speed:
+	test -x .venv-bench/bin/python || bash benchmarks/speed/make_env.sh
+	.venv-bench/bin/python benchmarks/speed/bench.py --threads 2 --rounds 2 --iters 10
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

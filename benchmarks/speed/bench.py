@@ -453,6 +453,9 @@ def main_run(args: argparse.Namespace) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.tag}.json").write_text(json.dumps(result, indent=1))
     print(f"wrote {RESULTS / (args.tag + '.json')}", flush=True)
+    import report
+
+    report.write(args.tag)
 
 
 def sweeps(python: str, args: argparse.Namespace) -> dict:
@@ -465,11 +468,15 @@ def sweeps(python: str, args: argparse.Namespace) -> dict:
         "steps": [(k, replace(base, steps=k)) for k in (1, 2, 3, 5)],
         "ways": [(w, replace(base, ways=w)) for w in (5, 10, 20)],
         "memory_steps": [(k, replace(base, meta_batch=2, steps=k)) for k in (1, 2, 4, 8, 16)],
+        # A larger support set (100 images), where the support activations dominate memory.
+        "memory_steps_20way5shot": [(k, replace(OMNI, ways=20, shots=5, queries=5, meta_batch=1, steps=k))
+                                    for k in (1, 2, 4, 8)],
     }
+    axes = {k: v for k, v in axes.items() if k in args.sweep_axes}
     out: dict = {}
     for axis, points in axes.items():
         impls = ["innerloop", *libs]
-        if axis == "memory_steps":
+        if axis.startswith("memory_steps"):
             impls = ["innerloop", "innerloop-checkpoint", "innerloop-1st", *libs]
         for x, setting in points:
             for impl in impls:
@@ -503,7 +510,7 @@ def main() -> None:
     p.add_argument("--mode", choices=("run", "worker", "flops", "peak", "report"), default="run")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds (a fresh process each)")
     p.add_argument("--iters", type=int, default=10, help="timed meta-iterations per round")
     p.add_argument("--warmup", type=int, default=1)
@@ -514,6 +521,8 @@ def main() -> None:
     p.add_argument("--sweeps", action="store_true", help="also the scaling and memory sweeps (plots)")
     p.add_argument("--sweep-iters", type=int, default=3)
     p.add_argument("--sweep-batch", type=int, default=4, help="meta-batch of the steps and ways sweeps")
+    p.add_argument("--sweep-axes", nargs="+", default=["meta_batch", "steps", "ways", "memory_steps"],
+                   choices=["meta_batch", "steps", "ways", "memory_steps", "memory_steps_20way5shot"])
     p.add_argument("--lever-iters", type=int, default=5,
                    help="timed iterations (one round) of innerloop-nchw, -before, -checkpoint")
     p.add_argument("--tag", default="speed", help="results file name under benchmarks/results/")

@@ -41,7 +41,6 @@ run)
     # Shorter than the CPU run: 2 rounds x 10 iterations; no sweeps (one short device lease).
     python3 benchmarks/speed/bench.py --device cuda --threads 2 --rounds 2 --iters 10 --warmup 2 \
         --tag speed_cuda 2>&1 | grep -v Warning | tee "$OUT/speed_cuda.log"
-    python3 benchmarks/speed/report.py --tag speed_cuda
     cp benchmarks/results/speed_cuda.json benchmarks/results/speed_cuda.md "$OUT/" 2>/dev/null || true
     ;;
 *)

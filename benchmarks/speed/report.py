@@ -103,14 +103,16 @@ def _sweep_tables(result: dict) -> list[str]:
              "steps": f"inner steps (5-way 1-shot, meta-batch {b}, 2nd order)",
              "ways": f"ways (1-shot, meta-batch {b}, 1 step, 2nd order)",
              "memory_steps": "inner steps, memory: max RSS and time (5-way 1-shot, meta-batch 2; innerloop-1st is "
-                             "first order, the rest second order)"}
+                             "first order, the rest second order)",
+             "memory_steps_20way5shot": "inner steps, memory: max RSS and time (20-way 5-shot, 5 queries per "
+                                        "class, meta-batch 1; innerloop-1st is first order, others second order)"}
     for axis, by_impl in sweeps.items():
         xs = sorted({p["x"] for pts in by_impl.values() for p in pts})
         header = "| implementation | " + " | ".join(f"{x:g}" for x in xs) + " |"
         out += [f"**{names.get(axis, axis)}**", "", header, "|---|" + "---|" * len(xs)]
         for impl, pts in by_impl.items():
             at = {p["x"]: p for p in pts}
-            if axis == "memory_steps":
+            if axis.startswith("memory_steps"):
                 cells = [f"{at[x]['max_rss'] / GiB:.2f} GiB, {_fmt_s(at[x]['median_s'])}" if x in at else "-"
                          for x in xs]
             else:
@@ -139,24 +141,27 @@ def _plots(result: dict, tag: str) -> list[str]:
             ax.set_ylabel("s / meta-iteration")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-        fig.suptitle(f"MAML conv-4, 2nd order, {result['device']}, {result['threads']} threads", fontsize=10)
+        load = result["start"]["load"][0]
+        fig.suptitle(f"MAML conv-4, 2nd order, {result['device']}, {result['threads']} thread(s), "
+                     f"load average {load:.1f} at start", fontsize=10)
         fig.tight_layout()
         path = RESULTS / f"{tag}_scaling.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         files.append(path.name)
-    if "memory_steps" in sweeps:
+    for axis in [a for a in sweeps if a.startswith("memory_steps")]:
         fig, ax = plt.subplots(figsize=(5, 3.6))
-        for impl, pts in sweeps["memory_steps"].items():
+        for impl, pts in sweeps[axis].items():
             ax.plot([p["x"] for p in pts], [p["max_rss"] / GiB for p in pts], "o-", label=impl)
         ax.set_xlabel("inner steps")
         ax.set_ylabel("max RSS (GiB)")
         ax.set_xscale("log", base=2)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        ax.set_title("MAML conv-4 5-way 1-shot, meta-batch 2: memory vs inner steps", fontsize=9)
+        what = "20-way 5-shot, meta-batch 1" if axis.endswith("20way5shot") else "5-way 1-shot, meta-batch 2"
+        ax.set_title(f"MAML conv-4 {what}: memory vs inner steps", fontsize=9)
         fig.tight_layout()
-        path = RESULTS / f"{tag}_memory.png"
+        path = RESULTS / f"{tag}_{axis.replace('_steps', '')}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         files.append(path.name)
@@ -210,8 +215,10 @@ def write(tag: str = "speed") -> Path:
         lines += _sweep_tables(result)
         files = _plots(result, tag)
         lines += [f"![{f}]({f})" for f in files] + [""]
-    if NOTES.exists():
+    if tag == "speed" and NOTES.exists():
         lines += [NOTES.read_text().strip(), ""]
+    elif tag != "speed":
+        lines += ["A secondary run: the headline numbers, verdict and findings are in [speed.md](speed.md).", ""]
     path = RESULTS / f"{tag}.md"
     path.write_text("\n".join(lines))
     print(f"wrote {path}")
