@@ -445,17 +445,24 @@ def main_run(args: argparse.Namespace) -> None:
                 if e["times"]:
                     e["median_s"] = statistics.median(e["times"])
             result["settings"][name] = entry
+            save(result, args.tag, final=False)  # a run stopped early still leaves its finished settings
     if args.sweeps:
         result["sweeps"] = sweeps(python, args)
         result["sweep_batch"] = args.sweep_batch
-    result["end"] = {"time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "load": os.getloadavg()}
-    print(f"end {result['end']}", flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.tag}.json").write_text(json.dumps(result, indent=1))
-    print(f"wrote {RESULTS / (args.tag + '.json')}", flush=True)
+    save(result, args.tag, final=True)
+
+
+def save(result: dict, tag: str, final: bool) -> None:
+    """Write <tag>.json and, through report.py, <tag>.md and the plots; ``end`` is the time and load
+    average now (``partial`` until the run is complete)."""
     import report
 
-    report.write(args.tag)
+    result["end"] = {"time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "load": os.getloadavg()}
+    result["partial"] = not final
+    print(f"end {result['end']}" if final else f"saved so far ({result['end']})", flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{tag}.json").write_text(json.dumps(result, indent=1))
+    report.write(tag)
 
 
 def sweeps(python: str, args: argparse.Namespace) -> dict:

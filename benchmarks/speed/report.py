@@ -182,7 +182,8 @@ def write(tag: str = "speed") -> Path:
         f"Machine: {result.get('cpu', result['device'])}, {result['cpu_count']} cores; torch {result['torch']}; "
         f"{libs}; {result['threads']} threads; float32 unless said. Start {result['start']['time']}, load average "
         f"(1/5/15 min) {', '.join(f'{x:.2f}' for x in result['start']['load'])}; end {result['end']['time']}, "
-        f"load average {', '.join(f'{x:.2f}' for x in result['end']['load'])}.",
+        f"load average {', '.join(f'{x:.2f}' for x in result['end']['load'])}."
+        + (" **Partial: the run was stopped before its last settings.**" if result.get("partial") else ""),
         "",
         "Each (implementation, setting) runs in its own fresh process (its max RSS is its own); the "
         "implementations are interleaved in rounds; times are medians over all timed meta-iterations "
