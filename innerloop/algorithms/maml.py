@@ -52,7 +52,8 @@ class MAML(GradientBased):
             intra-op thread (small per-task tensors parallelise poorly inside an op; whole tasks
             do); ``None``: ``torch.get_num_threads()`` on CPU, 1 on other devices. The thread
             count of torch is set to 1 during the call and restored after it. Same meta-gradient
-            (summed in another order).
+            (summed in another order). Memory: the graphs of ``task_threads`` tasks are alive at
+            once instead of one; ``task_threads=1`` is the smallest.
     """
 
     name = "maml"
