@@ -67,4 +67,9 @@ def test_every_shipped_config_is_valid():
     configs = sorted((Path(__file__).parents[1] / "configs").glob("*.toml"))
     assert configs
     for path in configs:
-        load_config(path)
+        if path.name.startswith("rl_"):  # meta-RL configs: `innerloop rl train`
+            from innerloop.rl.config import load_rl_config
+
+            load_rl_config(path)
+        else:
+            load_config(path)
