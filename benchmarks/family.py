@@ -241,7 +241,8 @@ def cmd_report(args: argparse.Namespace) -> None:
             def acc(r: dict[str, Any] | None) -> str:
                 if r is None:
                     return "not run"
-                return _fmt(r["test"]["per_step"][r["eval_steps"]], 100)
+                short = "" if r.get("calibrated_cpu_s_per_iteration") or r.get("resumed") else " †"
+                return _fmt(r["test"]["per_step"][r["eval_steps"]], 100) + short
 
             def budget(r: dict[str, Any] | None) -> str:
                 return "—" if r is None else f"{r['iterations']} × {r['meta_batch_size']}"
@@ -250,7 +251,11 @@ def cmd_report(args: argparse.Namespace) -> None:
             steps = (one or five)["eval_steps"]
             lines.append(f"| {name} | {acc(one)} | {acc(five)} | {paper[0]} | {paper[1]} | {paper[2]} | "
                          f"{budget(one)} / {budget(five)} | {steps} |")
-        lines += ["", "Commands (each row reruns exactly with its iteration count):", ""]
+        lines += ["", "† a smaller budget: 2 minutes of *wall-clock* time on a machine loaded by other jobs (the "
+                  "first rows, before the budget became CPU time and before their top-up to it finished); they "
+                  "got fewer iterations than 2 CPU-minutes give.", "",
+                  "Commands (a row reruns with its iteration count; train and test times are wall-clock on the "
+                  "loaded machine, so they overstate the CPU time):", ""]
         lines += [f"- `{r['command']}` (train {r['train_wall_s'] / 60:.1f} min, test {r['eval_wall_s'] / 60:.1f} "
                   f"min, load average {r['load_average'][0]:.1f})" for r in rows.values()]
     out = RESULTS / "family.md"
