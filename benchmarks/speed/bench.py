@@ -336,8 +336,15 @@ def peak_worker(args: argparse.Namespace) -> dict:
 
 
 # -- the driver ----------------------------------------------------------------------------------
+MMAP_THRESHOLD = 0  # set from --mmap-threshold
+
+
 def run_worker(python: str, mode: str, extra: list[str], threads: int, device: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    if MMAP_THRESHOLD:
+        # glibc serves allocations above this size by mmap and returns them on free, so max RSS is
+        # the peak of live memory rather than of the heap that freed tensors leave fragmented.
+        env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
     cmd = [python, str(Path(__file__).resolve()), "--mode", mode, "--threads", str(threads),
            "--device", device, *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -393,6 +400,7 @@ def main_run(args: argparse.Namespace) -> None:
         "command": " ".join(["python benchmarks/speed/bench.py", *sys.argv[1:]]),
         "torch": torch.__version__, "device": args.device, "threads": args.threads, "cpu_count": os.cpu_count(),
         "libs": available_libs(), "impls": IMPLS, "start": start, "settings": {}, "peak": {},
+        "mmap_threshold": args.mmap_threshold,
     }
     if args.device == "cpu":
         result["cpu"] = _cpu_name()
@@ -532,11 +540,15 @@ def main() -> None:
                    choices=["meta_batch", "steps", "ways", "memory_steps", "memory_steps_20way5shot"])
     p.add_argument("--lever-iters", type=int, default=5,
                    help="timed iterations (one round) of innerloop-nchw, -before, -checkpoint")
+    p.add_argument("--mmap-threshold", type=int, default=0,
+                   help="MALLOC_MMAP_THRESHOLD_ for the workers (0: glibc's default); for memory sweeps")
     p.add_argument("--tag", default="speed", help="results file name under benchmarks/results/")
     p.add_argument("--impl", default="innerloop", choices=list(IMPLS))
     p.add_argument("--setting", default="omniglot-2nd")
     p.add_argument("--grad-out", default="")
     args = p.parse_args()
+    global MMAP_THRESHOLD
+    MMAP_THRESHOLD = args.mmap_threshold
     if args.mode == "run":
         main_run(args)
     elif args.mode == "report":

@@ -183,7 +183,10 @@ def write(tag: str = "speed") -> Path:
         f"{libs}; {result['threads']} threads; float32 unless said. Start {result['start']['time']}, load average "
         f"(1/5/15 min) {', '.join(f'{x:.2f}' for x in result['start']['load'])}; end {result['end']['time']}, "
         f"load average {', '.join(f'{x:.2f}' for x in result['end']['load'])}."
-        + (" **Partial: the run was stopped before its last settings.**" if result.get("partial") else ""),
+        + (" **Partial: the run was stopped before its last settings.**" if result.get("partial") else "")
+        + (f" Workers ran with `MALLOC_MMAP_THRESHOLD_={result['mmap_threshold']}` (large tensors by mmap, "
+           "returned to the system when freed: max RSS is the peak of live memory, not of a fragmented heap)."
+           if result.get("mmap_threshold") else ""),
         "",
         "Each (implementation, setting) runs in its own fresh process (its max RSS is its own); the "
         "implementations are interleaved in rounds; times are medians over all timed meta-iterations "
