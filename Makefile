@@ -11,7 +11,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# The pinned CPU torch first: an unpinned torch pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	# dev tools and the MuJoCo extra, so the HalfCheetah tests run rather than skip
+	$(PY) -m pip install -q -e ".[dev,rl]"
 	touch $(STAMP)
 
 setup: $(STAMP)
