@@ -8,18 +8,11 @@ starts, with the same rules and messages as :mod:`innerloop.training.config`.
 from __future__ import annotations
 
 import dataclasses
-import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from innerloop.training.config import ConfigError, _from_dict
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from innerloop.training.config import ConfigError, _from_dict, read_config_file
 
 
 @dataclass
@@ -168,19 +161,7 @@ def rl_config_from_dict(data: dict[str, Any]) -> RLConfig:
 
 def load_rl_config(path: str | Path) -> RLConfig:
     """Read a ``.toml`` or ``.json`` RL config; everything it omits keeps its default."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist.")
-    text = path.read_text()
-    try:
-        if path.suffix == ".json":
-            data = json.loads(text)
-        elif path.suffix == ".toml":
-            data = tomllib.loads(text)
-        else:
-            raise ConfigError(f"config file {str(path)!r}: use a .toml or .json file.")
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
-        raise ConfigError(f"config file {str(path)!r} could not be parsed: {err}") from err
+    data = read_config_file(path)
     if "task" in data or "model" in data:
         raise ConfigError(f"{str(path)!r} has [task]/[model] sections: it is a supervised config; run it with "
                           "`innerloop train --config`, not `innerloop rl train`.")

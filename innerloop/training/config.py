@@ -336,8 +336,9 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return _from_dict(Config, data).validate()
 
 
-def load_config(path: str | Path) -> Config:
-    """Read a ``.toml`` or ``.json`` config file; everything it omits keeps its default."""
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The raw contents of a ``.toml`` or ``.json`` config file; a missing, unreadable or
+    malformed file raises :class:`ConfigError` naming it."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist.")
@@ -351,10 +352,15 @@ def load_config(path: str | Path) -> Config:
             raise ConfigError(f"config file {str(path)!r}: use a .toml or .json file.")
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
         raise ConfigError(f"config file {str(path)!r} could not be parsed: {err}") from err
-    return config_from_dict(data)
+    return data
+
+
+def load_config(path: str | Path) -> Config:
+    """Read a ``.toml`` or ``.json`` config file; everything it omits keeps its default."""
+    return config_from_dict(read_config_file(path))
 
 
 __all__ = [
     "AlgorithmConfig", "Config", "ConfigError", "EvalConfig", "ModelConfig", "TaskConfig",
-    "TrainConfig", "config_from_dict", "load_config",
+    "TrainConfig", "config_from_dict", "load_config", "read_config_file",
 ]
