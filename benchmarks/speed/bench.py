@@ -421,12 +421,12 @@ def main_run(args: argparse.Namespace) -> None:
                 for impl in impls:
                     slow = impl == "innerloop-bf16" and args.device == "cpu"
                     lever = impl in ("innerloop-nchw", "innerloop-before", "innerloop-checkpoint")
-                    if (slow or lever) and r > 0:
+                    if (slow or (lever and not args.lever_all_rounds)) and r > 0:
                         continue
                     iters, warmup = (args.iters, args.warmup)
                     if slow:
                         iters, warmup = args.bf16_iters, 0
-                    elif lever:
+                    elif lever and not args.lever_all_rounds:
                         iters = args.lever_iters
                     extra = ["--impl", impl, "--setting", spec, "--iters", str(iters), "--warmup", str(warmup)]
                     gpath = Path(tmp) / f"{name}-{impl}.pt"
@@ -540,6 +540,7 @@ def main() -> None:
                    choices=["meta_batch", "steps", "ways", "memory_steps", "memory_steps_20way5shot"])
     p.add_argument("--lever-iters", type=int, default=5,
                    help="timed iterations (one round) of innerloop-nchw, -before, -checkpoint")
+    p.add_argument("--lever-all-rounds", action="store_true", help="time the lever variants like the rest")
     p.add_argument("--mmap-threshold", type=int, default=0,
                    help="MALLOC_MMAP_THRESHOLD_ for the workers (0: glibc's default); for memory sweeps")
     p.add_argument("--tag", default="speed", help="results file name under benchmarks/results/")
