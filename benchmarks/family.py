@@ -203,7 +203,7 @@ def cmd_report(args: argparse.Namespace) -> None:
             f"Command: `{s['command']}`; MLP 1-40-40-1, train K = 10 + 10, meta-batch 25, Adam 1e-3 unless "
             "noted, inner lr 0.01, 1 inner step unless noted; task seed 0, init seed 0; best-on-validation "
             f"checkpoint; {s['machine']['cpu']}, torch {s['machine']['torch']}, {s['machine']['threads']} "
-            f"thread(s), load average {s['load_average'][0]:.1f} at the end.",
+            f"thread, load average {s['load_average'][0]:.1f} at the end.",
             "",
             "| algorithm | settings | MSE, 0 steps | 1 step | 10 steps | paper (10 steps) | train wall |",
             "|---|---|---|---|---|---|---|",
@@ -213,7 +213,9 @@ def cmd_report(args: argparse.Namespace) -> None:
             settings = ", ".join(f"{k.split('.')[1]}={v}" for k, v in r["overrides"].items()) or "as MAML"
             lines.append(f"| {name} | {settings} | {_fmt(per[0])} | {_fmt(per[1])} | {_fmt(per[10])} | "
                          f"{PAPER_SINUSOID.get(name, '—')} | {r['train_wall_s'] / 60:.1f} min |")
-        lines.append("")
+        lines += ["", "A mean over tasks is sensitive to the rare task whose loss blows up when adapted for more "
+                  "steps than training used (10 here against 1 or 5); `nan` means at least one task overflowed.",
+                  ""]
     rows = {p.stem: json.loads(p.read_text()) for p in sorted(ROWS.glob("omniglot_*.json"))}
     if rows:
         any_row = next(iter(rows.values()))
@@ -251,11 +253,13 @@ def cmd_report(args: argparse.Namespace) -> None:
             steps = (one or five)["eval_steps"]
             lines.append(f"| {name} | {acc(one)} | {acc(five)} | {paper[0]} | {paper[1]} | {paper[2]} | "
                          f"{budget(one)} / {budget(five)} | {steps} |")
+        flagged = any(not (r.get("calibrated_cpu_s_per_iteration") or r.get("resumed")) for r in rows.values())
         lines += ["", "† a smaller budget: 2 minutes of *wall-clock* time on a machine loaded by other jobs (the "
                   "first rows, before the budget became CPU time and before their top-up to it finished); they "
-                  "got fewer iterations than 2 CPU-minutes give.", "",
-                  "Commands (a row reruns with its iteration count; train and test times are wall-clock on the "
-                  "loaded machine, so they overstate the CPU time):", ""]
+                  "got fewer iterations than 2 CPU-minutes give."] * flagged + [""] * flagged
+        lines += [
+            "", "Commands (a row reruns with its iteration count; train and test times are wall-clock on the "
+            "loaded machine, so they overstate the CPU time):", ""]
         lines += [f"- `{r['command']}` (train {r['train_wall_s'] / 60:.1f} min, test {r['eval_wall_s'] / 60:.1f} "
                   f"min, load average {r['load_average'][0]:.1f})" for r in rows.values()]
     out = RESULTS / "family.md"
