@@ -28,6 +28,7 @@ from innerloop.training.checkpoint import (
     atomic_write_bytes,
     check_state_compatible,
     load_checkpoint,
+    resume_into,
     save_checkpoint,
 )
 from innerloop.training.config import ConfigError
@@ -76,14 +77,7 @@ def meta_train_rl(
     optimizer = torch.optim.Adam(algorithm.parameters(), lr=cfg.ppo_lr) if cfg.optimizer == "ppo" else None
     start, elapsed_before = 0, 0.0
     if run_dir is not None and resume and (run_dir / LAST).exists():
-        payload = load_checkpoint(run_dir / LAST)
-        if identity is not None and payload.get("identity") != identity:
-            raise CheckpointError(
-                f"{run_dir / LAST} belongs to a run with another configuration; resume it with its own "
-                "config, pass --overwrite to start again, or choose a new --out folder."
-            )
-        check_state_compatible(algorithm, payload["state"], str(run_dir / LAST))
-        algorithm.load_state_dict(payload["state"])
+        payload = resume_into(algorithm, run_dir / LAST, identity)
         if optimizer is not None and payload.get("optimizer"):
             optimizer.load_state_dict(payload["optimizer"])
         start, elapsed_before = payload["step"], payload.get("wall_s", 0.0)

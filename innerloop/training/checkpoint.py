@@ -70,3 +70,21 @@ def check_state_compatible(module: nn.Module, state: dict[str, torch.Tensor], so
                 f"{source} was saved for another model: {k} has shape {tuple(state[k].shape)} "
                 f"there but {tuple(v.shape)} here. Use the checkpoint's own config, or a new --out."
             )
+
+
+def resume_into(module: nn.Module, path: str | Path, identity: dict[str, Any] | None) -> dict[str, Any]:
+    """Load the checkpoint at ``path`` into ``module`` for resuming a run, and return its payload.
+
+    Refuses (with :class:`CheckpointError`) a checkpoint written with another ``identity`` (the
+    settings a run must share with the one it continues) or for another model.
+    """
+    payload = load_checkpoint(path)
+    if identity is not None and payload.get("identity") != identity:
+        raise CheckpointError(
+            f"{path} belongs to a run with another configuration; resume it with its own config, "
+            "pass --overwrite to start again, or choose a new --out folder."
+        )
+    check_state_compatible(module, payload["state"], str(path))
+    module.load_state_dict(payload["state"])
+    return payload
+

@@ -22,10 +22,8 @@ from tqdm.auto import tqdm
 from innerloop.algorithms.base import Algorithm
 from innerloop.tasks import TaskFamily
 from innerloop.training.checkpoint import (
-    CheckpointError,
     atomic_write_bytes,
-    check_state_compatible,
-    load_checkpoint,
+    resume_into,
     save_checkpoint,
 )
 from innerloop.training.config import TrainConfig
@@ -116,14 +114,7 @@ def meta_train(
     optimizer = make_optimizer(algorithm, cfg)
     start, best_val, best_step, elapsed_before = 0, None, 0, 0.0
     if run_dir is not None and resume and (run_dir / LAST).exists():
-        payload = load_checkpoint(run_dir / LAST)
-        if identity is not None and payload.get("identity") != identity:
-            raise CheckpointError(
-                f"{run_dir / LAST} belongs to a run with another configuration; resume it with its "
-                "own config, pass --overwrite to start again, or choose a new --out folder."
-            )
-        check_state_compatible(algorithm, payload["state"], str(run_dir / LAST))
-        algorithm.load_state_dict(payload["state"])
+        payload = resume_into(algorithm, run_dir / LAST, identity)
         optimizer.load_state_dict(payload["optimizer"])
         start, best_val, best_step = payload["step"], payload["best_val"], payload["best_step"]
         elapsed_before = payload.get("wall_s", 0.0)
