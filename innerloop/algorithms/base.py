@@ -124,7 +124,18 @@ def to_channels_last(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """Every 4-D tensor (conv weights ``[out, in, kh, kw]``, images ``[batch, C, H, W]``) in the
     channels-last memory format; a differentiable copy where the layout changes, else the same
     tensor. Values, and so results, are unchanged."""
-    return {k: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for k, t in tensors.items()}
+    return {k: _channels_last(t) if t.dim() == 4 else t for k, t in tensors.items()}
+
+
+def _channels_last(t: Tensor) -> Tensor:
+    """``t`` (4-D) with channels-last strides. With one channel (Omniglot's images) the two layouts
+    hold the same memory and ``contiguous(memory_format=channels_last)`` keeps the NCHW strides,
+    which torch reads as NCHW: the first block's convolution, BatchNorm and max-pool then run in
+    the slow NCHW kernels (max-pool 17x slower at Omniglot's size). Explicit channels-last strides
+    (a copy) keep the whole network channels-last."""
+    if t.size(1) == 1 and t.stride(1) != 1:
+        return torch.empty_like(t, memory_format=torch.channels_last).copy_(t)
+    return t.contiguous(memory_format=torch.channels_last)
 
 
 class GradientBased(Algorithm):

@@ -27,6 +27,7 @@ from torch.func import functional_call, vmap
 
 from innerloop.adapt import LRMode, Params, adapt, model_loss
 from innerloop.algorithms.base import GradientBased, MemoryFormat, Vectorize
+from innerloop.runtime import tune_malloc
 from innerloop.tasks import Objective, TaskBatch
 
 
@@ -127,6 +128,8 @@ class MAML(GradientBased):
             loss, metric = losses.mean(), metrics.mean()
             grads = self._grads(loss, targets)
         else:
+            if batch.support_x.device.type == "cpu":
+                tune_malloc()  # see innerloop.runtime: 15-30% of a conv-4 meta-iteration
             threads = self.threads_for(batch)
             if threads == 1:
                 parts = [self._loop(targets, params, buffers, rates, tensors, range(n), n, module=None)]

@@ -21,6 +21,8 @@ from typing import Literal
 
 from torch import Tensor, nn
 
+from innerloop.models.layers import BatchNorm2d
+
 Pool = Literal["max", "stride"]
 Norm = Literal["batch", "none"]
 
@@ -29,7 +31,7 @@ def _block(cin: int, cout: int, pool: Pool, norm: Norm) -> nn.Sequential:
     stride = 2 if pool == "stride" else 1
     layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, stride=stride, padding=1)]
     if norm == "batch":
-        layers.append(nn.BatchNorm2d(cout, track_running_stats=False))
+        layers.append(BatchNorm2d(cout, track_running_stats=False))
     # Max-pool first: the same function as ReLU then max-pool, with 4x less ReLU work.
     layers += [nn.MaxPool2d(2), nn.ReLU()] if pool == "max" else [nn.ReLU()]
     return nn.Sequential(*layers)

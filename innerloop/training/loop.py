@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from innerloop.algorithms.base import Algorithm
+from innerloop.runtime import tune_malloc
 from innerloop.tasks import TaskFamily
 from innerloop.training.checkpoint import (
     atomic_write_bytes,
@@ -104,6 +105,7 @@ def meta_train(
         val_family: the family whose ``val`` split validates (default: ``family``), e.g. with the
             test protocol's ways when training uses more.
     """
+    tune_malloc()  # glibc: reuse freed activation memory instead of faulting in new pages
     run_dir = Path(run_dir) if run_dir is not None else None
     val_family = val_family or family
     family = algorithm.training_family(family)  # the Baseline pre-trains on global-label batches
