@@ -84,20 +84,29 @@ IMPLS: dict[str, str] = {
                  "max-pool before ReLU, fused inner update (sinusoid: vmap over tasks)",
     "innerloop-bf16": "innerloop default under torch.autocast(bfloat16)",
     "innerloop-intraop": "innerloop default but one task at a time, the threads inside each op (task_threads=1)",
+    "innerloop-nomalloc": "innerloop default but glibc's own malloc thresholds (INNERLOOP_TUNE_MALLOC=0)",
+    "innerloop-bn4d": "innerloop default but torch's BatchNorm2d kernels for the 4-D channels-last tensors",
     "innerloop-nchw": "innerloop default but contiguous (NCHW) layout",
     "innerloop-before": "innerloop as before this work: one task at a time (intra-op threads), NCHW, ReLU before "
-                        "max-pool, torch.func.grad (the plain torch.func loop)",
+                        "max-pool, torch.func.grad, glibc's malloc thresholds (the plain torch.func loop)",
     "innerloop-checkpoint": "innerloop default with checkpointed inner steps (checkpoint=True)",
     "learn2learn": "learn2learn 0.2.0 MAML (clone + adapt per task)",
+    "learn2learn-malloc": "learn2learn 0.2.0 MAML with innerloop's malloc thresholds (innerloop.runtime.tune_malloc "
+                          "called first): what the allocator lever gives the old library",
     "higher": "higher 0.2.1 innerloop_ctx per task",
     "torchopt": "torchopt 0.7.3 MetaSGD per task (extract/recover state dict)",
 }
 
 
+# Variants that switch one lever off (timed in the first round only, unless --lever-all-rounds).
+LEVERS = ("innerloop-nomalloc", "innerloop-bn4d", "innerloop-nchw", "innerloop-before")
+
+
 # -- problems -----------------------------------------------------------------------------------
-def make_model(setting: Setting, relu_first: bool = False) -> nn.Module:
+def make_model(setting: Setting, relu_first: bool = False, torch_bn: bool = False) -> nn.Module:
     """The model with seed-0 weights; ``relu_first`` swaps conv-4's blocks to conv, BN, ReLU, pool
-    (the usual order; the same function and parameters as innerloop's Conv4)."""
+    (the usual order; the same function and parameters as innerloop's Conv4); ``torch_bn`` uses
+    ``torch.nn.BatchNorm2d`` instead of innerloop's (the same function; other kernels)."""
     torch.manual_seed(0)
     if setting.problem == "sinusoid":
         from innerloop.models import MLP
@@ -106,6 +115,11 @@ def make_model(setting: Setting, relu_first: bool = False) -> nn.Module:
     from innerloop.models.conv4 import Conv4
 
     model = Conv4(1, setting.ways, 64, 28)
+    if torch_bn:
+        for block in list(model.features)[:4]:
+            bn = nn.BatchNorm2d(64, track_running_stats=False)
+            bn.load_state_dict(block[1].state_dict())
+            block[1] = bn
     if relu_first:
         for block in list(model.features)[:4]:
             block[2], block[3] = block[3], block[2]
@@ -231,6 +245,12 @@ def impl_torchopt(setting: Setting, model: nn.Module):
 
 
 def make_impl(lib: str, setting: Setting, model: nn.Module):
+    if lib == "learn2learn-malloc":
+        from innerloop.runtime import tune_malloc
+
+        if not tune_malloc():
+            raise RuntimeError("innerloop.runtime.tune_malloc() did not apply here")
+        return impl_learn2learn(setting, model)
     if lib.startswith("innerloop"):
         return impl_innerloop(lib, setting, model)
     return {"learn2learn": impl_learn2learn, "higher": impl_higher, "torchopt": impl_torchopt}[lib](setting, model)
@@ -245,7 +265,8 @@ def worker(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     setting = SETTINGS[args.setting] if args.setting in SETTINGS else Setting(**json.loads(args.setting))
-    model = make_model(setting, relu_first=args.impl == "innerloop-before").to(device)
+    model = make_model(setting, relu_first=args.impl == "innerloop-before",
+                       torch_bn=args.impl in ("innerloop-before", "innerloop-bn4d")).to(device)
     batch = make_batch(setting, device)
     meta_grad = make_impl(args.impl, setting, model)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -341,6 +362,8 @@ MMAP_THRESHOLD = 0  # set from --mmap-threshold
 
 def run_worker(python: str, mode: str, extra: list[str], threads: int, device: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    if "--impl" in extra and extra[extra.index("--impl") + 1] in ("innerloop-nomalloc", "innerloop-before"):
+        env["INNERLOOP_TUNE_MALLOC"] = "0"
     if MMAP_THRESHOLD:
         # glibc serves allocations above this size by mmap and returns them on free, so max RSS is
         # the peak of live memory rather than of the heap that freed tensors leave fragmented.
@@ -377,11 +400,11 @@ def available_libs() -> dict[str, str]:
 def plan(args: argparse.Namespace) -> dict[str, list[str]]:
     libs = [lib for lib, version in available_libs().items() if version]
     core = ["innerloop", *libs]
+    l2l_malloc = ["learn2learn-malloc"] if "learn2learn" in libs else []
     chosen = {
-        "omniglot-2nd": ["innerloop", "innerloop-intraop", "innerloop-nchw", "innerloop-before", "innerloop-bf16",
-                         *libs],
-        "omniglot-1st": ["innerloop", "innerloop-intraop", "innerloop-nchw", "innerloop-before", "innerloop-bf16",
-                         *[lib for lib in libs if lib != "torchopt"]],
+        "omniglot-2nd": ["innerloop", "innerloop-intraop", *LEVERS, "innerloop-bf16", *libs, *l2l_malloc],
+        "omniglot-1st": ["innerloop", "innerloop-intraop", *LEVERS, "innerloop-bf16",
+                         *[lib for lib in libs if lib != "torchopt"], *l2l_malloc],
         "omniglot-5step-2nd": [*core, "innerloop-checkpoint"],
         "omniglot-20way-5step-2nd": core,
         "sinusoid-2nd": core,
@@ -420,7 +443,7 @@ def main_run(args: argparse.Namespace) -> None:
             for r in range(args.rounds):
                 for impl in impls:
                     slow = impl == "innerloop-bf16" and args.device == "cpu"
-                    lever = impl in ("innerloop-nchw", "innerloop-before", "innerloop-checkpoint")
+                    lever = impl in (*LEVERS, "innerloop-checkpoint")
                     if (slow or (lever and not args.lever_all_rounds)) and r > 0:
                         continue
                     iters, warmup = (args.iters, args.warmup)
