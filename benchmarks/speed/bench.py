@@ -91,8 +91,8 @@ IMPLS: dict[str, str] = {
                         "max-pool, torch.func.grad, glibc's malloc thresholds (the plain torch.func loop)",
     "innerloop-checkpoint": "innerloop default with checkpointed inner steps (checkpoint=True)",
     "learn2learn": "learn2learn 0.2.0 MAML (clone + adapt per task)",
-    "learn2learn-malloc": "learn2learn 0.2.0 MAML with innerloop's malloc thresholds (innerloop.runtime.tune_malloc "
-                          "called first): what the allocator lever gives the old library",
+    "learn2learn-malloc": "learn2learn 0.2.0 MAML with innerloop's malloc thresholds "
+                          "(innerloop.runtime.tune_malloc called first): what the allocator lever gives it",
     "higher": "higher 0.2.1 innerloop_ctx per task",
     "torchopt": "torchopt 0.7.3 MetaSGD per task (extract/recover state dict)",
 }
@@ -263,6 +263,8 @@ def max_rss_bytes() -> int:
 
 def worker(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
+    if args.float64:
+        torch.set_default_dtype(torch.float64)
     device = torch.device(args.device)
     setting = SETTINGS[args.setting] if args.setting in SETTINGS else Setting(**json.loads(args.setting))
     model = make_model(setting, relu_first=args.impl == "innerloop-before",
@@ -483,6 +485,59 @@ def main_run(args: argparse.Namespace) -> None:
     save(result, args.tag, final=True)
 
 
+def main_parity(args: argparse.Namespace) -> None:
+    """Meta-gradients only (no timing): every implementation in float32 and in float64, each
+    compared with innerloop's float64 meta-gradient. Float64 agreement shows the libraries compute
+    the same function; the float32 errors show what rounding does to it (the mean of many tasks'
+    gradients cancels, so it grows with the meta-batch)."""
+    python = sys.executable
+    libs = [lib for lib, version in available_libs().items() if version]
+    impls = [i for i in ("innerloop", "innerloop-intraop", "innerloop-before", *libs) if not args.impls
+             or i in args.impls]
+    rows: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.settings:
+            setting = SETTINGS[name] if args.meta_batch is None else replace(SETTINGS[name],
+                                                                             meta_batch=args.meta_batch)
+            spec = json.dumps(asdict(setting))
+            grads: dict = {}
+            for dtype in ("float64", "float32"):
+                for impl in impls:
+                    if impl == "torchopt" and setting.first_order:
+                        continue
+                    path = Path(tmp) / f"{name}-{impl}-{dtype}.pt"
+                    extra = ["--impl", impl, "--setting", spec, "--iters", "0", "--warmup", "0",
+                             "--grad-out", str(path), *(["--float64"] if dtype == "float64" else [])]
+                    res = run_worker(python, "worker", extra, args.threads, args.device)
+                    if "error" in res:
+                        print(f"{name} {impl} {dtype}: {res['error']}", flush=True)
+                        continue
+                    grads[impl, dtype] = torch.load(path)
+            ref = grads.get(("innerloop", "float64"))
+            rows[name] = {"label": setting.label, "impls": {
+                impl: {dtype: rel_err(grads[impl, dtype], ref) for dtype in ("float64", "float32")
+                       if (impl, dtype) in grads and ref is not None}
+                for impl in impls}}
+            print(name, json.dumps(rows[name]["impls"]), flush=True)
+    result = {"command": " ".join(["python benchmarks/speed/bench.py", *sys.argv[1:]]), "torch": torch.__version__,
+              "libs": available_libs(), "cpu": _cpu_name(), "threads": args.threads, "settings": rows,
+              "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.tag}.json").write_text(json.dumps(result, indent=1))
+    lines = ["# Meta-gradient parity: float64 and float32 against innerloop's float64", "",
+             f"Command: `{result['command']}`. {result['cpu']}, torch {result['torch']}, {args.threads} threads, "
+             f"{result['time']}. The same initial weights and meta-batch as the speed benchmark; relative error "
+             "`||g - g_ref|| / ||g_ref||` of the whole meta-gradient, `g_ref` = innerloop in float64.", ""]
+    for entry in rows.values():
+        lines += [f"### {entry['label']}", "", "| implementation | float64 | float32 |", "|---|---|---|"]
+        for impl, errs in entry["impls"].items():
+            cells = [f"{errs[d]:.1e}" if d in errs else "-" for d in ("float64", "float32")]
+            lines.append(f"| {impl} | {cells[0]} | {cells[1]} |")
+        lines.append("")
+    (RESULTS / f"{args.tag}.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
 def save(result: dict, tag: str, final: bool) -> None:
     """Write <tag>.json and, through report.py, <tag>.md and the plots; ``end`` is the time and load
     average now (``partial`` until the run is complete)."""
@@ -545,7 +600,7 @@ def _cpu_name() -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=("run", "worker", "flops", "peak", "report"), default="run")
+    p.add_argument("--mode", choices=("run", "parity", "worker", "flops", "peak", "report"), default="run")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
@@ -570,11 +625,14 @@ def main() -> None:
     p.add_argument("--impl", default="innerloop", choices=list(IMPLS))
     p.add_argument("--setting", default="omniglot-2nd")
     p.add_argument("--grad-out", default="")
+    p.add_argument("--float64", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     global MMAP_THRESHOLD
     MMAP_THRESHOLD = args.mmap_threshold
     if args.mode == "run":
         main_run(args)
+    elif args.mode == "parity":
+        main_parity(args)
     elif args.mode == "report":
         import report
 
