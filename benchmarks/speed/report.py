@@ -218,6 +218,8 @@ def write(tag: str = "speed") -> Path:
         "",
         "## Machine peaks (measured in the same run)",
         "",
+        *(["Best of 5 runs, measured at the start and at the end of the run; the higher of the two.", ""]
+          if "peak_start" in result else ["Measured once, at the start of the run.", ""]),
         "| kernel | float32 GFLOP/s | bfloat16 GFLOP/s |",
         "|---|---|---|",
         f"| 3x3 conv 64->64, [128, 64, 28, 28], forward + backward | {peak.get('conv_fp32', 0) / 1e9:.0f} "
