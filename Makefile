@@ -30,7 +30,16 @@ bench: $(STAMP)
 # MAML speed and memory against learn2learn, higher and torchopt (their own environment, .venv-bench).
 bench-speed:
 	test -x .venv-bench/bin/python || bash benchmarks/speed/make_env.sh
-	.venv-bench/bin/python benchmarks/speed/bench.py --threads 2 --rounds 2 --iters 10
+	.venv-bench/bin/python benchmarks/speed/bench.py --threads 2 --rounds 2 --iters 10 --warmup 1 --bf16-iters 1 \
+		--lever-iters 5 --settings omniglot-2nd omniglot-1st sinusoid-2nd sinusoid-1st --tag speed
+	.venv-bench/bin/python benchmarks/speed/bench.py --threads 2 --rounds 1 --iters 5 --warmup 1 --meta-batch 8 \
+		--settings omniglot-5step-2nd omniglot-20way-5step-2nd --tag speed_steps
+	.venv-bench/bin/python benchmarks/speed/bench.py --threads 2 --settings --sweeps --sweep-iters 3 --tag speed_sweeps
+	.venv-bench/bin/python benchmarks/speed/bench.py --mode parity --threads 2 --settings omniglot-2nd omniglot-1st \
+		--tag speed_parity
+	.venv-bench/bin/python benchmarks/speed/bench.py --mode parity --threads 2 --meta-batch 8 \
+		--settings omniglot-5step-2nd --tag speed_parity_5step
+	.venv-bench/bin/python benchmarks/speed/levers.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -263,13 +263,16 @@ def max_rss_bytes() -> int:
 
 def worker(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
-    if args.float64:
-        torch.set_default_dtype(torch.float64)
     device = torch.device(args.device)
     setting = SETTINGS[args.setting] if args.setting in SETTINGS else Setting(**json.loads(args.setting))
     model = make_model(setting, relu_first=args.impl == "innerloop-before",
                        torch_bn=args.impl in ("innerloop-before", "innerloop-bn4d")).to(device)
     batch = make_batch(setting, device)
+    if args.float64:  # the same float32 weights and batch, in float64
+        model = model.double()
+        batch = type(batch)(*(t.double() if t.is_floating_point() else t for t in
+                              (batch.support_x, batch.support_y, batch.query_x, batch.query_y)))
+        torch.set_default_dtype(torch.float64)
     meta_grad = make_impl(args.impl, setting, model)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":

@@ -12,9 +12,10 @@ that the data comes from memory as it does inside a meta-iteration):
    forward + backward, and the second-order pass MAML runs through the support set;
 3. the first convolution (1 -> 64 channels) as oneDNN's channels-last kernel and as an im2col
    matmul (a candidate that was not adopted);
-4. one second-order meta-iteration of conv-4 5-way 1-shot, meta-batch 8 (innerloop,
-   ``task_threads=1``), in fresh processes with glibc's malloc thresholds and with innerloop's
-   (``innerloop.runtime.tune_malloc``): seconds and minor page faults per iteration;
+4. one second-order meta-iteration of conv-4 5-way 1-shot, meta-batch 8 at 2 threads (innerloop's
+   default, task threads, and ``task_threads=1``), in ``--malloc-procs`` fresh processes each with
+   glibc's malloc thresholds and with innerloop's (``innerloop.runtime.tune_malloc``): seconds and
+   minor page faults per iteration;
 5. ``torch.compile`` of the query pass (the part of second-order MAML that is differentiated
    only once) against eager, same meta-iteration.
 """
@@ -118,8 +119,8 @@ def kernels(repeats: int) -> dict:
     return out
 
 
-def meta_iteration(tune: bool, iters: int) -> dict:
-    """Run in a fresh process: seconds and page faults per meta-iteration."""
+def meta_iteration(impl: str, tune: bool, iters: int) -> dict:
+    """Run in a fresh process (2 threads): seconds and page faults per meta-iteration."""
     from dataclasses import replace
 
     from bench import SETTINGS, make_batch, make_impl, make_model
@@ -128,7 +129,7 @@ def meta_iteration(tune: bool, iters: int) -> dict:
 
     tuned = tune_malloc() if tune else False
     setting = replace(SETTINGS["omniglot-2nd"], meta_batch=8)
-    meta_grad = make_impl("innerloop-intraop", setting, make_model(setting))
+    meta_grad = make_impl(impl, setting, make_model(setting))
     batch = make_batch(setting, torch.device("cpu"))
     meta_grad(batch)
     meta_grad(batch)
@@ -190,11 +191,11 @@ def compiled_query(iters: int) -> dict:
             "first_call_s": compile_s, "rel_err": float((va - vb).norm() / vb.norm())}
 
 
-def _child(mode: str, arg: str) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def _child(mode: str, arg: str, threads: int = 1) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "INNERLOOP_TUNE_MALLOC"):
         env.pop(k, None)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--arg", arg]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--arg", arg, "--threads", str(threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -205,7 +206,8 @@ def report(result: dict) -> str:
     lines = [
         "# Kernel-level levers of the CPU fast path (issue 5)",
         "",
-        f"Command: `{result['command']}`. Machine: {result['cpu']}, torch {result['torch']}, 1 thread, float32. "
+        f"Command: `{result['command']}`. Machine: {result['cpu']}, torch {result['torch']}, 1 thread "
+        "(part 4: 2 threads), float32. "
         f"Start {result['start']} (load average {result['load'][0]:.2f}); medians of {result['repeats']} runs.",
         "",
         "## 1. One-channel images and the layout",
@@ -237,13 +239,16 @@ def report(result: dict) -> str:
         *[f"| {name} | {r['forward']:.2f} | {r['forward+backward']:.2f} |" for name, r in c.items()],
         "",
         "## 4. glibc's malloc thresholds: one second-order meta-iteration (conv-4 5-way 1-shot, meta-batch 8, "
-        "`task_threads=1`)",
+        "2 threads: innerloop's default with task threads, and `task_threads=1`)",
         "",
-        "| malloc | s / meta-iteration | minor page faults / meta-iteration |",
-        "|---|---|---|",
+        "One row per fresh process (medians over its iterations after two warm-up iterations).",
+        "",
+        "| implementation, malloc | process | s / meta-iteration | minor page faults / meta-iteration |",
+        "|---|---|---|---|",
     ]
-    for name, r in result["malloc"].items():
-        lines.append(f"| {name} | {r['s']:.3f} | {r['faults']:.0f} |")
+    for name, runs in result["malloc"].items():
+        for i, r in enumerate(runs):
+            lines.append(f"| {name} | {i + 1} | {r['s']:.3f} | {r['faults']:.0f} |")
     q = result["compile"]
     lines += [
         "",
@@ -262,12 +267,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--iters", type=int, default=5, help="meta-iterations per measurement in parts 4 and 5")
+    p.add_argument("--malloc-procs", type=int, default=3, help="fresh processes per malloc setting in part 4")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--arg", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     if args.child == "malloc":
-        print(json.dumps(meta_iteration(args.arg == "tuned", args.iters)))
+        impl, name = args.arg.split(":")
+        print(json.dumps(meta_iteration(impl, name == "tuned", args.iters)))
         return
     if args.child == "compile":
         print(json.dumps(compiled_query(args.iters)))
@@ -283,7 +291,11 @@ def main() -> None:
 
     tune_malloc()
     result["kernels"] = kernels(args.repeats)
-    result["malloc"] = {name: _child("malloc", name) for name in ("glibc's own", "tuned")}
+    # glibc's own thresholds adapt to the allocation history, which differs from process to process
+    # (address-space layout): some processes fault every iteration, some settle. Several of each.
+    result["malloc"] = {f"{impl}, {name}": [_child("malloc", f"{impl}:{name}", threads=2)
+                                            for _ in range(args.malloc_procs)]
+                        for impl in ("innerloop", "innerloop-intraop") for name in ("glibc's own", "tuned")}
     result["compile"] = _child("compile", "")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "speed_levers_kernels.json").write_text(json.dumps(result, indent=1))
