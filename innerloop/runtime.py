@@ -4,8 +4,10 @@ A meta-iteration of conv-4 MAML allocates and frees the same large activation te
 again (layer one of a 75-image query set is a 15 MB tensor; its BatchNorm, max-pool and their
 backward passes each allocate one). glibc's malloc hands blocks above its mmap threshold back to the
 operating system as soon as they are freed, and trims the top of its heap, so every new block is
-faulted in page by page (the kernel zeroes each 4 KiB page): on the 2-core benchmark machine that
-was 15-30% of a second-order meta-iteration (``benchmarks/speed``, lever ``innerloop-malloc``).
+faulted in page by page (the kernel zeroes each 4 KiB page): on the 2-core benchmark machine,
+tens of thousands of page faults per meta-iteration, and 8% of a second-order and 24% of a
+first-order meta-iteration at meta-batch 32 (``benchmarks/speed``, row ``innerloop-nomalloc``).
+glibc's own thresholds adapt to the allocation history, so how much a process loses varies.
 
 :func:`tune_malloc` raises the mmap threshold to glibc's maximum (32 MiB on 64-bit) and the trim
 threshold to 1 GiB, so freed blocks are reused by the next allocation instead. The cost: up to

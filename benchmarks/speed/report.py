@@ -72,10 +72,11 @@ def _verdict(result: dict) -> list[str]:
         return f"- {goal}: {met}: {what} {value:.2f}x learn2learn's tasks/s (goal {target:g}x)."
 
     load = result["start"]["load"][0]
-    if load >= 1.0 and result["threads"] == 1:
+    busy = load >= result["cpu_count"]  # more runnable threads than cores: other jobs slow the run
+    if busy and result["threads"] == 1:
         out += [f"**Caution: the machine was busy (load average {load:.2f} at the start on {result['cpu_count']} "
                 "cores): absolute times are inflated by other jobs, and n is small; ratios are rough.**", ""]
-    elif load >= 1.0:
+    elif busy:
         out += [f"**Caution: the machine was busy (load average {load:.2f} at the start on "
                 f"{result['cpu_count']} cores).** Under oversubscription, implementations whose threads work "
                 "inside each op (OpenMP: learn2learn, higher, torchopt, `innerloop-intraop`) slow down far more "

@@ -131,7 +131,7 @@ def _channels_last(t: Tensor) -> Tensor:
     """``t`` (4-D) with channels-last strides. With one channel (Omniglot's images) the two layouts
     hold the same memory and ``contiguous(memory_format=channels_last)`` keeps the NCHW strides,
     which torch reads as NCHW: the first block's convolution, BatchNorm and max-pool then run in
-    the slow NCHW kernels (max-pool 17x slower at Omniglot's size). Explicit channels-last strides
+    the slow NCHW kernels (max-pool 12x slower at Omniglot's size). Explicit channels-last strides
     (a copy) keep the whole network channels-last."""
     if t.size(1) == 1 and t.stride(1) != 1:
         return torch.empty_like(t, memory_format=torch.channels_last).copy_(t)

@@ -129,7 +129,7 @@ class MAML(GradientBased):
             grads = self._grads(loss, targets)
         else:
             if batch.support_x.device.type == "cpu":
-                tune_malloc()  # see innerloop.runtime: 15-30% of a conv-4 meta-iteration
+                tune_malloc()  # see innerloop.runtime: reuse freed activation memory
             threads = self.threads_for(batch)
             if threads == 1:
                 parts = [self._loop(targets, params, buffers, rates, tensors, range(n), n, module=None)]

@@ -20,12 +20,15 @@ def is_channels_last(x: Tensor) -> bool:
 
 class BatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` (same parameters, buffers, state dict and results) that normalises a
-    channels-last input as the 2-D ``[N*H*W, C]`` matrix its memory already is.
+    channels-last input as the 2-D ``[N*H*W, C]`` matrix its memory already is, centred first
+    when it uses batch statistics only.
 
-    The 2-D kernels of torch 2.13 are faster on CPU than its channels-last 4-D ones: on a
-    ``[75, 64, 28, 28]`` tensor, forward + backward 6.7 ms against 9.4 ms, and the double backward
-    that second-order MAML runs through the support pass 2x faster (``benchmarks/speed``,
-    notes). Other layouts take the parent's path.
+    On CPU, torch 2.13's 2-D kernel runs the double backward that second-order MAML takes through
+    the support set 2x faster than its channels-last 4-D kernel, and the centring keeps float32
+    accuracy near the NCHW kernel's (the 4-D channels-last kernel loses digits on uncentred inputs:
+    the float32 meta-gradient after 5 inner steps was 0.46 away from float64 without it, 1.3e-4
+    with it). Measured in ``benchmarks/speed`` (``speed_levers_kernels.md``, ``speed_parity*.md``).
+    Other layouts take the parent's path.
 
     Shapes: ``[N, C, H, W] -> [N, C, H, W]``, in the input's memory format.
     """
@@ -45,7 +48,6 @@ class BatchNorm2d(nn.BatchNorm2d):
             # Batch statistics only: centre each channel first. The result is the same function
             # (normalising with batch statistics ignores a per-channel shift, and so do its
             # derivatives), but torch's channels-last kernel sums sequentially in float32, and on an
-            # uncentred input its mean and variance lose digits: 1e-4 relative error on a
-            # [75, 64, 28, 28] input with mean 30x its std, 4e-6 centred (NCHW: 1e-6).
+            # uncentred input its mean and variance lose digits (tests/test_layers.py).
             flat = flat - flat.detach().mean(0)
         return super().forward(flat).view(n, h, w, c).permute(0, 3, 1, 2)
