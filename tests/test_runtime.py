@@ -71,3 +71,10 @@ def test_once_per_process(monkeypatch):
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
     assert runtime.tune_malloc() is True
     assert runtime.tune_malloc() is True
+
+
+@pytest.mark.parametrize("value", ["0", "off", "False"])
+def test_turned_off_by_the_environment(monkeypatch, value):
+    monkeypatch.setattr(runtime, "_state", None)
+    monkeypatch.setenv("INNERLOOP_TUNE_MALLOC", value)
+    assert runtime.tune_malloc() is False
