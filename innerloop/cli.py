@@ -27,18 +27,23 @@ innerloop: meta-learning on PyTorch.
 """
 
 
+def add_run_arguments(t: argparse.ArgumentParser, config_kind: str = "config") -> None:
+    """The options of every training command (``innerloop train``, ``innerloop rl train``)."""
+    t.add_argument("--config", type=Path, help=f"a .toml or .json {config_kind}; omitted keys keep defaults")
+    t.add_argument("--out", help="run folder (default: the config's out_dir)")
+    t.add_argument("--iterations", type=int, help="override train.iterations")
+    t.add_argument("--overwrite", action="store_true", help="discard checkpoints in the run folder")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="innerloop", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="{train,eval,rl}")
     t = sub.add_parser("train", help="meta-train, meta-test and report (default: MAML on sinusoids)",
-                       description="Meta-train, then meta-test with 95%% CIs. A run resumes from "
+                       description="Meta-train, then meta-test with 95% CIs. A run resumes from "
                        "OUT/last.pt when it exists and matches the config.")
-    t.add_argument("--config", type=Path, help="a .toml or .json config; omitted keys keep defaults")
-    t.add_argument("--out", help="run folder (default: the config's out_dir)")
-    t.add_argument("--iterations", type=int, help="override train.iterations")
-    t.add_argument("--overwrite", action="store_true", help="discard checkpoints in the run folder")
-    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_run_arguments(t)
     e = sub.add_parser("eval", help="meta-test a checkpoint on fixed test tasks",
                        description="Rebuild the model a checkpoint was trained with and meta-test it.")
     e.add_argument("checkpoint", type=Path, help="a best.pt or last.pt written by `innerloop train`")

@@ -89,11 +89,10 @@ def test_one_channel_images_make_the_whole_network_channels_last():
     model = Conv4(1, 3, 8, 16)
     weights = to_channels_last(dict(model.named_parameters()))
     x = laid
-    for block in list(model.features)[:4]:
+    for i, block in enumerate(list(model.features)[:4]):
         conv, *rest = block
-        x = torch.nn.functional.conv2d(x, weights[f"features.{list(model.features).index(block)}.0.weight"],
-                                       conv.bias, padding=1)
-        assert is_channels_last(x) or x.size(1) == 1
+        x = torch.nn.functional.conv2d(x, weights[f"features.{i}.0.weight"], conv.bias, padding=1)
+        assert is_channels_last(x)
         for layer in rest:
             x = layer(x)
         assert is_channels_last(x), x.stride()

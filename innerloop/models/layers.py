@@ -34,13 +34,12 @@ class BatchNorm2d(nn.BatchNorm2d):
     """
 
     def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() not in (2, 4):
-            raise ValueError(f"expected a 4-D input [N, C, H, W], got shape {tuple(input.shape)}")
+        pass  # checked in forward (the parent would refuse the 2-D view)
 
     def forward(self, input: Tensor) -> Tensor:
+        if input.dim() != 4:
+            raise ValueError(f"expected a 4-D input [N, C, H, W], got shape {tuple(input.shape)}")
         if not is_channels_last(input):
-            if input.dim() != 4:
-                raise ValueError(f"expected a 4-D input [N, C, H, W], got shape {tuple(input.shape)}")
             return super().forward(input)
         n, c, h, w = input.shape
         flat = input.permute(0, 2, 3, 1).reshape(n * h * w, c)

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from innerloop.cli import add_run_arguments
+from innerloop.rl.config import RLConfig, RLEvalConfig, load_rl_config
 from innerloop.training.config import ConfigError
 
 DESCRIPTION = """\
@@ -24,22 +26,19 @@ def add_parser(sub: Any) -> None:
                         description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     rsub = rl.add_subparsers(dest="rl_command", required=True, metavar="{train,eval}")
     t = rsub.add_parser("train", help="meta-train, then test MAML, the pre-trained policy and a random init",
-                        description="Meta-train, then report returns after 0..k adaptation steps with 95%% CIs. "
+                        description="Meta-train, then report returns after 0..k adaptation steps with 95% CIs. "
                         "A run resumes from OUT/last.pt when it exists and matches the config.")
-    t.add_argument("--config", type=Path, help="a .toml or .json RL config; omitted keys keep defaults")
-    t.add_argument("--out", help="run folder (default: the config's out_dir)")
-    t.add_argument("--iterations", type=int, help="override train.iterations")
-    t.add_argument("--overwrite", action="store_true", help="discard checkpoints in the run folder")
-    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_run_arguments(t, "RL config")
     e = rsub.add_parser("eval", help="test a checkpoint on fixed test tasks")
     e.add_argument("checkpoint", type=Path, help="a last.pt written by `innerloop rl train`")
-    e.add_argument("--tasks", type=int, default=40, help="test tasks (default %(default)s)")
-    e.add_argument("--steps", type=int, default=3, help="adaptation steps (default %(default)s)")
-    e.add_argument("--rollouts", type=int, default=20, help="episodes per step (default %(default)s)")
+    defaults = RLEvalConfig()
+    e.add_argument("--tasks", type=int, default=defaults.test_tasks, help="test tasks (default %(default)s)")
+    e.add_argument("--steps", type=int, default=defaults.steps, help="adaptation steps (default %(default)s)")
+    e.add_argument("--rollouts", type=int, default=defaults.rollouts,
+                   help="episodes per step (default %(default)s)")
 
 
 def run_command(args: argparse.Namespace) -> None:
-    from innerloop.rl.config import RLConfig, load_rl_config
     from innerloop.rl.train import format_table, load_rl_checkpoint, meta_test_rl, run_rl
 
     if args.rl_command == "train":
