@@ -1,6 +1,7 @@
 """innerloop: meta-learning ("learning to learn") on PyTorch, built on torch.func."""
 
-from innerloop.adapt import InnerLR, InnerWeightDecay, adapt, adapt_trajectory, model_loss, sgd_step
+from innerloop.adapt import adapt, adapt_trajectory, model_loss, sgd_step
+from innerloop.algorithms.rates import InnerLR, InnerWeightDecay
 from innerloop.algorithms import MAML, Algorithm, GradientBased, Pretrain
 from innerloop.data import LinearRegression, Sinusoid, make_family
 from innerloop.tasks import Task, TaskBatch, TaskFamily

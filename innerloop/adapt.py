@@ -1,18 +1,32 @@
-"""The inner loop: a pure function from (parameters, support set) to adapted parameters.
+"""The inner loop: one pure function from (parameters, task objective, update rule) to adapted parameters.
 
-Parameters are plain ``dict[str, Tensor]`` keyed as in ``module.named_parameters()``; the model
-is only ever called through :func:`torch.func.functional_call`, and gradients of the support
-loss come from :func:`torch.func.grad`. Nothing is cloned or patched, so the same function runs
-per task, under :func:`torch.func.vmap` over a meta-batch, and inside an outer autograd graph
-(second order) or cut off from it (first order).
+Parameters are plain ``dict[str, Tensor]`` keyed as in ``module.named_parameters()``; the model is
+only ever called through :func:`torch.func.functional_call`, and gradients of the inner objective
+come from :func:`torch.func.grad`. Nothing is cloned or patched, so the same function runs per
+task, under :func:`torch.func.vmap` over a meta-batch, and inside an outer autograd graph (second
+order) or cut off from it (first order).
+
+How a step moves the parameters is an argument: an :class:`UpdateRule`, a pure ``init`` /
+``update`` pair in the manner of optax. :func:`sgd` covers plain gradient steps with fixed or
+learned rates (a float, a tensor, one per parameter tensor or element, one per step), inner weight
+decay, and the proximal step of iMAML (decay toward an anchor); :func:`adam` is Reptile's inner
+optimiser. Meta-RL's policy-gradient step is :func:`sgd` on the policy-gradient loss.
+
+How the gradient of each step is computed (``torch.func.grad``, or ``torch.autograd.grad`` where
+several Python threads run tasks at once, optionally checkpointed) is not the inner loop's
+business: the task-execution layer (:mod:`innerloop.execution`) chooses it with
+:func:`differentiation`, and the values are the same either way.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import fnmatch
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.utils.checkpoint
@@ -21,12 +35,19 @@ from torch.func import functional_call, grad
 
 Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
-LRMode = Literal["fixed", "scalar", "per_tensor", "per_element"]
-LR_MODES: tuple[str, ...] = ("fixed", "scalar", "per_tensor", "per_element")
-LearningRates = float | Tensor | Mapping[str, float | Tensor]
+ModelLoss = Callable[[Params, Params, Tensor, Tensor], Tensor]
+"""``(params, buffers, x, y) -> scalar loss``, e.g. from :func:`model_loss`."""
+Objective = Callable[[Params, int], Tensor]
+"""``(params, step) -> scalar``: the inner objective of one task at inner step ``step`` (0-based).
+Most objectives ignore ``step``; MAML++'s per-step BatchNorm weights read it."""
+Rate = float | Tensor
+LearningRates = Rate | Mapping[str, Rate]
+"""A float, a tensor broadcastable to every parameter, or a per-name mapping whose values
+broadcast to that parameter (a scalar per tensor, or one rate per element: Meta-SGD)."""
+Differentiation = Literal["func", "autograd", "checkpoint"]
 
 
-def model_loss(model: nn.Module, loss_fn: LossFn) -> Callable[[Params, Params, Tensor, Tensor], Tensor]:
+def model_loss(model: nn.Module, loss_fn: LossFn) -> ModelLoss:
     """``(params, buffers, x, y) -> loss``: the model's loss as a pure function of its tensors."""
 
     def loss(params: Params, buffers: Params, x: Tensor, y: Tensor) -> Tensor:
@@ -55,23 +76,79 @@ def select(names: Sequence[str], which: str | Sequence[str] | None) -> list[str]
     return chosen
 
 
-def sgd_step(
-    params: Params, grads: Params, lr: LearningRates, weight_decay: LearningRates | None = None
-) -> Params:
-    """One inner update ``p - lr * g`` for each name in ``grads`` (the rest pass through).
+# -- update rules ------------------------------------------------------------------------------------
+class UpdateRule(Protocol):
+    """One inner step as a pure function pair (optax's ``init`` / ``update``).
 
-    ``lr`` is a float, a tensor broadcastable to every parameter, or a per-name mapping whose
-    values broadcast to that parameter (a scalar per tensor, or one rate per element: Meta-SGD).
-    ``weight_decay`` (same forms; ``None``: none) makes it ``p - lr * (g + weight_decay * p)``.
+    ``update(grads, state, params, step)`` returns the new parameters for every name of ``params``
+    (names without a gradient pass through) and the new state. No in-place updates, so a rule runs
+    under ``vmap`` and ``grad`` and keeps the outer graph where one exists.
+    """
+
+    def init(self, params: Params) -> Any: ...
+
+    def update(self, grads: Params, state: Any, params: Params, step: int) -> tuple[Params, Any]: ...
+
+
+def _rate(lr: LearningRates, name: str) -> Rate:
+    return lr[name] if isinstance(lr, Mapping) else lr
+
+
+def sgd_step(
+    params: Params, grads: Params, lr: LearningRates, weight_decay: LearningRates | None = None,
+    anchor: Mapping[str, Tensor] | None = None,
+) -> Params:
+    """One step ``p - lr * (g + wd * (p - anchor))`` for each name in ``grads`` (the rest pass through).
+
+    ``lr`` and ``weight_decay`` take the forms of :data:`LearningRates`; ``weight_decay=None``: none.
+    ``anchor`` (default: zero) is the point the decay pulls toward: the meta-parameters for iMAML's
+    proximal step ``p - lr * (g + lambda (p - theta))``.
     """
     out = dict(params)
     for name, g in grads.items():
-        rate = lr[name] if isinstance(lr, Mapping) else lr
+        rate = _rate(lr, name)
         if weight_decay is not None:
-            g = g + (weight_decay[name] if isinstance(weight_decay, Mapping) else weight_decay) * params[name]
+            pull = params[name] if anchor is None else params[name] - anchor[name]
+            g = g + _rate(weight_decay, name) * pull
         # A float rate: one fused op (the same rounding as p - rate * g), half the elementwise passes.
         out[name] = torch.add(params[name], g, alpha=-rate) if isinstance(rate, float) else params[name] - rate * g
     return out
+
+
+@dataclass(frozen=True)
+class SGD:
+    """Gradient descent: ``p - lr_t * (g + wd * (p - anchor))``. Stateless.
+
+    Attributes:
+        lr: one :data:`LearningRates` for every step, or a sequence with one per step
+            (per-step rates, MAML++'s LSLR).
+        weight_decay: inner weight decay (forms of :data:`LearningRates`), or ``None``.
+        anchor: what the weight decay pulls toward (default zero; iMAML: the meta-parameters).
+    """
+
+    lr: LearningRates | Sequence[LearningRates]
+    weight_decay: LearningRates | None = None
+    anchor: Mapping[str, Tensor] | None = None
+
+    def rate(self, step: int) -> LearningRates:
+        if isinstance(self.lr, Sequence):
+            if step >= len(self.lr):
+                raise ValueError(f"{len(self.lr)} per-step learning rates given, but inner step {step + 1} "
+                                 "was taken.")
+            return self.lr[step]
+        return self.lr
+
+    def init(self, params: Params) -> None:
+        return None
+
+    def update(self, grads: Params, state: None, params: Params, step: int) -> tuple[Params, None]:
+        return sgd_step(params, grads, self.rate(step), self.weight_decay, self.anchor), None
+
+
+def sgd(lr: LearningRates | Sequence[LearningRates], weight_decay: LearningRates | None = None,
+        anchor: Mapping[str, Tensor] | None = None) -> SGD:
+    """The :class:`SGD` update rule."""
+    return SGD(lr, weight_decay, anchor)
 
 
 AdamState = tuple[Params, Params, int]
@@ -85,31 +162,15 @@ def adam_init(params: Mapping[str, Tensor]) -> AdamState:
 
 
 def adam_step(
-    params: Params,
-    grads: Params,
-    state: AdamState,
-    lr: LearningRates,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
+    params: Params, grads: Params, state: AdamState, lr: LearningRates,
+    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
 ) -> tuple[Params, AdamState]:
     """One pure Adam update (Kingma & Ba 2015) for each name in ``grads`` (the rest pass through).
 
-    The arithmetic is that of ``torch.optim.Adam`` (no weight decay, no AMSGrad), written without
-    in-place updates so that it runs under ``vmap`` and ``grad``::
+    The arithmetic of ``torch.optim.Adam`` (no weight decay, no AMSGrad), without in-place updates::
 
         m = lerp(m, g, 1 - beta1);  v = beta2 v + (1 - beta2) g^2;  t = t + 1
         p = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
-
-    Args:
-        params: the current parameters.
-        grads: gradients for the names that update (shapes as in ``params``).
-        state: from :func:`adam_init` or the previous call, with moments for every name in ``grads``.
-        lr: as for :func:`sgd_step`.
-        betas: ``(beta1, beta2)``, each in [0, 1).
-        eps: added to the denominator.
-
-    Returns:
-        ``(new params, new state)``.
     """
     beta1, beta2 = betas
     m_old, v_old, t = state
@@ -117,234 +178,236 @@ def adam_step(
     bias1, bias2_sqrt = 1 - beta1**t, math.sqrt(1 - beta2**t)
     out, m, v = dict(params), dict(m_old), dict(v_old)
     for name, g in grads.items():
-        rate = lr[name] if isinstance(lr, Mapping) else lr
         m[name] = torch.lerp(m_old[name], g, 1 - beta1)
         v[name] = torch.addcmul(v_old[name] * beta2, g, g, value=1 - beta2)
-        out[name] = params[name] - (rate / bias1) * m[name] / (v[name].sqrt() / bias2_sqrt + eps)
+        out[name] = params[name] - (_rate(lr, name) / bias1) * m[name] / (v[name].sqrt() / bias2_sqrt + eps)
     return out, (m, v, t)
 
 
-def adapt_trajectory(
-    loss: Callable[[Params, Params, Tensor, Tensor], Tensor],
+@dataclass(frozen=True)
+class Adam:
+    """Adam with fresh moments for every task (the state lives in one inner loop only)."""
+
+    lr: LearningRates
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def init(self, params: Params) -> AdamState:
+        return adam_init(params)
+
+    def update(self, grads: Params, state: AdamState, params: Params, step: int) -> tuple[Params, AdamState]:
+        return adam_step(params, grads, state, self.lr, self.betas, self.eps)
+
+
+def adam(lr: LearningRates, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> Adam:
+    """The :class:`Adam` update rule."""
+    return Adam(lr, betas, eps)
+
+
+# -- how gradients are taken (chosen by the execution layer) ----------------------------------------------
+_DIFFERENTIATION: contextvars.ContextVar[Differentiation] = contextvars.ContextVar(
+    "innerloop_differentiation", default="func")
+
+
+@contextlib.contextmanager
+def differentiation(mode: Differentiation) -> Iterator[None]:
+    """Within the block, inner steps differentiate with ``torch.func.grad`` (``func``, the default;
+    runs under ``vmap``), ``torch.autograd.grad`` (``autograd``: the same values, and safe in several
+    Python threads at once, which torch.func transforms are not), or ``torch.autograd.grad`` under a
+    non-reentrant :func:`torch.utils.checkpoint.checkpoint` (``checkpoint``: second order keeps no
+    activation of the inner steps; the outer backward recomputes each step, so memory grows by one
+    set of parameters per step instead of one set of activations). Context-local (per thread)."""
+    token = _DIFFERENTIATION.set(mode)
+    try:
+        yield
+    finally:
+        _DIFFERENTIATION.reset(token)
+
+
+def differentiation_mode() -> Differentiation:
+    """The mode set by the innermost :func:`differentiation` block (``func`` outside any)."""
+    return _DIFFERENTIATION.get()
+
+
+def gradient(f: Callable[[Params], Tensor], params: Params, *, create_graph: bool) -> Params:
+    """``grad f`` at ``params`` in the current :func:`differentiation` mode. ``create_graph``: keep
+    the graph of the gradient (second order); without it the result is detached."""
+    if differentiation_mode() == "func":
+        g = grad(f)(params)
+        return g if create_graph else {n: t.detach() for n, t in g.items()}
+    with torch.enable_grad():
+        inputs = {n: t if t.requires_grad else t.detach().requires_grad_() for n, t in params.items()}
+        value = f(inputs)
+        got = torch.autograd.grad(value, list(inputs.values()), create_graph=create_graph, allow_unused=True)
+    return {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(inputs.items(), got, strict=True)}
+
+
+def hessian_vector_product(f: Callable[[Params], Tensor], params: Params) -> Callable[[Params], Params]:
+    """``v -> H v`` with ``H`` the Hessian of the scalar ``f`` at ``params``, in the current
+    :func:`differentiation` mode. The graph of ``grad f`` is built once and reused by every product
+    (reverse over reverse: ``H`` is symmetric, so ``v^T H = (H v)^T``). Forward over reverse (``jvp``
+    of ``grad``) fails on ``F.mse_loss`` in torch 2.13 ("ZeroTensors are immutable")."""
+    if differentiation_mode() == "func":
+        _, vjp_fn = torch.func.vjp(grad(f), params)
+        return lambda v: vjp_fn(v)[0]
+    with torch.enable_grad():
+        inputs = {n: t.detach().requires_grad_() for n, t in params.items()}
+        g = torch.autograd.grad(f(inputs), list(inputs.values()), create_graph=True)
+
+    def hvp(v: Params) -> Params:
+        with torch.enable_grad():
+            dot = sum(((gi * v[n]).sum() for n, gi in zip(inputs, g, strict=True)), torch.zeros(()))
+            got = torch.autograd.grad(dot, list(inputs.values()), retain_graph=True, allow_unused=True)
+        pairs = zip(inputs.items(), got, strict=True)
+        return {n: torch.zeros_like(t) if h is None else h.detach() for (n, t), h in pairs}
+
+    return hvp
+
+
+# -- the inner loop -------------------------------------------------------------------------------------
+def unroll(
+    objective: Objective,
     params: Params,
-    buffers: Params,
-    support_x: Tensor,
-    support_y: Tensor,
     *,
     steps: int,
-    lr: LearningRates | Sequence[LearningRates],
+    rule: UpdateRule,
     adapt_names: Sequence[str] | None = None,
     first_order: bool = False,
-    weight_decay: LearningRates | None = None,
-    checkpoint: bool = False,
-    use_autograd: bool = False,
 ) -> Iterator[Params]:
-    """Yield the parameters after 1, 2, ..., ``steps`` inner gradient steps.
+    """Yield the parameters after 1, 2, ..., ``steps`` inner steps of ``rule`` on ``objective``.
 
     Args:
-        loss: ``(params, buffers, x, y) -> scalar``, e.g. from :func:`model_loss`.
+        objective: ``(params, step) -> scalar``; ``params`` holds every name (the adapted ones at
+            their current values, the others as given).
         params: the initial parameters (the meta-parameters, or any point to adapt from).
-        buffers: the model's buffers, passed through unchanged.
-        support_x: ``[support, *input_shape]``.
-        support_y: ``[support, *target_shape]``.
         steps: number of inner steps (>= 0).
-        lr: the inner learning rate(s); a sequence gives one entry per step.
-        adapt_names: the names that adapt (default: all of ``params``).
-        first_order: cut the inner gradients from the outer graph (first-order MAML): the
-            adapted parameters still depend on ``params`` and ``lr``, but not through the
-            Hessian of the support loss.
-        weight_decay: inner weight decay ``wd`` (a float, tensor or per-name mapping, e.g. from
-            :class:`InnerWeightDecay`): each step is ``p - lr * (g + wd * p)``. ``None``: none.
-            Differentiable, so it can be learned by hypergradient like ``lr``.
-        checkpoint: second order only: keep no activation of the support passes; the outer
-            backward recomputes each inner step (:func:`torch.utils.checkpoint.checkpoint`), so
-            the memory of a long inner loop grows by one set of parameters per step instead of
-            one set of activations, at the cost of one more support forward and backward per
-            step. The same values and meta-gradient. Ignored for ``first_order`` (its memory is
-            already flat) and where gradients are off.
-        use_autograd: differentiate the support loss with ``torch.autograd.grad`` instead of
-            ``torch.func.grad``: the same values, and safe to run in several Python threads at
-            once (torch.func transforms are not), but not under ``vmap``. Where gradients are off
-            (evaluation), ``torch.func.grad`` is used regardless.
+        rule: the update rule (:func:`sgd`, :func:`adam`, or any :class:`UpdateRule`).
+        adapt_names: the names that adapt (default: all of ``params``); the others are constants
+            of the inner problem but stay differentiable for the outer one.
+        first_order: cut the inner gradients from the outer graph (first-order MAML): the adapted
+            parameters still depend on ``params`` and the rule's tensors, but not through the
+            Hessian of the objective.
+
+    Every yielded dict is keyed like ``params``. Differentiable with respect to ``params`` and the
+    tensors of ``rule`` (second order unless ``first_order``) where gradients are enabled.
     """
+    if steps < 0:
+        raise ValueError(f"inner steps must be >= 0, got {steps}.")
     names = list(params) if adapt_names is None else list(adapt_names)
-    per_step = isinstance(lr, Sequence) and not isinstance(lr, str)
-    if per_step and len(lr) < steps:
-        raise ValueError(f"{len(lr)} per-step learning rates given for {steps} inner steps.")
-
-    def support_loss(adapted: Params, current: Params) -> Tensor:
-        return loss({**current, **adapted}, buffers, support_x, support_y)
-
-    current = params
-    if (use_autograd or (checkpoint and not first_order)) and torch.is_grad_enabled():
-        for step in range(steps):
-            current = _autograd_step(
-                support_loss, current, names, lr[step] if per_step else lr, weight_decay,
-                first_order=first_order, checkpoint=checkpoint and not first_order,
-            )
-            yield current
-        return
+    mode = differentiation_mode()
+    create_graph = torch.is_grad_enabled() and not first_order
+    current, state = params, rule.init({n: params[n] for n in names})
     for step in range(steps):
-        grads = grad(support_loss)({n: current[n] for n in names}, current)
-        if first_order:
-            grads = {n: g.detach() for n, g in grads.items()}
-        current = sgd_step(current, grads, lr[step] if per_step else lr, weight_decay)
+        if mode == "checkpoint" and create_graph:
+            current, state = _checkpointed_step(objective, current, state, rule, names, step)
+        else:
+            def inner(adapted: Params, now: Params = current, j: int = step) -> Tensor:
+                return objective({**now, **adapted}, j)
+
+            grads = gradient(inner, {n: current[n] for n in names}, create_graph=create_graph)
+            current, state = rule.update(grads, state, current, step)
         yield current
 
 
-def _autograd_step(
-    support_loss: Callable[[Params, Params], Tensor],
-    current: Params,
-    names: Sequence[str],
-    lr: LearningRates,
-    weight_decay: LearningRates | None,
-    *,
-    first_order: bool,
-    checkpoint: bool,
-) -> Params:
-    """One inner step differentiated with ``torch.autograd.grad`` (``create_graph`` unless
-    ``first_order``), optionally under a non-reentrant checkpoint (``torch.func.grad`` does not
-    run under the saved-tensor hooks a checkpoint uses)."""
+def _checkpointed_step(
+    objective: Objective, current: Params, state: Any, rule: UpdateRule, names: Sequence[str], step: int,
+) -> tuple[Params, Any]:
+    """One second-order step under a non-reentrant checkpoint (``torch.func.grad`` does not run
+    under the saved-tensor hooks a checkpoint uses, so this differentiates with autograd). For
+    stateless rules (SGD), the ones a long second-order inner loop uses."""
+    if state is not None:
+        raise ValueError(f"checkpointed inner steps need a stateless update rule (sgd); got {rule!r}.")
     keys = list(current)
 
-    def step(*tensors: Tensor) -> tuple[Tensor, ...]:
+    def step_fn(*tensors: Tensor) -> tuple[Tensor, ...]:
         now = dict(zip(keys, tensors, strict=True))
-        value = support_loss({n: now[n] for n in names}, now)
-        wrt = [now[n] for n in names]
-        grads = torch.autograd.grad(value, wrt, create_graph=not first_order, allow_unused=True)
-        by_name = {n: torch.zeros_like(t) if g is None else g for n, t, g in zip(names, wrt, grads, strict=True)}
-        new = sgd_step(now, by_name, lr, weight_decay)
+        adapted = {n: now[n] for n in names}
+        value = objective(now, step)
+        got = torch.autograd.grad(value, list(adapted.values()), create_graph=True, allow_unused=True)
+        pairs = zip(adapted.items(), got, strict=True)
+        grads = {n: torch.zeros_like(t) if g is None else g for (n, t), g in pairs}
+        new, _ = rule.update(grads, None, now, step)
         return tuple(new[k] for k in keys)
 
     # autograd.grad needs inputs that require grad; a tensor outside the outer graph (a frozen
     # parameter) gets a detached copy that does, and stays outside it.
-    inputs = tuple(t if t.requires_grad else t.detach().requires_grad_() for t in current.values())
-    out = torch.utils.checkpoint.checkpoint(step, *inputs, use_reentrant=False) if checkpoint else step(*inputs)
-    return dict(zip(keys, out, strict=True))
+    inputs = [t if t.requires_grad else t.detach().requires_grad_() for t in current.values()]
+    out = torch.utils.checkpoint.checkpoint(step_fn, *inputs, use_reentrant=False)
+    return dict(zip(keys, out, strict=True)), None
 
 
-def adapt(
-    loss: Callable[[Params, Params, Tensor, Tensor], Tensor],
+def adapt_trajectory(
+    loss: ModelLoss,
     params: Params,
     buffers: Params,
     support_x: Tensor,
     support_y: Tensor,
     *,
     steps: int,
-    lr: LearningRates | Sequence[LearningRates],
+    lr: LearningRates | Sequence[LearningRates] | None = None,
+    rule: UpdateRule | None = None,
     adapt_names: Sequence[str] | None = None,
     first_order: bool = False,
     weight_decay: LearningRates | None = None,
-    checkpoint: bool = False,
-    use_autograd: bool = False,
-) -> Params:
-    """The parameters after ``steps`` inner gradient steps on the support set.
+) -> Iterator[Params]:
+    """:func:`unroll` on a support set: yield the parameters after 1..``steps`` steps.
 
-    A pure function: see :func:`adapt_trajectory` for the arguments. Differentiable with respect
-    to ``params``, ``lr`` and ``weight_decay`` (second order unless ``first_order``).
+    Args:
+        loss: ``(params, buffers, x, y) -> scalar``, e.g. from :func:`model_loss`.
+        params: the initial parameters.
+        buffers: the model's buffers, passed through unchanged.
+        support_x: ``[support, *input_shape]``.
+        support_y: ``[support, *target_shape]``.
+        steps: number of inner steps (>= 0).
+        lr: the inner learning rate(s) of plain SGD (a sequence gives one entry per step); or
+        rule: any update rule instead (then ``lr`` and ``weight_decay`` must be ``None``).
+        adapt_names: the names that adapt (default: all of ``params``).
+        first_order: see :func:`unroll`.
+        weight_decay: SGD's inner weight decay ``wd``: each step is ``p - lr * (g + wd * p)``.
     """
+    if rule is None:
+        if lr is None:
+            raise ValueError("give the inner learning rate `lr` (plain SGD) or an update `rule`.")
+        rule = sgd(lr, weight_decay)
+    elif lr is not None or weight_decay is not None:
+        raise ValueError("give either `rule` or `lr`/`weight_decay` (the SGD rule), not both.")
+
+    def objective(p: Params, step: int) -> Tensor:
+        return loss(p, buffers, support_x, support_y)
+
+    return unroll(objective, params, steps=steps, rule=rule, adapt_names=adapt_names, first_order=first_order)
+
+
+def adapt(
+    loss: ModelLoss,
+    params: Params,
+    buffers: Params,
+    support_x: Tensor,
+    support_y: Tensor,
+    *,
+    steps: int,
+    lr: LearningRates | Sequence[LearningRates] | None = None,
+    rule: UpdateRule | None = None,
+    adapt_names: Sequence[str] | None = None,
+    first_order: bool = False,
+    weight_decay: LearningRates | None = None,
+) -> Params:
+    """The parameters after ``steps`` inner steps on the support set (arguments as
+    :func:`adapt_trajectory`). Differentiable with respect to ``params`` and the rule's tensors."""
     if steps < 0:
         raise ValueError(f"inner steps must be >= 0, got {steps}.")
     result = params
     for result in adapt_trajectory(  # noqa: B007 - only the last one is returned
-        loss, params, buffers, support_x, support_y,
-        steps=steps, lr=lr, adapt_names=adapt_names, first_order=first_order, weight_decay=weight_decay,
-        checkpoint=checkpoint, use_autograd=use_autograd,
+        loss, params, buffers, support_x, support_y, steps=steps, lr=lr, rule=rule,
+        adapt_names=adapt_names, first_order=first_order, weight_decay=weight_decay,
     ):
         pass
     return result
 
 
-def _key(name: str) -> str:
-    return name.replace(".", "__")
-
-
-class InnerLR(nn.Module):
-    """Inner-loop learning rates, fixed or learned as meta-parameters.
-
-    Modes:
-        ``fixed``: a constant, not learned (plain MAML).
-        ``scalar``: one learned rate shared by every adapted parameter.
-        ``per_tensor``: one learned rate per parameter tensor.
-        ``per_element``: one learned rate per parameter element (Meta-SGD, Li et al. 2017).
-
-    Learned rates are trained by the outer optimiser with the meta-gradient: this is
-    hyperparameter optimisation by hypergradient, with the inner learning rate as the
-    hyperparameter.
-
-    Args:
-        params: the adapted parameters (names and shapes).
-        init: the initial (or fixed) learning rate.
-        mode: one of ``LR_MODES``.
-    """
-
-    def __init__(self, params: Mapping[str, Tensor], init: float, mode: LRMode = "fixed") -> None:
-        super().__init__()
-        if mode not in LR_MODES:
-            raise ValueError(f"unknown inner {self.what} mode {mode!r}; choose one of {LR_MODES}.")
-        self._check_init(init)
-        self.mode, self.init, self.names = mode, float(init), list(params)
-        self.rates = nn.ParameterDict()
-        if mode == "scalar":
-            self.rates["all"] = nn.Parameter(torch.tensor(float(init)))
-        elif mode == "per_tensor":
-            for n in self.names:
-                self.rates[_key(n)] = nn.Parameter(torch.tensor(float(init)))
-        elif mode == "per_element":
-            for n, p in params.items():
-                self.rates[_key(n)] = nn.Parameter(torch.full_like(p.detach(), float(init)))
-
-    what = "learning-rate"
-
-    @staticmethod
-    def _check_init(init: float) -> None:
-        if not init > 0:
-            raise ValueError(f"the inner learning rate must be > 0, got {init}.")
-
-    def as_dict(self, rates: Mapping[str, Tensor] | None = None) -> dict[str, float | Tensor]:
-        """Per-parameter learning rates. ``rates`` substitutes functional values for
-        ``self.rates`` (keys as in ``self.rates``), e.g. inside ``vmap`` or ``grad``."""
-        r = dict(self.rates) if rates is None else rates
-        if self.mode == "fixed":
-            return dict.fromkeys(self.names, self.init)
-        if self.mode == "scalar":
-            return dict.fromkeys(self.names, r["all"])
-        return {n: r[_key(n)] for n in self.names}
-
-    def extra_repr(self) -> str:
-        return f"mode={self.mode}, init={self.init}"
-
-
-class InnerWeightDecay(InnerLR):
-    """Inner-loop weight decay ``wd`` (each inner step is ``p - lr * (g + wd * p)``), fixed or
-    learned as a meta-parameter: hyperparameter optimisation by hypergradient, as
-    :class:`InnerLR` does for the learning rate.
-
-    Modes as :class:`InnerLR`: ``fixed`` (a constant; 0 means no weight decay at all), or learned
-    ``scalar``, ``per_tensor``, ``per_element``, starting from ``init`` (>= 0; a learned value may
-    leave that range, as a learned rate may).
-
-    Args:
-        params: the adapted parameters (names and shapes).
-        init: the initial (or fixed) weight decay, >= 0.
-        mode: one of ``LR_MODES``.
-    """
-
-    what = "weight-decay"
-
-    @staticmethod
-    def _check_init(init: float) -> None:
-        if not init >= 0:
-            raise ValueError(f"the inner weight decay must be >= 0, got {init}.")
-
-    def __init__(self, params: Mapping[str, Tensor], init: float = 0.0, mode: LRMode = "fixed") -> None:
-        super().__init__(params, init, mode)
-
-    @property
-    def enabled(self) -> bool:
-        """False for the fixed weight decay 0 (the inner update is then exactly plain SGD)."""
-        return self.mode != "fixed" or self.init != 0
-
-    def as_dict(self, rates: Mapping[str, Tensor] | None = None) -> dict[str, float | Tensor] | None:  # type: ignore[override]
-        """Per-parameter weight decay, or ``None`` when disabled (see :attr:`enabled`)."""
-        return super().as_dict(rates) if self.enabled else None
+def last(trajectory: Iterator[Params], start: Params) -> Params:
+    """The final parameters of ``trajectory`` (``start`` when it is empty)."""
+    result = start
+    for result in trajectory:  # noqa: B007 - only the last one is returned
+        pass
+    return result

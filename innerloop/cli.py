@@ -1,15 +1,29 @@
-"""The ``innerloop`` command line: ``train`` and ``eval``."""
+"""The ``innerloop`` command line: ``train``, ``eval``, ``rl train`` and ``rl eval``.
+
+The top layer: it reads configs, runs, prints the tables and draws the figures of a run (training
+returns what the figures need and imports no plotting).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
+
+import torch.distributed
 
 from innerloop.data.download import DataError
+from innerloop.plotting import plot_run
+from innerloop.rl.config import RLConfig, RLEvalConfig, load_rl_config
+from innerloop.rl.mujoco import MissingMuJoCoError
+from innerloop.rl.plots import plot_rl_run
+from innerloop.rl.train import load_rl_checkpoint, meta_test_rl, run_rl
 from innerloop.training.checkpoint import CheckpointError
 from innerloop.training.config import Config, ConfigError, load_config
-from innerloop.training.distributed import DistributedError
+from innerloop.training.distributed import DistributedError, barrier, init_from_env, rank
+from innerloop.training.evaluate import format_table, meta_test
+from innerloop.training.run import build_family, load_for_eval, run
 
 DESCRIPTION = """\
 innerloop: meta-learning on PyTorch.
@@ -26,6 +40,15 @@ innerloop: meta-learning on PyTorch.
                                        data-parallel meta-training on N processes
 """
 
+RL_DESCRIPTION = """\
+Meta-reinforcement learning: MAML with a vanilla policy-gradient inner step and a TRPO outer step.
+
+  innerloop rl train                                2D navigation with the MAML paper's set-up
+  innerloop rl train --config configs/rl_nav2d.toml
+  innerloop rl train --config configs/rl_cheetah_vel.toml   (needs: pip install 'innerloop[rl]')
+  innerloop rl eval runs/rl-nav2d/last.pt           returns after 0..3 steps on fixed test tasks
+"""
+
 
 def add_run_arguments(t: argparse.ArgumentParser, config_kind: str = "config") -> None:
     """The options of every training command (``innerloop train``, ``innerloop rl train``)."""
@@ -34,6 +57,24 @@ def add_run_arguments(t: argparse.ArgumentParser, config_kind: str = "config") -
     t.add_argument("--iterations", type=int, help="override train.iterations")
     t.add_argument("--overwrite", action="store_true", help="discard checkpoints in the run folder")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_rl_parser(sub: Any) -> None:
+    """``rl`` and its subcommands on the main parser's subparsers."""
+    rl = sub.add_parser("rl", help="meta-RL: MAML + TRPO on 2D navigation and HalfCheetah",
+                        description=RL_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    rsub = rl.add_subparsers(dest="rl_command", required=True, metavar="{train,eval}")
+    t = rsub.add_parser("train", help="meta-train, then test MAML, the pre-trained policy and a random init",
+                        description="Meta-train, then report returns after 0..k adaptation steps with 95% CIs. "
+                        "A run resumes from OUT/last.pt when it exists and matches the config.")
+    add_run_arguments(t, "RL config")
+    e = rsub.add_parser("eval", help="test a checkpoint on fixed test tasks")
+    e.add_argument("checkpoint", type=Path, help="a last.pt written by `innerloop rl train`")
+    defaults = RLEvalConfig()
+    e.add_argument("--tasks", type=int, default=defaults.test_tasks, help="test tasks (default %(default)s)")
+    e.add_argument("--steps", type=int, default=defaults.steps, help="adaptation steps (default %(default)s)")
+    e.add_argument("--rollouts", type=int, default=defaults.rollouts,
+                   help="episodes per step (default %(default)s)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,18 +93,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=int, default=defaults.steps, help="adaptation steps (default %(default)s)")
     e.add_argument("--shots", type=int, default=defaults.shots, help="support size (default %(default)s)")
     e.add_argument("--queries", type=int, default=defaults.queries, help="query size (default %(default)s)")
-    from innerloop.rl.cli import add_parser as add_rl_parser
-
-    add_rl_parser(sub)
+    _add_rl_parser(sub)
     return p
 
 
 def _train(args: argparse.Namespace) -> None:
-    import torch.distributed
-
-    from innerloop.training.distributed import barrier, init_from_env, rank
-    from innerloop.training.run import run
-
     cfg = load_config(args.config) if args.config else Config()
     if args.out:
         cfg.out_dir = args.out
@@ -73,7 +107,9 @@ def _train(args: argparse.Namespace) -> None:
     distributed = init_from_env(cfg.train.dist_timeout_s)  # under torchrun: join the process group
     lead = rank() == 0
     try:
-        report = run(cfg, progress=not args.no_progress, overwrite=args.overwrite)
+        result = run(cfg, progress=not args.no_progress, overwrite=args.overwrite)
+        if lead:
+            plot_run(result, cfg)
         # rank 0 still writes results and plots: the others wait for it, so no rank tears down
         # gloo while a peer still holds the connection (which aborts the process)
         barrier("barrier at the end of the run")
@@ -82,14 +118,11 @@ def _train(args: argparse.Namespace) -> None:
             torch.distributed.destroy_process_group()
     if lead:
         print()
-        print(report["table"])
+        print(result.table)
         print(f"\nresults, checkpoints and plots in {cfg.out_dir}/")
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from innerloop.training.evaluate import meta_test
-    from innerloop.training.run import build_family, format_table, load_for_eval
-
     if args.tasks < 1 or args.steps < 0 or args.shots < 1 or args.queries < 1:
         raise ConfigError(f"--tasks ({args.tasks}), --shots ({args.shots}) and --queries "
                           f"({args.queries}) must be >= 1 and --steps ({args.steps}) >= 0.")
@@ -100,15 +133,34 @@ def _eval(args: argparse.Namespace) -> None:
                        f"{cfg.task.family}: {args.shots}-shot {res.metric}, {args.tasks} test tasks"))
 
 
-def _rl(args: argparse.Namespace) -> None:
-    from innerloop.rl.cli import run_command
+def _rl_train(args: argparse.Namespace) -> None:
+    cfg = load_rl_config(args.config) if args.config else RLConfig()
+    if args.out:
+        cfg.out_dir = args.out
+    if args.iterations is not None:
+        cfg.train.iterations = args.iterations
+    result = run_rl(cfg.validate(), progress=not args.no_progress, overwrite=args.overwrite)
+    plot_rl_run(result, cfg)
+    print()
+    print(result.table)
+    print(f"\nresults, checkpoints and plots in {cfg.out_dir}/")
 
-    run_command(args)
+
+def _rl_eval(args: argparse.Namespace) -> None:
+    if args.tasks < 2 or args.steps < 0 or args.rollouts < 2:
+        raise ConfigError(f"--tasks ({args.tasks}) and --rollouts ({args.rollouts}) must be >= 2 and --steps "
+                          f"({args.steps}) >= 0.")
+    cfg, algorithm, family = load_rl_checkpoint(args.checkpoint)
+    res = meta_test_rl(algorithm, family, args.tasks, args.steps, args.rollouts)
+    print(format_table({str(args.checkpoint): res}, list(range(args.steps + 1)),
+                       f"{cfg.env.name}: return, {args.tasks} test tasks (mean ± 95% CI)"))
+
+
+def _rl(args: argparse.Namespace) -> None:
+    {"train": _rl_train, "eval": _rl_eval}[args.rl_command](args)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from innerloop.rl.mujoco import MissingMuJoCoError
-
     args = _parser().parse_args(argv)
     try:
         {"train": _train, "eval": _eval, "rl": _rl}[args.command](args)

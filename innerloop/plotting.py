@@ -1,9 +1,14 @@
-"""Figures people would rather see than read: fits before/after adaptation, metric vs steps."""
+"""Figures people would rather see than read: fits before/after adaptation, metric vs steps.
+
+Training imports none of this: a run returns a :class:`~innerloop.training.evaluate.RunResult`
+and the command line draws its figures with :func:`plot_run`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -14,11 +19,13 @@ import torch
 from innerloop.adapt import adapt_trajectory
 from innerloop.algorithms.base import GradientBased
 from innerloop.data.regression import Sinusoid
-from innerloop.training.checkpoint import atomic_write_bytes
-from innerloop.training.evaluate import EvalResult
+from innerloop.io import atomic_write_bytes
+from innerloop.training.config import Config
+from innerloop.training.evaluate import EvalResult, RunResult
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
+def save_figure(fig: plt.Figure, path: str | Path) -> None:
+    """Write ``fig`` as a PNG to ``path`` atomically and close it."""
     atomic_write_bytes(Path(path), lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)
 
@@ -64,7 +71,7 @@ def plot_regression_fits(
             if row == 0 and col == 0:
                 ax.legend(fontsize=7, loc="lower left")
     fig.suptitle("Adaptation to held-out test tasks")
-    _save(fig, Path(path))
+    save_figure(fig, path)
 
 
 def plot_adaptation_curves(results: Mapping[str, EvalResult], path: str | Path, title: str) -> None:
@@ -83,4 +90,17 @@ def plot_adaptation_curves(results: Mapping[str, EvalResult], path: str | Path, 
     ax.set_title(title, fontsize=8)
     ax.legend()
     ax.grid(alpha=0.3)
-    _save(fig, Path(path))
+    save_figure(fig, path)
+
+
+def plot_run(result: RunResult[Any, Any], cfg: Config) -> list[Path]:
+    """The figures of a supervised run (:func:`innerloop.training.run.run`) in its folder:
+    ``adaptation.png``, and ``fits.png`` for a regression family with known curves. Returns their paths."""
+    e, out = cfg.eval, result.out_dir
+    written = []
+    if e.plot_tasks > 0 and hasattr(result.test_family, "parameters_of"):
+        plot_regression_fits(result.trained, result.test_family, out / "fits.png", e.plot_tasks,
+                             steps=(1, e.steps) if e.steps > 1 else (e.steps,))
+        written.append(out / "fits.png")
+    plot_adaptation_curves(result.results, out / "adaptation.png", result.title)
+    return [*written, out / "adaptation.png"]

@@ -68,4 +68,8 @@ def _apply() -> bool:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
-    return mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    # mallopt returns 1 on success (a Python int, via restype c_int)
+    if mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) != 1:
+        return False
+    trim_ok: int = mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    return trim_ok == 1

@@ -148,10 +148,21 @@ class TaskFamily(Protocol):
     """A distribution of tasks with disjoint ``train`` / ``val`` / ``test`` splits.
 
     ``task(split, i)`` must be deterministic in (family seed, split, i).
+
+    ``objective`` and ``seed`` are read-only members: a family may provide them as plain
+    attributes (annotate ``objective: Objective``, or a bare ``"regression"`` is inferred as
+    ``str``) or as properties.
     """
 
-    objective: Objective
-    seed: int
+    @property
+    def objective(self) -> Objective:
+        """``"regression"`` or ``"classification"``: the loss and metric algorithms use."""
+        ...
+
+    @property
+    def seed(self) -> int:
+        """The family seed that, with the split and index, determines every task."""
+        ...
 
     def task(self, split: Split, index: int) -> Task: ...
 

@@ -23,9 +23,15 @@ from torch.func import functional_call
 
 from innerloop.algorithms.anil import ANIL, BOIL
 from innerloop.data import Sinusoid
+from innerloop.execution import plan
 from innerloop.models import MLP
 from innerloop.models.conv4 import Conv4
 from innerloop.tasks import TaskBatch
+
+
+def _batch3() -> TaskBatch:
+    return TaskBatch(torch.rand(2, 6, 1, 16, 16), torch.tensor([[0, 0, 1, 1, 2, 2]] * 2),
+                     torch.rand(2, 3, 1, 16, 16), torch.tensor([[0, 1, 2]] * 2))
 from innerloop.training.config import ConfigError, config_from_dict
 
 TOL = {"rtol": 1e-12, "atol": 1e-12}
@@ -106,7 +112,7 @@ def test_conv4_with_batchnorm_by_hand(cls, first_order):
     torch.manual_seed(1)
     model = Conv4(1, ways=3, hidden=3, image_size=16)
     algo = cls(model, "classification", inner_lr=0.2, inner_steps=1, first_order=first_order)
-    assert not algo.use_vmap(second_order=not first_order)
+    assert not plan(algo.execution, algo.model, _batch3(), second_order=not first_order).vmap
     g = torch.Generator().manual_seed(0)
     batch = TaskBatch(torch.rand(2, 6, 1, 16, 16, generator=g), torch.tensor([[0, 0, 1, 1, 2, 2]] * 2),
                       torch.rand(2, 3, 1, 16, 16, generator=g), torch.tensor([[0, 1, 2]] * 2))

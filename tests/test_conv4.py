@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from innerloop.algorithms import MAML
+from innerloop.execution import plan
 from innerloop.models.conv4 import Conv4
 from innerloop.tasks import TaskBatch
 
@@ -36,14 +37,15 @@ def test_first_order_vmap_equals_loop_with_batchnorm():
     for v in ("vmap", "loop"):
         torch.manual_seed(0)
         model = Conv4(1, 3, hidden=4, image_size=16).double()
-        grads[v], _ = MAML(model, "classification", 0.4, 1, first_order=True, vectorize=v).meta_gradient(batch)
+        grads[v], _ = MAML(model, "classification", inner_lr=0.4, inner_steps=1, first_order=True, vectorize=v).meta_gradient(batch)
     for k in grads["loop"]:
         torch.testing.assert_close(grads["vmap"][k], grads["loop"][k], rtol=1e-9, atol=1e-12)
 
 
 def test_second_order_vmap_through_batchnorm_is_refused():
     model = Conv4(1, 3, hidden=4, image_size=16).double()
-    maml = MAML(model, "classification", 0.4, 1, vectorize="vmap")
+    maml = MAML(model, "classification", inner_lr=0.4, inner_steps=1, vectorize="vmap")
     with pytest.raises(ValueError, match="wrong gradient in torch"):
         maml.meta_gradient(_images())
-    assert not MAML(model, "classification", vectorize="auto").use_vmap(second_order=True)
+    auto = MAML(model, "classification", vectorize="auto")
+    assert not plan(auto.execution, auto.model, _images(), second_order=True).vmap

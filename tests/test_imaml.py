@@ -24,6 +24,7 @@ from torch import nn
 from innerloop.algorithms.imaml import IMAML, conjugate_gradient
 from innerloop.algorithms.maml import MAML
 from innerloop.data import LinearRegression, Sinusoid
+from innerloop.execution import plan
 from innerloop.models import MLP
 from innerloop.tasks import TaskBatch
 from innerloop.training.config import ConfigError, config_from_dict
@@ -208,10 +209,10 @@ def test_batchnorm_models_run_as_a_loop_and_errors_are_named():
 
     torch.manual_seed(5)
     imaml = IMAML(Conv4(1, ways=3, hidden=2, image_size=16), "classification", inner_lr=0.1, inner_steps=2)
-    assert not imaml.use_vmap(second_order=True)
     g = torch.Generator().manual_seed(0)
     batch = TaskBatch(torch.rand(2, 6, 1, 16, 16, generator=g), torch.tensor([[0, 0, 1, 1, 2, 2]] * 2),
                       torch.rand(2, 3, 1, 16, 16, generator=g), torch.tensor([[0, 1, 2]] * 2))
+    assert not plan(imaml.execution, imaml.model, batch, second_order=True).vmap
     grads, metrics = imaml.meta_gradient(batch)
     assert all(bool(torch.isfinite(v).all()) for v in grads.values()) and set(metrics) == {"loss", "accuracy"}
     with pytest.raises(ValueError, match=r"reg_lambda must be > 0, got 0\.0"):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.func import vmap
 
-from innerloop.algorithms.base import to_channels_last
+from innerloop.execution import to_channels_last
 from innerloop.models.conv4 import Conv4
 from innerloop.models.layers import BatchNorm2d, is_channels_last
 

@@ -100,8 +100,8 @@ def test_learned_inner_lr_gets_the_hypergradient(lr_mode):
 
 
 def _meta_loss(maml: MAML, batch) -> torch.Tensor:
-    params, rates, buffers = maml.params(), dict(maml.inner_lr.rates), maml.buffers_dict()
-    losses = [maml.task_loss(params, buffers, rates, (batch.support_x[i], batch.support_y[i],
+    params, rates = maml.params(), dict(maml.inner_lr.rates)
+    losses = [maml.task_loss(maml.model, params, rates, (batch.support_x[i], batch.support_y[i],
                                                        batch.query_x[i], batch.query_y[i]))[0]
               for i in range(len(batch))]
     return torch.stack(losses).mean()

@@ -67,7 +67,7 @@ def test_a_resumed_run_equals_the_uninterrupted_run(tmp_path, optimizer):
         cfg = load_rl_config(write(tmp_path, name, iterations=iterations, optimizer=optimizer))
         cfg.eval.pretrain = cfg.eval.random_init = False
         cfg.eval.steps = 0
-        run_rl(cfg, progress=False, plot=False)
+        run_rl(cfg, progress=False)
 
     run("straight", 3)
     run("resumed", 2)
@@ -85,11 +85,11 @@ def test_a_checkpoint_of_another_config_is_refused(tmp_path):
     path = write(tmp_path, "run", iterations=1)
     cfg = load_rl_config(path)
     cfg.eval.pretrain = cfg.eval.random_init = False
-    run_rl(cfg, progress=False, plot=False)
+    run_rl(cfg, progress=False)
     cfg.algorithm.inner_lr = 0.5
     with pytest.raises(CheckpointError, match="another configuration"):
-        run_rl(cfg, progress=False, plot=False)
-    run_rl(cfg, progress=False, plot=False, overwrite=True)  # the way out the message names
+        run_rl(cfg, progress=False)
+    run_rl(cfg, progress=False, overwrite=True)  # the way out the message names
 
 
 @pytest.mark.parametrize(("data", "match"), [

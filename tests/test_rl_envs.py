@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from innerloop.rl.envs import Navigation2D, Navigation2DEnv, make_env_family
+from innerloop.rl.envs import Navigation2D, Navigation2DEnv
+from innerloop.rl.families import make_env_family
 from innerloop.rl.episodes import (
     Episodes,
     advantages,

@@ -11,7 +11,7 @@ import torch
 
 from innerloop.cli import main
 from innerloop.rl import mujoco as rl_mujoco
-from innerloop.rl.envs import make_env_family
+from innerloop.rl.families import make_env_family
 
 HAVE_MUJOCO = importlib.util.find_spec("mujoco") is not None and importlib.util.find_spec("gymnasium") is not None
 needs_mujoco = pytest.mark.skipif(not HAVE_MUJOCO, reason="needs MuJoCo: pip install 'innerloop[rl]'")

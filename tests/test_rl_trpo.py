@@ -1,4 +1,4 @@
-"""TRPO: conjugate gradient, Fisher-vector products through the adaptation, the KL bound and the line search."""
+"""TRPO: Fisher-vector products through the adaptation, the KL bound and the line search."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import torch
 from innerloop.rl.envs import Navigation2D
 from innerloop.rl.maml import PolicyMAML
 from innerloop.rl.policy import GaussianMLP
-from innerloop.rl.trpo import conjugate_gradient, fisher_vector_product, flatten, trpo_step, unflatten
+from innerloop.numerics import flatten, unflatten
+from innerloop.rl.trpo import fisher_vector_product, trpo_step
 
 
 def small_problem(inner_steps: int = 1, first_order: bool = False, seed: int = 0):
@@ -17,15 +18,6 @@ def small_problem(inner_steps: int = 1, first_order: bool = False, seed: int = 0
     algo = PolicyMAML(GaussianMLP(2, 2, (8,)), inner_lr=0.1, inner_steps=inner_steps, first_order=first_order)
     batch = algo.sample(family, "train", range(4), rollouts=5)
     return algo, batch
-
-
-@pytest.mark.usefixtures("float64")
-def test_conjugate_gradient_solves_a_positive_definite_system():
-    g = torch.Generator().manual_seed(0)
-    m = torch.randn(12, 12, generator=g)
-    a, b = m @ m.T + 0.5 * torch.eye(12), torch.randn(12, generator=g)
-    x = conjugate_gradient(lambda v: a @ v, b, iterations=40, tolerance=1e-28)
-    torch.testing.assert_close(x, torch.linalg.solve(a, b), rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.usefixtures("float64")

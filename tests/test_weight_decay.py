@@ -15,8 +15,9 @@ import pytest
 import torch
 from torch import nn
 
-from innerloop.adapt import InnerWeightDecay, sgd_step
+from innerloop.adapt import sgd_step
 from innerloop.algorithms import MAML
+from innerloop.algorithms.rates import InnerWeightDecay
 from innerloop.data import LinearRegression, Sinusoid
 from innerloop.models import MLP
 from innerloop.training.config import ConfigError, config_from_dict
@@ -115,8 +116,8 @@ def test_learned_weight_decay_gets_the_hypergradient(mode):
 
 
 def _meta_loss(maml, batch):
-    params, rates, buffers = maml.params(), dict(maml.inner_lr.rates), maml.buffers_dict()
-    losses = [maml.task_loss(params, buffers, rates, tuple(t[i] for t in (batch.support_x, batch.support_y,
+    params, rates = maml.params(), dict(maml.inner_lr.rates)
+    losses = [maml.task_loss(maml.model, params, rates, tuple(t[i] for t in (batch.support_x, batch.support_y,
                                                                           batch.query_x, batch.query_y)))[0]
               for i in range(len(batch))]
     return torch.stack(losses).mean()

@@ -13,6 +13,13 @@ lr 0.4, Adam 1e-3 outside), its 5-step and 20-way variants, and the sinusoid MLP
   the machine's measured float32 peaks (a large conv forward+backward, a large matmul).
 * bfloat16 autocast on a CPU without native bfloat16 (AVX2 only) is several times slower than
   float32, so on CPU it is timed over ``--bf16-iters`` iterations in one round only.
+* ``--impls innerloop-mamlpp innerloop-imaml innerloop-reptile``: innerloop's MAML++, iMAML and
+  Reptile too (only when named; no other library has them, so no rel_err and no parity for them).
+* ``--old-src DIR``: against the old release as well. Each of innerloop, innerloop-mamlpp,
+  innerloop-imaml, innerloop-reptile that runs gets a twin row ``<impl>-0.1.0`` whose worker imports
+  innerloop from DIR (a checkout of 0.1.0, e.g. ``git worktree add /work/before 1d7e620``; first on
+  its PYTHONPATH, and ``innerloop.__file__`` checked); the report adds the speed-up over 0.1.0, and
+  each twin's meta-gradient is compared with its current counterpart's.
 
     bash benchmarks/speed/make_env.sh            # .venv-bench: torch 2.13.0 + the old libraries
     .venv-bench/bin/python benchmarks/speed/bench.py [--threads 2] [--rounds 2 --iters 10]
@@ -95,7 +102,35 @@ IMPLS: dict[str, str] = {
                           "(innerloop.runtime.tune_malloc called first): what the allocator lever gives it",
     "higher": "higher 0.2.1 innerloop_ctx per task",
     "torchopt": "torchopt 0.7.3 MetaSGD per task (extract/recover state dict)",
+    "innerloop-mamlpp": "innerloop MAMLPlusPlus (per-step rates and BatchNorm weights, both meta-learned; MSL "
+                        "off), the setting's inner lr, steps and order",
+    "innerloop-imaml": "innerloop IMAML (implicit gradient by 5 CG steps, lambda 2), the setting's inner lr and "
+                       "steps; always second order (the setting's order does not apply)",
+    "innerloop-reptile": "innerloop Reptile (SGD inner loop), the setting's inner lr and steps; always first "
+                         "order (the setting's order does not apply)",
 }
+
+# Other algorithms than MAML: timed only when named in --impls (the default run is MAML only). Their
+# meta-gradient covers the algorithm's own parameters (MAML++'s step_lr / bn_steps too), and has no
+# counterpart in the other libraries: no rel_err against innerloop's MAML, no parity mode.
+ALGOS = ("innerloop-mamlpp", "innerloop-imaml", "innerloop-reptile")
+# iMAML and Reptile have a fixed order: in the first-order settings they would repeat the same run.
+FIXED_ORDER = ("innerloop-imaml", "innerloop-reptile")
+
+# --old-src DIR: each of these gets a twin row "<impl>-0.1.0" whose worker imports innerloop from DIR
+# (the old release, e.g. a git worktree of it), with everything else the same.
+OLD = "-0.1.0"
+OLD_TWINS = ("innerloop", *ALGOS)
+IMPLS.update({f"{impl}{OLD}": f"{IMPLS[impl]}; innerloop 0.1.0 (imported from --old-src)" for impl in OLD_TWINS})
+
+
+def base_impl(impl: str) -> str:
+    """``innerloop-mamlpp-0.1.0`` -> ``innerloop-mamlpp``; other names unchanged."""
+    return impl.removesuffix(OLD)
+
+
+def is_old(impl: str) -> bool:
+    return impl.endswith(OLD)
 
 
 # Variants that switch one lever off (timed in the first round only, unless --lever-all-rounds).
@@ -157,8 +192,9 @@ def impl_innerloop(lib: str, setting: Setting, model: nn.Module):
     objective = "regression" if setting.problem == "sinusoid" else "classification"
     fmt = "contiguous" if lib in ("innerloop-nchw", "innerloop-before") else "auto"
     threads = 1 if lib in ("innerloop-intraop", "innerloop-before") else None
-    maml = MAML(model, objective, setting.inner_lr, setting.steps, setting.first_order,
-                memory_format=fmt, checkpoint=lib == "innerloop-checkpoint", task_threads=threads)
+    maml = MAML(model, objective, inner_lr=setting.inner_lr, inner_steps=setting.steps,
+                first_order=setting.first_order, memory_format=fmt, checkpoint=lib == "innerloop-checkpoint",
+                task_threads=threads)
     names = [f"model.{n}" for n, _ in model.named_parameters()]
 
     def meta_grad(batch) -> list[Tensor]:
@@ -170,6 +206,32 @@ def impl_innerloop(lib: str, setting: Setting, model: nn.Module):
         return [grads[n] for n in names]
 
     return meta_grad
+
+
+def impl_algorithm(lib: str, setting: Setting, model: nn.Module):
+    """MAML++, iMAML or Reptile from innerloop.algorithms (keyword arguments only: the old and the new
+    versions both take these names). Returns ``(meta_grad, params)``: the gradient of every one of
+    the algorithm's own parameters (``model.<name>``, and MAML++'s ``step_lr.*`` / ``bn_steps.*``),
+    and those parameters, for the worker's Adam step."""
+    from innerloop.algorithms import IMAML, MAMLPlusPlus, Reptile
+
+    objective = "regression" if setting.problem == "sinusoid" else "classification"
+    common = {"inner_lr": setting.inner_lr, "inner_steps": setting.steps}
+    if lib == "innerloop-mamlpp":
+        alg = MAMLPlusPlus(model, objective, first_order=setting.first_order, **common)
+    elif lib == "innerloop-imaml":
+        alg = IMAML(model, objective, **common)
+    elif lib == "innerloop-reptile":
+        alg = Reptile(model, objective, **common)
+    else:
+        raise ValueError(f"unknown algorithm implementation {lib!r}")
+    named = list(alg.named_parameters())
+
+    def meta_grad(batch) -> list[Tensor]:
+        grads, _ = alg.meta_gradient(batch)
+        return [grads[n] for n, _ in named]
+
+    return meta_grad, [p for _, p in named]
 
 
 def impl_learn2learn(setting: Setting, model: nn.Module):
@@ -244,16 +306,42 @@ def impl_torchopt(setting: Setting, model: nn.Module):
     return meta_grad
 
 
-def make_impl(lib: str, setting: Setting, model: nn.Module):
+def make_impl(lib: str, setting: Setting, model: nn.Module) -> tuple[Callable, list[nn.Parameter]]:
+    """``(meta_grad, params)``: the meta-gradient function and the parameters its gradients are for
+    (the model's, in order, for the MAML implementations; the algorithm's own for ``ALGOS``). An
+    ``-0.1.0`` twin is built like its base: which innerloop it imports is decided by sys.path."""
+    lib = base_impl(lib)
+    if lib in ALGOS:
+        return impl_algorithm(lib, setting, model)
     if lib == "learn2learn-malloc":
         from innerloop.runtime import tune_malloc
 
         if not tune_malloc():
             raise RuntimeError("innerloop.runtime.tune_malloc() did not apply here")
-        return impl_learn2learn(setting, model)
-    if lib.startswith("innerloop"):
-        return impl_innerloop(lib, setting, model)
-    return {"learn2learn": impl_learn2learn, "higher": impl_higher, "torchopt": impl_torchopt}[lib](setting, model)
+        fn = impl_learn2learn(setting, model)
+    elif lib.startswith("innerloop"):
+        fn = impl_innerloop(lib, setting, model)
+    else:
+        others = {"learn2learn": impl_learn2learn, "higher": impl_higher, "torchopt": impl_torchopt}
+        fn = others[lib](setting, model)
+    return fn, list(model.parameters())
+
+
+def check_innerloop_source(impl: str, old_src: str) -> str:
+    """Import innerloop and check it is the copy this row should time: the one under ``old_src``
+    for an ``-0.1.0`` twin (put first on sys.path by run_worker's PYTHONPATH, and here again),
+    any other for the rest. Returns ``innerloop.__file__``."""
+    if is_old(impl):
+        if not old_src:
+            raise RuntimeError(f"{impl} needs --old-src")
+        sys.path.insert(0, old_src)
+    import innerloop
+
+    path = Path(innerloop.__file__).resolve()
+    inside = bool(old_src) and path.is_relative_to(Path(old_src).resolve())
+    if inside != is_old(impl):
+        raise RuntimeError(f"{impl} imported innerloop from {path} (--old-src {old_src or 'not given'})")
+    return str(path)
 
 
 # -- the worker: one (implementation, setting) in a fresh process --------------------------------
@@ -262,29 +350,31 @@ def max_rss_bytes() -> int:
 
 
 def worker(args: argparse.Namespace) -> dict:
+    source = check_innerloop_source(args.impl, args.old_src)  # before anything else imports innerloop
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     setting = SETTINGS[args.setting] if args.setting in SETTINGS else Setting(**json.loads(args.setting))
-    model = make_model(setting, relu_first=args.impl == "innerloop-before",
-                       torch_bn=args.impl in ("innerloop-before", "innerloop-bn4d")).to(device)
+    impl = base_impl(args.impl)
+    model = make_model(setting, relu_first=impl == "innerloop-before",
+                       torch_bn=impl in ("innerloop-before", "innerloop-bn4d")).to(device)
     batch = make_batch(setting, device)
     if args.float64:  # the same float32 weights and batch, in float64
         model = model.double()
         batch = type(batch)(*(t.double() if t.is_floating_point() else t for t in
                               (batch.support_x, batch.support_y, batch.query_x, batch.query_y)))
         torch.set_default_dtype(torch.float64)
-    meta_grad = make_impl(args.impl, setting, model)
+    meta_grad, params = make_impl(args.impl, setting, model)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    out: dict = {"impl": args.impl, "threads": args.threads}
+    out: dict = {"impl": args.impl, "threads": args.threads, "innerloop_file": source}
     if args.grad_out:
         grads = meta_grad(batch)
         torch.save([g.detach().double().cpu().contiguous() for g in grads], args.grad_out)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(params, lr=1e-3)
 
     def iteration() -> None:
-        for p, g in zip(model.parameters(), meta_grad(batch), strict=True):
+        for p, g in zip(params, meta_grad(batch), strict=True):
             p.grad = g
         opt.step()
         sync()
@@ -310,7 +400,7 @@ def flops_worker(args: argparse.Namespace) -> dict:
 
     setting = SETTINGS[args.setting] if args.setting in SETTINGS else Setting(**json.loads(args.setting))
     model = make_model(setting)
-    meta_grad = make_impl("innerloop-before", setting, model)
+    meta_grad, _ = make_impl("innerloop-before", setting, model)
     batch = make_batch(setting, torch.device("cpu"))
     with FlopCounterMode(display=False) as counter:
         meta_grad(batch)
@@ -363,12 +453,20 @@ def peak_worker(args: argparse.Namespace) -> dict:
 
 # -- the driver ----------------------------------------------------------------------------------
 MMAP_THRESHOLD = 0  # set from --mmap-threshold
+OLD_SRC = ""  # set from --old-src
 
 
 def run_worker(python: str, mode: str, extra: list[str], threads: int, device: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    if "--impl" in extra and extra[extra.index("--impl") + 1] in ("innerloop-nomalloc", "innerloop-before"):
+    impl = extra[extra.index("--impl") + 1] if "--impl" in extra else ""
+    if base_impl(impl) in ("innerloop-nomalloc", "innerloop-before"):
         env["INNERLOOP_TUNE_MALLOC"] = "0"
+    if OLD_SRC:
+        # Every worker is told --old-src (it checks which innerloop it imported); an -0.1.0 twin also
+        # gets it first on PYTHONPATH, ahead of the editable install's finder.
+        extra = [*extra, "--old-src", OLD_SRC]
+        if is_old(impl):
+            env["PYTHONPATH"] = os.pathsep.join([OLD_SRC, *filter(None, [os.environ.get("PYTHONPATH")])])
     if MMAP_THRESHOLD:
         # glibc serves allocations above this size by mmap and returns them on free, so max RSS is
         # the peak of live memory rather than of the heap that freed tensors leave fragmented.
@@ -380,6 +478,19 @@ def run_worker(python: str, mode: str, extra: list[str], threads: int, device: s
         tail = "\n".join(proc.stderr.strip().splitlines()[-3:])
         return {"error": tail}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def rel_err_reference(impl: str) -> str | None:
+    """Whose meta-gradient a row's is compared with: a twin with its base (the same algorithm, new
+    and old), ALGOS with nothing (no other MAML++ / iMAML / Reptile here), the rest with innerloop."""
+    if is_old(impl):
+        return base_impl(impl)
+    return None if impl in ALGOS else "innerloop"
+
+
+def _git_commit(path: str) -> str:
+    proc = subprocess.run(["git", "-C", path, "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
+    return proc.stdout.strip() if proc.returncode == 0 else ""
 
 
 def rel_err(a: list[Tensor], b: list[Tensor]) -> float:
@@ -415,8 +526,16 @@ def plan(args: argparse.Namespace) -> dict[str, list[str]]:
         "sinusoid-2nd": core,
         "sinusoid-1st": [lib for lib in core if lib != "torchopt"],
     }
-    if args.impls:
-        chosen = {s: [i for i in impls if i in args.impls] for s, impls in chosen.items()}
+    for name in ("omniglot-2nd", "omniglot-1st", "sinusoid-2nd", "sinusoid-1st"):
+        chosen[name] += [a for a in ALGOS if not (a in FIXED_ORDER and SETTINGS[name].first_order)]
+    # With --old-src, the 0.1.0 twin right after its base (so its rel_err is against it).
+    chosen = {s: [j for i in impls for j in (i, f"{i}{OLD}") if j == i or (args.old_src and i in OLD_TWINS)]
+              for s, impls in chosen.items()}
+    if args.impls:  # a twin comes with its base; ALGOS only when named
+        wanted = {*args.impls, *[f"{i}{OLD}" for i in args.impls if i in OLD_TWINS]}
+        chosen = {s: [i for i in impls if i in wanted] for s, impls in chosen.items()}
+    else:
+        chosen = {s: [i for i in impls if base_impl(i) not in ALGOS] for s, impls in chosen.items()}
     return {s: chosen[s] for s in args.settings}
 
 
@@ -424,17 +543,22 @@ def main_run(args: argparse.Namespace) -> None:
     python = sys.executable
     start = {"time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "load": os.getloadavg()}
     print(f"start {start}", flush=True)
+    todo = plan(args)
+    planned = {i for impls in todo.values() for i in impls}
+    # The descriptions of the usual implementations, and of ALGOS and the twins only when they run.
+    impls_shown = {k: v for k, v in IMPLS.items() if k in planned or not (is_old(k) or k in ALGOS)}
     result: dict = {
         "command": " ".join(["python benchmarks/speed/bench.py", *sys.argv[1:]]),
         "torch": torch.__version__, "device": args.device, "threads": args.threads, "cpu_count": os.cpu_count(),
-        "libs": available_libs(), "impls": IMPLS, "start": start, "settings": {}, "peak": {},
+        "libs": available_libs(), "impls": impls_shown, "start": start, "settings": {}, "peak": {},
         "mmap_threshold": args.mmap_threshold,
     }
+    if args.old_src:
+        result["old_src"] = {"path": args.old_src, "commit": _git_commit(args.old_src)}
     if args.device == "cpu":
         result["cpu"] = _cpu_name()
     result["peak"] = run_worker(python, "peak", [], args.threads, args.device)
     print("peak", result["peak"], flush=True)
-    todo = plan(args)
     with tempfile.TemporaryDirectory() as tmp:
         for name, impls in todo.items():
             setting = SETTINGS[name]
@@ -444,7 +568,7 @@ def main_run(args: argparse.Namespace) -> None:
             entry: dict = {"setting": asdict(setting), "label": setting.label, "impls": {}}
             if setting.problem == "omniglot":  # counted on CPU: the count does not depend on the device
                 entry["flops"] = run_worker(python, "flops", ["--setting", spec], args.threads, "cpu").get("flops")
-            ref = None
+            round0: dict[str, list[Tensor]] = {}  # round-0 meta-gradients, for rel_err
             for r in range(args.rounds):
                 for impl in impls:
                     slow = impl == "innerloop-bf16" and args.device == "cpu"
@@ -468,13 +592,19 @@ def main_run(args: argparse.Namespace) -> None:
                         continue
                     e["times"] += res["times"]
                     e["max_rss"] = max(e["max_rss"], res["max_rss"])
+                    e["innerloop_file"] = res.get("innerloop_file")
                     if "cuda_peak" in res:
                         e["cuda_peak"] = max(e.get("cuda_peak", 0), res["cuda_peak"])
                     if r == 0:
-                        grads = torch.load(gpath)
-                        if impl == "innerloop":
-                            ref = grads
-                        e["rel_err"] = rel_err(grads, ref) if ref is not None else None
+                        round0[impl] = torch.load(gpath)
+                        ref_name = rel_err_reference(impl)
+                        ref = round0.get(ref_name) if ref_name else None
+                        try:
+                            e["rel_err"] = rel_err(round0[impl], ref) if ref is not None else None
+                        except RuntimeError:  # e.g. a twin whose algorithm has other parameters
+                            e["rel_err"] = None
+                        if ref_name and ref_name != "innerloop":
+                            e["rel_err_vs"] = ref_name
                     print(f"{name} {impl} round {r}: median {statistics.median(res['times']):.3f} s, "
                           f"rss {res['max_rss'] / 2**30:.2f} GiB, rel_err {e.get('rel_err')}", flush=True)
             for e in entry["impls"].values():
@@ -499,8 +629,9 @@ def main_parity(args: argparse.Namespace) -> None:
     gradients cancels, so it grows with the meta-batch)."""
     python = sys.executable
     libs = [lib for lib, version in available_libs().items() if version]
-    impls = [i for i in ("innerloop", "innerloop-intraop", "innerloop-before", *libs) if not args.impls
-             or i in args.impls]
+    twin = [f"innerloop{OLD}"] if args.old_src else []  # MAML only: parity of the other algorithms is not run
+    impls = [i for i in ("innerloop", *twin, "innerloop-intraop", "innerloop-before", *libs) if not args.impls
+             or i in args.impls or (i in twin and "innerloop" in args.impls)]
     rows: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.settings:
@@ -629,13 +760,23 @@ def main() -> None:
     p.add_argument("--mmap-threshold", type=int, default=0,
                    help="MALLOC_MMAP_THRESHOLD_ for the workers (0: glibc's default); for memory sweeps")
     p.add_argument("--tag", default="speed", help="results file name under benchmarks/results/")
+    p.add_argument("--old-src", default="", metavar="DIR",
+                   help="a checkout of innerloop 0.1.0 (DIR/innerloop/__init__.py): adds a row <impl>-0.1.0 "
+                        f"importing innerloop from DIR for each of {', '.join(OLD_TWINS)} that runs")
     p.add_argument("--impl", default="innerloop", choices=list(IMPLS))
     p.add_argument("--setting", default="omniglot-2nd")
     p.add_argument("--grad-out", default="")
     p.add_argument("--float64", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
-    global MMAP_THRESHOLD
+    global MMAP_THRESHOLD, OLD_SRC
     MMAP_THRESHOLD = args.mmap_threshold
+    if args.old_src:
+        args.old_src = str(Path(args.old_src).resolve())
+        if not (Path(args.old_src) / "innerloop" / "__init__.py").is_file():
+            p.error(f"--old-src {args.old_src}: no innerloop/__init__.py there")
+    elif args.mode in ("run", "parity") and args.impls and any(is_old(i) for i in args.impls):
+        p.error("the -0.1.0 implementations need --old-src")
+    OLD_SRC = args.old_src
     if args.mode == "run":
         main_run(args)
     elif args.mode == "parity":

@@ -46,6 +46,8 @@ def _table(name: str, entry: dict, peak_conv: float | None) -> list[str]:
         frac = f"{flops / t / peak_conv * 100:.0f}%" if flops and peak_conv else "-"
         err = e.get("rel_err")
         err_s = "reference" if impl == "innerloop" else ("-" if err is None else f"{err:.1e}")
+        if err is not None and e.get("rel_err_vs"):
+            err_s += f" (vs {e['rel_err_vs']})"
         mem = f"{e['max_rss'] / GiB:.2f} GiB" + (f" (GPU {e['cuda_peak'] / GiB:.2f})" if "cuda_peak" in e else "")
         rows.append(f"| {impl} | {_fmt_s(t)} (n={len(e['times'])}) | {tasks / t:.1f} | {speed} | {gflops} "
                     f"| {frac} | {mem} | {err_s} |")
@@ -53,6 +55,35 @@ def _table(name: str, entry: dict, peak_conv: float | None) -> list[str]:
         rows += ["", f"FLOPs per meta-iteration: {flops / 1e9:.1f} GFLOP (torch.utils.flop_counter, "
                  "per-task loop)."]
     return [*rows, ""]
+
+
+OLD = "-0.1.0"  # bench.py's suffix of the rows that import innerloop 0.1.0 (--old-src)
+
+
+def _old_vs_new(result: dict) -> list[str]:
+    """Each row X with an X-0.1.0 twin: both times, the speed-up over 0.1.0 (old / new) and each
+    against learn2learn. Empty when the run had no --old-src."""
+    rows = []
+    for name, entry in result["settings"].items():
+        impls = entry["impls"]
+        for old in [i for i in impls if i.endswith(OLD)]:
+            new = old.removesuffix(OLD)
+            t_old, t_new = impls[old].get("median_s"), impls.get(new, {}).get("median_s")
+            l2l = impls.get("learn2learn", {}).get("median_s")
+            up = f"**{t_old / t_new:.2f}x**" if t_old and t_new else "-"
+            vs = [f"{l2l / t:.2f}x" if l2l and t else "-" for t in (t_old, t_new)]
+            rows.append(f"| {name} | {new} | {_fmt_s(t_old)} | {_fmt_s(t_new)} | {up} | {vs[0]} | {vs[1]} |")
+    if not rows:
+        return []
+    src = result.get("old_src", {})
+    commit = f" (commit {src['commit'][:7]})" if src.get("commit") else ""
+    return ["## Speed-up over innerloop 0.1.0", "",
+            f"The `{OLD}` rows run the same benchmark code with innerloop imported from `{src.get('path', '?')}`"
+            f"{commit}; each worker checked `innerloop.__file__`. Speed-up = 0.1.0's s / meta-iteration over "
+            "the current one's (above 1: faster now).", "",
+            "| setting | implementation | 0.1.0 s / iter | now s / iter | speed-up over 0.1.0 "
+            "| 0.1.0 vs learn2learn | now vs learn2learn |",
+            "|---|---|---|---|---|---|---|", *rows, ""]
 
 
 def _ratio(result: dict, setting: str, impl: str, base: str = "learn2learn") -> float | None:
@@ -236,6 +267,7 @@ def write(tag: str = "speed") -> Path:
     ]
     for name, entry in result["settings"].items():
         lines += _table(name, entry, peak_conv)
+    lines += _old_vs_new(result)
     lines += _verdict(result)
     if result.get("sweeps"):
         lines += _sweep_tables(result)

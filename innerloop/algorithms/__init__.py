@@ -1,17 +1,22 @@
-"""Meta-learning algorithms, one per file, behind :class:`Algorithm`."""
+"""Meta-learning algorithms, one per file, behind :class:`Algorithm`; each declares its options
+(a frozen dataclass) and capabilities, from which :data:`ALGORITHMS` is derived."""
 
-from innerloop.algorithms.anil import ANIL, BOIL
-from innerloop.algorithms.base import Algorithm, GradientBased
-from innerloop.algorithms.baseline import Baseline, BaselinePP
-from innerloop.algorithms.imaml import IMAML
-from innerloop.algorithms.maml import MAML
-from innerloop.algorithms.mamlpp import MAMLPlusPlus
+from innerloop.algorithms.anil import ANIL, BOIL, ANILOptions
+from innerloop.algorithms.base import Algorithm, AlgorithmOptions, Capabilities, GradientBased, GradientOptions
+from innerloop.algorithms.baseline import Baseline, BaselineOptions, BaselinePP, BaselinePPOptions
+from innerloop.algorithms.imaml import IMAML, IMAMLOptions
+from innerloop.algorithms.maml import MAML, MAMLOptions
+from innerloop.algorithms.mamlpp import MAMLPlusPlus, MAMLPlusPlusOptions
 from innerloop.algorithms.matchingnet import MatchingNet
-from innerloop.algorithms.pretrain import Pretrain
+from innerloop.algorithms.pretrain import Pretrain, PretrainOptions
 from innerloop.algorithms.protonet import ProtoNet
-from innerloop.algorithms.reptile import Reptile
+from innerloop.algorithms.rates import InnerLR, InnerWeightDecay
+from innerloop.algorithms.registry import ALGORITHMS
+from innerloop.algorithms.reptile import Reptile, ReptileOptions
 
 __all__ = [
-    "ANIL", "BOIL", "IMAML", "MAML", "Algorithm", "Baseline", "BaselinePP", "GradientBased", "MAMLPlusPlus",
-    "MatchingNet", "Pretrain", "ProtoNet", "Reptile",
+    "ALGORITHMS", "ANIL", "BOIL", "IMAML", "MAML", "ANILOptions", "Algorithm", "AlgorithmOptions", "Baseline",
+    "BaselineOptions", "BaselinePP", "BaselinePPOptions", "Capabilities", "GradientBased", "GradientOptions",
+    "IMAMLOptions", "InnerLR", "InnerWeightDecay", "MAMLOptions", "MAMLPlusPlus", "MAMLPlusPlusOptions",
+    "MatchingNet", "Pretrain", "PretrainOptions", "ProtoNet", "Reptile", "ReptileOptions",
 ]

@@ -17,57 +17,49 @@ adapted parameters ``phi(theta)`` (tested in ``tests/test_anil_boil.py``).
 
 from __future__ import annotations
 
-from torch import nn
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
-from innerloop.adapt import LRMode, select
-from innerloop.algorithms.base import Vectorize
+from innerloop.algorithms.base import GradientOptions, check
 from innerloop.algorithms.maml import MAML
-from innerloop.tasks import Objective
+from innerloop.algorithms.rates import LR_MODES, LRMode
+
+
+@dataclass(frozen=True)
+class ANILOptions(GradientOptions):
+    first_order: bool = False
+    """Drop the second-order terms."""
+    lr_mode: LRMode = "fixed"
+    """``fixed``, ``scalar``, ``per_tensor`` or ``per_element`` inner rates (over the adapted part)."""
+
+    def check(self) -> None:
+        super().check()
+        check(self.lr_mode in LR_MODES, "lr_mode", self.lr_mode, f"choose one of {list(LR_MODES)}")
 
 
 class ANIL(MAML):
-    """MAML with only ``head.*`` adapting in the inner loop.
-
-    Args:
-        model: the network; it must have parameters named ``head.*`` (its last layer).
-        objective: ``regression`` or ``classification``.
-        inner_lr: inner learning rate of the head (initial value when learned).
-        inner_steps: inner gradient steps per task.
-        first_order: drop second-order terms.
-        lr_mode: ``fixed``, ``scalar``, ``per_tensor`` or ``per_element`` (over the adapted part).
-        vectorize: ``auto``, ``vmap`` or ``loop`` (see :class:`~innerloop.algorithms.base.GradientBased`).
-    """
+    """MAML with only ``head.*`` adapting in the inner loop. Options: :class:`ANILOptions`."""
 
     name = "anil"
+    Options = ANILOptions
+    variants: ClassVar[dict[str, dict[str, Any]]] = {}
     adapt_pattern = "head.*"
     part = "head"
 
-    def __init__(
-        self,
-        model: nn.Module,
-        objective: Objective,
-        inner_lr: float = 0.01,
-        inner_steps: int = 1,
-        first_order: bool = False,
-        lr_mode: LRMode = "fixed",
-        vectorize: Vectorize = "auto",
-    ) -> None:
-        names = [n for n, _ in model.named_parameters()]
-        try:
-            select(names, [self.adapt_pattern])
-        except ValueError:
+    def chosen(self, names: list[str], which: str | tuple[str, ...]) -> list[str]:
+        matched = [n for n in names if n.startswith(f"{self.adapt_pattern[:-1]}")]
+        if not matched:
             raise ValueError(
                 f"{self.name} adapts the model's {self.part} (parameters {self.adapt_pattern!r}) but the "
                 f"model has none: its parameters are {names}. Name the body `features` and the last layer "
                 "`head` (as innerloop.models do), or use MAML with adapt=[<your patterns>]."
-            ) from None
-        super().__init__(model, objective, inner_lr, inner_steps, first_order, lr_mode,
-                         [self.adapt_pattern], vectorize)
+            )
+        return super().chosen(names, which)
 
 
 class BOIL(ANIL):
     """MAML with only the body (``features.*``) adapting in the inner loop; the head is frozen
-    in the inner loop and meta-learned. Arguments as :class:`ANIL`."""
+    in the inner loop and meta-learned. Options as :class:`ANIL`."""
 
     name = "boil"
     adapt_pattern = "features.*"

@@ -1,33 +1,34 @@
-"""The small interface every algorithm implements, and what gradient-based learners share.
+"""The small interface every algorithm implements, its typed options, and what gradient-based
+learners share.
 
-An algorithm is an :class:`torch.nn.Module` whose parameters are its meta-parameters (the
-model's initial weights, learned inner learning rates, ...). The training loop only ever calls
+An algorithm is an :class:`torch.nn.Module` whose parameters are its meta-parameters (the model's
+initial weights, learned inner learning rates, ...). The training loop only ever calls
 
 * :meth:`Algorithm.meta_gradient` -- the outer-loop gradient of one meta-batch, and
-* :meth:`Algorithm.evaluate` -- the query metric of each task after 0, 1, ..., k adaptation
-  steps,
+* :meth:`Algorithm.evaluate` -- the query metric of each task after 0, 1, ..., k adaptation steps,
 
-so one loop, one checkpoint format and one evaluation protocol serve every algorithm.
+so one loop, one checkpoint format and one evaluation protocol serve every algorithm. Each
+algorithm declares its options as a frozen dataclass (:attr:`Algorithm.Options`, valid by
+construction) and what it can do (:attr:`Algorithm.capabilities`); the registry and the config
+are derived from those declarations. How a meta-batch of tasks runs (vmap, loop, threads, memory
+layout) is :mod:`innerloop.execution`'s business, not the algorithm's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import vmap
 
-from innerloop.adapt import InnerLR, InnerWeightDecay, LRMode, Params, adapt_trajectory, model_loss, select
+from innerloop.adapt import Params, UpdateRule, model_loss, select, sgd, unroll
+from innerloop.algorithms.rates import InnerLR, InnerWeightDecay
+from innerloop.execution import Execution, TaskTensors, map_tasks
 from innerloop.tasks import Objective, TaskBatch, TaskFamily
-
-Vectorize = Literal["auto", "vmap", "loop"]
-VECTORIZE: tuple[str, ...] = ("auto", "vmap", "loop")
-MemoryFormat = Literal["auto", "channels_last", "contiguous"]
-MEMORY_FORMATS: tuple[str, ...] = ("auto", "channels_last", "contiguous")
 
 
 @dataclass(frozen=True)
@@ -50,23 +51,119 @@ OBJECTIVES: dict[str, ObjectiveFns] = {
 }
 
 
+def check(ok: bool, key: str, value: Any, rule: str) -> None:
+    """Raise ``ValueError("<key> = <value> is invalid: <rule>.")`` unless ``ok``."""
+    if not ok:
+        raise ValueError(f"{key} = {value!r} is invalid: {rule}.")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class AlgorithmOptions:
+    """Base of every algorithm's options: a frozen dataclass checked when built (so an invalid one
+    cannot exist). Subclasses add fields (with a docstring each) and extend :meth:`check`."""
+
+    aliases: ClassVar[dict[str, str]] = {}
+    """Older names of fields (config keys and keyword arguments of innerloop 0.1.0) -> field names."""
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Range checks; raise ``ValueError`` naming the field, its value and what is allowed."""
+
+
+@dataclass(frozen=True)
+class GradientOptions(AlgorithmOptions):
+    """Options of every learner that adapts by gradient steps."""
+
+    inner_lr: float = 0.01
+    """The inner (adaptation) learning rate (initial value where it is learned)."""
+    inner_steps: int = 1
+    """Inner steps per task in meta-training and validation."""
+
+    def check(self) -> None:
+        check(isinstance(self.inner_lr, int | float) and 0 < self.inner_lr < float("inf"), "inner_lr",
+              self.inner_lr, "must be a finite number > 0")
+        check(_is_int(self.inner_steps) and self.inner_steps >= 1, "inner_steps", self.inner_steps,
+              "must be an integer >= 1")
+
+
+def check_adapt(adapt: str | tuple[str, ...]) -> None:
+    check(isinstance(adapt, str) or (isinstance(adapt, tuple) and all(isinstance(a, str) for a in adapt)),
+          "adapt", adapt, "give 'all' or a list of glob patterns such as ['head.*']")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What an algorithm can do, declared once and read by the config and the model builder."""
+
+    objectives: tuple[Objective, ...] = ("regression", "classification")
+    """The kinds of task families it learns on."""
+    head: Literal["ways", "none", "train_classes"] = "ways"
+    """The model's output size: one per way, none (an embedding network), one per training class."""
+    any_test_ways: bool = False
+    """Whether test tasks may have another number of ways than training tasks."""
+    more_train_ways: bool = False
+    """Whether meta-training tasks may have more ways than test tasks (ProtoNets' higher way)."""
+
+
 class Algorithm(nn.Module):
     """The interface: how to compute a meta-gradient, and how to score adaptation to a task.
 
     Args:
         model: the network that is adapted to each task.
         objective: ``regression`` (MSE) or ``classification`` (cross-entropy, accuracy).
+        options: the algorithm's :attr:`Options` (default: its defaults);
+        execution: how meta-batches run (:class:`~innerloop.execution.Execution`);
+        **overrides: any field of the options or of the execution by keyword
+            (``MAML(model, "regression", inner_lr=0.1, task_threads=1)``).
     """
 
-    name: str = "algorithm"
+    name: ClassVar[str] = "algorithm"
+    Options: ClassVar[type[AlgorithmOptions]] = AlgorithmOptions
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    variants: ClassVar[dict[str, dict[str, Any]]] = {}
+    """Other registered names for this class with fixed option values (``fomaml`` is MAML with
+    ``first_order = True``)."""
 
-    def __init__(self, model: nn.Module, objective: Objective) -> None:
+    def __init__(self, model: nn.Module, objective: Objective = "classification",
+                 options: AlgorithmOptions | None = None, execution: Execution | None = None,
+                 **overrides: Any) -> None:
         super().__init__()
+        exec_names = [f.name for f in dataclasses.fields(Execution)]
+        exec_over = {k: overrides.pop(k) for k in list(overrides) if k in exec_names}
+        self.execution = dataclasses.replace(execution or Execution(), **exec_over)
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {objective!r}; choose one of {list(OBJECTIVES)}.")
+        if objective not in self.capabilities.objectives:
+            raise ValueError(f"{self.name} learns {' or '.join(self.capabilities.objectives)} tasks, "
+                             f"not {objective}.")
         self.model = model
-        self.objective = objective
+        self.objective: Objective = objective
         self.fns = OBJECTIVES[objective]
+        self.options = self.make_options(options, overrides)
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls.Options)]
+
+    @classmethod
+    def make_options(cls, options: AlgorithmOptions | None, overrides: Mapping[str, Any]) -> Any:
+        """``options`` (or the defaults) with ``overrides`` applied; unknown names are refused."""
+        base = cls.Options() if options is None else options
+        if not isinstance(base, cls.Options):
+            raise TypeError(f"{cls.name} takes {cls.Options.__name__}, got {type(base).__name__}.")
+        names = cls.option_names()
+        fixed = {cls.Options.aliases.get(k, k): v for k, v in overrides.items()}
+        unknown = [k for k in fixed if k not in names]
+        if unknown:
+            raise ValueError(f"{cls.name} has no option {unknown[0]!r}; its options are: "
+                             f"{', '.join(names) or 'none'}.")
+        return dataclasses.replace(base, **fixed) if fixed else base
 
     @property
     def metric_name(self) -> str:
@@ -75,6 +172,11 @@ class Algorithm(nn.Module):
     @property
     def higher_is_better(self) -> bool:
         return self.fns.higher_is_better
+
+    @property
+    def validation_steps(self) -> int:
+        """Adaptation steps before scoring validation tasks (the options' ``inner_steps``, else 1)."""
+        return int(getattr(self.options, "inner_steps", 1))
 
     def meta_gradient(self, batch: TaskBatch) -> tuple[dict[str, Tensor], dict[str, float]]:
         """The gradient of the outer objective on ``batch``, keyed like ``named_parameters()``,
@@ -106,36 +208,13 @@ class Algorithm(nn.Module):
         """
         return family
 
-
-def has_conv_or_norm(model: nn.Module) -> bool:
-    kinds = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
-    return any(isinstance(m, kinds) for m in model.modules())
+    def extra_repr(self) -> str:
+        return repr(self.options)
 
 
-def has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
-def has_conv2d(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.Conv2d) for m in model.modules())
-
-
-def to_channels_last(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Every 4-D tensor (conv weights ``[out, in, kh, kw]``, images ``[batch, C, H, W]``) in the
-    channels-last memory format; a differentiable copy where the layout changes, else the same
-    tensor. Values, and so results, are unchanged."""
-    return {k: _channels_last(t) if t.dim() == 4 else t for k, t in tensors.items()}
-
-
-def _channels_last(t: Tensor) -> Tensor:
-    """``t`` (4-D) with channels-last strides. With one channel (Omniglot's images) the two layouts
-    hold the same memory and ``contiguous(memory_format=channels_last)`` keeps the NCHW strides,
-    which torch reads as NCHW: the first block's convolution, BatchNorm and max-pool then run in
-    the slow NCHW kernels (max-pool 12x slower at Omniglot's size). Explicit channels-last strides
-    (a copy) keep the whole network channels-last."""
-    if t.size(1) == 1 and t.stride(1) != 1:
-        return torch.empty_like(t, memory_format=torch.channels_last).copy_(t)
-    return t.contiguous(memory_format=torch.channels_last)
+def scores(fns: ObjectiveFns, pred: Tensor, target: Tensor) -> Tensor:
+    """``[2]``: the query (loss, metric), detached."""
+    return torch.stack([fns.loss(pred, target), fns.metric(pred, target)]).detach()
 
 
 class GradientBased(Algorithm):
@@ -144,53 +223,33 @@ class GradientBased(Algorithm):
     Args:
         model: the network whose initial parameters are meta-learned.
         objective: ``regression`` or ``classification``.
-        inner_lr: the inner learning rate (initial value when learned).
-        inner_steps: inner gradient steps during meta-training.
-        lr_mode: ``fixed``, or learned ``scalar`` / ``per_tensor`` / ``per_element`` (Meta-SGD).
-        adapt: which parameters adapt: ``all`` or glob patterns (``head.*`` = ANIL).
-        vectorize: run a meta-batch under ``vmap`` over tasks, as a per-task ``loop``, or
-            ``auto``: ``vmap`` for models without convolutions or normalisation layers (small
-            models are dominated by per-op overhead, and vectorising wins), ``loop`` otherwise
-            (on CPU the per-task loop of convolutions is faster, and ``vmap`` through BatchNorm
-            gives a wrong second-order gradient in torch 2.13). Both give the same gradient.
-        weight_decay: inner weight decay ``wd``, each inner step ``p - lr * (g + wd * p)``
-            (initial value when learned; 0 and ``fixed``: none).
-        wd_mode: ``fixed``, or learned ``scalar`` / ``per_tensor`` / ``per_element``, like ``lr_mode``.
-        memory_format: layout of the per-task loop's images and conv weights: ``channels_last``,
-            ``contiguous`` (NCHW), or ``auto``: channels-last for models with a 2-D convolution
-            (faster on CPU for conv-4; measured in ``benchmarks/speed``). The values, and so the
-            meta-gradient, are the same either way; returned gradients may be channels-last strided.
+        options, execution, **overrides: as for :class:`Algorithm`.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        objective: Objective,
-        inner_lr: float = 0.01,
-        inner_steps: int = 1,
-        lr_mode: LRMode = "fixed",
-        adapt: str | list[str] = "all",
-        vectorize: Vectorize = "auto",
-        weight_decay: float = 0.0,
-        wd_mode: LRMode = "fixed",
-        memory_format: MemoryFormat = "auto",
-    ) -> None:
-        super().__init__(model, objective)
-        if not isinstance(inner_steps, int) or inner_steps < 1:
-            raise ValueError(f"inner_steps must be an integer >= 1, got {inner_steps!r}.")
-        if vectorize not in VECTORIZE:
-            raise ValueError(f"unknown vectorize {vectorize!r}; choose one of {VECTORIZE}.")
-        if memory_format not in MEMORY_FORMATS:
-            raise ValueError(f"unknown memory_format {memory_format!r}; choose one of {MEMORY_FORMATS}.")
-        self.memory_format = memory_format
+    Options: ClassVar[type[AlgorithmOptions]] = GradientOptions
+    adapt_pattern: ClassVar[str | tuple[str, ...] | None] = None
+    """A fixed choice of the parameters that adapt (ANIL: ``head.*``); ``None``: the ``adapt`` option."""
+
+    def __init__(self, model: nn.Module, objective: Objective = "regression",
+                 options: AlgorithmOptions | None = None, execution: Execution | None = None,
+                 **overrides: Any) -> None:
+        super().__init__(model, objective, options, execution, **overrides)
         names = [n for n, _ in model.named_parameters()]
-        self.adapt_names = select(names, adapt)
+        which = self.adapt_pattern or getattr(self.options, "adapt", "all")
+        self.adapt_names = self.chosen(names, which)
         params = dict(model.named_parameters())
-        self.inner_lr = InnerLR({n: params[n] for n in self.adapt_names}, inner_lr, lr_mode)
-        self.inner_wd = InnerWeightDecay({n: params[n] for n in self.adapt_names}, weight_decay, wd_mode)
-        self.inner_steps = inner_steps
-        self.vectorize = vectorize
+        adapted = {n: params[n] for n in self.adapt_names}
+        o = self.options
+        self.inner_lr = InnerLR(adapted, o.inner_lr, getattr(o, "lr_mode", "fixed"))
+        self.inner_wd = InnerWeightDecay(adapted, getattr(o, "weight_decay", 0.0), getattr(o, "wd_mode", "fixed"))
         self._loss = model_loss(model, self.fns.loss)
+
+    def chosen(self, names: list[str], which: str | tuple[str, ...]) -> list[str]:
+        return select(names, which)
+
+    @property
+    def inner_steps(self) -> int:
+        return int(self.options.inner_steps)
 
     # -- functional views -------------------------------------------------------------------
     def params(self) -> Params:
@@ -200,92 +259,42 @@ class GradientBased(Algorithm):
     def buffers_dict(self) -> Params:
         return dict(self.model.named_buffers())
 
-    @property
-    def channels_last(self) -> bool:
-        """Whether the per-task loop runs in the channels-last layout (see ``memory_format``)."""
-        if self.memory_format == "auto":
-            return has_conv2d(self.model)
-        return self.memory_format == "channels_last"
+    def predict(self, model: nn.Module, params: Params, x: Tensor) -> Tensor:
+        return torch.func.functional_call(model, (params, self.buffers_dict()), (x,))
 
-    def layout_params(self, params: Params) -> Params:
-        """``params`` in the per-task loop's memory format (unchanged for ``contiguous``)."""
-        return to_channels_last(params) if self.channels_last else params
+    def rule(self, rates: Mapping[str, Tensor] | None = None, detach: bool = False) -> UpdateRule:
+        """The inner update: SGD with the (fixed or learned) rates and weight decay. ``rates``
+        substitutes functional values for the learned rates; ``detach`` cuts them from the graph."""
+        rates = {k: v.detach() for k, v in self.inner_lr.rates.items()} if detach else rates
+        wd = {k: v.detach() for k, v in self.inner_wd.rates.items()} if detach else None
+        return sgd(self.inner_lr.as_dict(rates), self.inner_wd.as_dict(wd))
 
-    def layout_task(self, task: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        """One task's tensors ``(support_x, support_y, query_x, query_y)`` in the loop's memory format."""
-        if not self.channels_last:
-            return task
-        laid = to_channels_last({str(i): t for i, t in enumerate(task)})
-        return tuple(laid[str(i)] for i in range(len(task)))
-
-    def use_vmap(self, second_order: bool) -> bool:
-        if self.vectorize == "loop":
-            return False
-        if self.vectorize == "vmap":
-            if second_order and has_batchnorm(self.model):
-                raise ValueError(
-                    "vectorize='vmap' with BatchNorm and a second-order meta-gradient gives a wrong "
-                    "gradient in torch (vmap over grad through batch_norm); use vectorize='loop' "
-                    "or 'auto', or first_order=True."
-                )
-            return True
-        return not has_conv_or_norm(self.model)
-
-    def _predict(self, params: Params, buffers: Params, x: Tensor) -> Tensor:
-        return torch.func.functional_call(self.model, (params, buffers), (x,))
-
-    def eval_trajectory(
-        self, params: Params, buffers: Params, rates: Params, support_x: Tensor, support_y: Tensor, steps: int
-    ) -> Iterator[Params]:
+    def eval_trajectory(self, model: nn.Module, params: Params, task: TaskTensors, steps: int) -> Iterator[Params]:
         """The test-time inner loop of one task: parameters after 1..``steps`` steps, no outer graph.
         Algorithms with another inner loop (Reptile's Adam, iMAML's proximal steps) override this."""
-        return adapt_trajectory(
-            self._loss, params, buffers, support_x, support_y, steps=steps,
-            lr=self.inner_lr.as_dict(rates), adapt_names=self.adapt_names, first_order=True,
-            weight_decay=self.inner_wd.as_dict({k: v.detach() for k, v in self.inner_wd.rates.items()}),
-        )
+        loss, buffers = model_loss(model, self.fns.loss), self.buffers_dict()
+        sx, sy = task[0], task[1]
+        return unroll(lambda p, _: loss(p, buffers, sx, sy), params, steps=steps, rule=self.rule(detach=True),
+                      adapt_names=self.adapt_names, first_order=True)
 
-    def trajectory_scores(
-        self, params: Params, buffers: Params, rates: Params, task: tuple[Tensor, ...], steps: int
-    ) -> Tensor:
+    def trajectory_scores(self, model: nn.Module, params: Params, task: TaskTensors, steps: int) -> Tensor:
         """``[2, steps + 1]``: query (loss, metric) of one task after 0..steps inner steps."""
-        sx, sy, qx, qy = task
+        qx, qy = task[2], task[3]
+        trajectory = [params, *self.eval_trajectory(model, params, task, steps)]
+        return torch.stack([scores(self.fns, self.predict(model, p, qx), qy) for p in trajectory], dim=-1)
 
-        def score(p: Params) -> Tensor:
-            pred = self._predict(p, buffers, qx)
-            return torch.stack([self.fns.loss(pred, qy), self.fns.metric(pred, qy)])
-
-        trajectory = self.eval_trajectory(params, buffers, rates, sx, sy, steps)
-        return torch.stack([score(params)] + [score(p) for p in trajectory], dim=-1)
-
-    def evaluate(self, batch: TaskBatch, steps: int, chunk: int = 200) -> dict[str, Tensor]:
+    def evaluate(self, batch: TaskBatch, steps: int) -> dict[str, Tensor]:
         """Fine-tune on each task's support set with the inner update rule (no meta-graph) and
         score the query set after 0..``steps`` steps. See :meth:`Algorithm.evaluate`."""
         if steps < 0:
             raise ValueError(f"evaluation steps must be >= 0, got {steps}.")
         params = {n: p.detach() for n, p in self.params().items()}
-        rates = {k: v.detach() for k, v in self.inner_lr.rates.items()}
-        buffers = self.buffers_dict()
-        tensors = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
-        with torch.no_grad():
-            if self.use_vmap(second_order=False):
-                def one(*task: Tensor) -> Tensor:
-                    return self.trajectory_scores(params, buffers, rates, task, steps)
-
-                parts = [
-                    vmap(one)(*(t[i : i + chunk] for t in tensors))
-                    for i in range(0, len(batch), chunk)
-                ]
-                out = torch.cat(parts)
-            else:
-                laid = self.layout_params(params)
-                tasks = (self.layout_task(tuple(t[i] for t in tensors)) for i in range(len(batch)))
-                out = torch.stack([self.trajectory_scores(laid, buffers, rates, task, steps) for task in tasks])
+        out = map_tasks(lambda m, p, task: self.trajectory_scores(m, p, task, steps), self.model, params, batch,
+                        self.execution)
         return {"loss": out[:, 0], self.metric_name: out[:, 1]}
 
-    def _grads(self, loss: Tensor, targets: dict[str, Tensor]) -> dict[str, Tensor]:
-        grads = torch.autograd.grad(loss, list(targets.values()), allow_unused=True)
-        return {
-            n: torch.zeros_like(t) if g is None else g
-            for (n, t), g in zip(targets.items(), grads, strict=True)
-        }
+
+@dataclass(frozen=True)
+class NoOptions(AlgorithmOptions):
+    """An algorithm without options."""
+

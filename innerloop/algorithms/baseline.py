@@ -25,74 +25,23 @@ with batch statistics sees the whole episode, as for ProtoNets and MAML.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import grad
 
-from innerloop.algorithms.base import Algorithm
-from innerloop.data.images import ImageClassDataset
-from innerloop.tasks import Split, Task, TaskBatch, TaskFamily, check_split, task_seed
+from innerloop.adapt import sgd, unroll
+from innerloop.algorithms.base import Algorithm, AlgorithmOptions, Capabilities, check, scores
+from innerloop.data.global_labels import GlobalLabelBatches
+from innerloop.execution import Execution, TaskTensors, map_tasks
+from innerloop.tasks import Objective, TaskBatch, TaskFamily
 
 Head = Literal["linear", "cosine"]
-
-
-class GlobalLabelBatches:
-    """Ordinary supervised batches with global class labels, as a task family.
-
-    "Task" ``i`` of a split is ``examples`` distinct images drawn uniformly from all images of
-    ``splits[split]`` (a deterministic function of ``(seed, split, i)``), labelled with their class
-    index in that dataset; the first half is the support, the rest the query (both are training
-    data here). A meta-batch of such tasks is one batch of ``tasks * examples`` images.
-
-    Args:
-        splits: ``{split: ImageClassDataset}``, e.g. ``FewShotClassification.splits``.
-        examples: images per task (>= 2).
-        seed: the family seed.
-    """
-
-    objective = "classification"
-
-    def __init__(self, splits: Mapping[str, ImageClassDataset], examples: int, seed: int = 0) -> None:
-        if isinstance(examples, bool) or not isinstance(examples, int) or examples < 2:
-            raise ValueError(f"examples per batch must be an integer >= 2, got {examples!r}.")
-        self.splits, self.examples, self.seed = dict(splits), examples, int(seed)
-
-    def num_classes(self, split: Split = "train") -> int:
-        return self._dataset(split).num_classes
-
-    def _dataset(self, split: str) -> ImageClassDataset:
-        check_split(split)
-        if split not in self.splits:
-            raise KeyError(f"no {split!r} split here; there is {', '.join(self.splits) or 'none'}.")
-        return self.splits[split]
-
-    def task(self, split: Split, index: int) -> Task:
-        """``support_x [examples // 2, C, H, W]``, ``support_y [examples // 2]`` global labels
-        (int64), ``query_x``/``query_y`` the other ``examples - examples // 2`` images."""
-        ds = self._dataset(split)
-        total = int(ds.counts.sum())
-        if total < self.examples:
-            raise ValueError(f"the {split} split has {total} images, fewer than the {self.examples} per batch.")
-        g = torch.Generator().manual_seed(task_seed(self.seed, split, index, "GlobalLabelBatches"))
-        flat = torch.randperm(total, generator=g)[: self.examples]
-        ends = torch.cumsum(ds.counts, 0)
-        classes = torch.bucketize(flat, ends, right=True)
-        within = flat - (ends - ds.counts)[classes]
-        x = ds.gather(classes, within)
-        half = self.examples // 2
-        return Task(x[:half], classes[:half], x[half:], classes[half:])
-
-    def batch(self, split: Split, indices: Sequence[int]) -> TaskBatch:
-        return TaskBatch.stack([self.task(split, int(i)) for i in indices])
-
-    def __repr__(self) -> str:
-        return f"GlobalLabelBatches({self.examples} images per task, seed={self.seed}, classes: " + ", ".join(
-            f"{s}={d.num_classes}" for s, d in self.splits.items()) + ")"
 
 
 def cosine_logits(z: Tensor, weight: Tensor, scale: float) -> Tensor:
@@ -100,27 +49,56 @@ def cosine_logits(z: Tensor, weight: Tensor, scale: float) -> Tensor:
     return scale * F.normalize(z, dim=-1) @ F.normalize(weight, dim=-1).T
 
 
+@dataclass(frozen=True)
+class BaselineOptions(AlgorithmOptions):
+    inner_lr: float = 0.01
+    """Step size of the test-time head fitting (full-batch gradient steps on the support set)."""
+    inner_steps: int = 1
+    """Head-fitting steps of validation (testing reports 0..``eval.steps``)."""
+
+    aliases: ClassVar[dict[str, str]] = {"fit_lr": "inner_lr"}
+
+    def check(self) -> None:
+        check(isinstance(self.inner_lr, int | float) and 0 < self.inner_lr < float("inf"), "inner_lr",
+              self.inner_lr, "must be a finite number > 0")
+        steps = self.inner_steps
+        check(isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1,
+              "inner_steps", self.inner_steps, "must be an integer >= 1")
+
+
+@dataclass(frozen=True)
+class BaselinePPOptions(BaselineOptions):
+    cosine_scale: float = 10.0
+    """The fixed scale ``s`` of the cosine classifier ``s * cos(w_c, z)`` (Chen et al.: 2 for features
+    of at most 200 dimensions, else 10)."""
+
+    aliases: ClassVar[dict[str, str]] = {"fit_lr": "inner_lr", "scale": "cosine_scale"}
+
+    def check(self) -> None:
+        super().check()
+        check(isinstance(self.cosine_scale, int | float) and self.cosine_scale > 0, "cosine_scale",
+              self.cosine_scale, "must be > 0")
+
+
 class Baseline(Algorithm):
-    """Pre-train on all training classes; fit a new linear (Baseline) or cosine (Baseline++) head
-    per test task on the frozen features.
+    """Pre-train on all training classes; fit a new linear head per test task on the frozen features.
+    Options: :class:`BaselineOptions`.
 
     Args:
         model: a network with a body ``features`` (``[batch, *input] -> [batch, d]``) and a linear
-            ``head`` with one output per training class (``run.build_model`` sizes it from the
-            family; ``Conv4(ways=<training classes>)`` directly).
-        head: ``linear`` (Baseline) or ``cosine`` (Baseline++).
-        fit_lr: step size of the test-time head fitting (the number of steps is what
-            :meth:`evaluate` is asked for: ``algorithm.inner_steps`` for validation, ``eval.steps``
-            for testing).
-        scale: ``s`` of the cosine classifier (``cosine`` only).
+            ``head`` with one output per training class (``Conv4(ways=<training classes>)``; the run
+            builder sizes it from the family).
     """
 
     name = "baseline"
+    Options = BaselineOptions
+    capabilities = Capabilities(objectives=("classification",), head="train_classes", any_test_ways=True)
+    head_kind: ClassVar[Head] = "linear"
 
-    def __init__(self, model: nn.Module, head: Head = "linear", fit_lr: float = 0.01, scale: float = 10.0) -> None:
-        super().__init__(model, "classification")
-        if head not in ("linear", "cosine"):
-            raise ValueError(f"unknown head {head!r}; choose 'linear' (Baseline) or 'cosine' (Baseline++).")
+    def __init__(self, model: nn.Module, objective: Objective = "classification",
+                 options: BaselineOptions | None = None, execution: Execution | None = None,
+                 **overrides: Any) -> None:
+        super().__init__(model, objective, options, execution, **overrides)
         body, top = getattr(model, "features", None), getattr(model, "head", None)
         if not isinstance(body, nn.Module) or not isinstance(top, nn.Linear):
             names = [n for n, _ in model.named_children()]
@@ -128,10 +106,14 @@ class Baseline(Algorithm):
                 f"the Baseline needs a model with a body `features` and a linear `head` over the training "
                 f"classes; this model's children are {names}. Use innerloop.models.Conv4(ways=<training classes>)."
             )
-        if not fit_lr > 0 or not scale > 0:
-            raise ValueError(f"need fit_lr > 0 and scale > 0; got fit_lr={fit_lr}, scale={scale}.")
-        self.head_kind: Head = head
-        self.fit_lr, self.scale = float(fit_lr), float(scale)
+
+    @property
+    def fit_lr(self) -> float:
+        return float(self.options.inner_lr)
+
+    @property
+    def scale(self) -> float:
+        return float(getattr(self.options, "cosine_scale", 1.0))
 
     # -- pre-training ---------------------------------------------------------------------------
     def training_family(self, family: TaskFamily) -> TaskFamily:
@@ -188,46 +170,35 @@ class Baseline(Algorithm):
             return F.linear(z, head["weight"], head["bias"])
         return cosine_logits(z, head["weight"], self.scale)
 
+    def fit_scores(self, model: nn.Module, task: TaskTensors, steps: int) -> Tensor:
+        """``[2, steps + 1]``: query (loss, accuracy) of one task after 0..``steps`` steps of fitting
+        a new head on the frozen support features (full-batch gradient steps of ``inner_lr``)."""
+        sx, sy, qx, qy = task
+        z = model.features(torch.cat([sx, qx]))
+        zs, zq = z[: len(sx)], z[len(sx) :]
+        head = self.initial_head(int(sy.max()) + 1, z.shape[-1], z)
+        fitted = unroll(lambda h, _: F.cross_entropy(self.head_logits(h, zs), sy), head, steps=steps,
+                        rule=sgd(self.fit_lr), first_order=True)
+        return torch.stack([scores(self.fns, self.head_logits(h, zq), qy) for h in [head, *fitted]], dim=-1)
+
     def evaluate(self, batch: TaskBatch, steps: int) -> dict[str, Tensor]:
         """Fit a new head on each task's support features (body frozen) for 0..``steps`` steps and
         score the query set after each. Returns ``{"loss", "accuracy"}``, each ``[tasks, steps + 1]``."""
         if steps < 0:
             raise ValueError(f"evaluation steps must be >= 0, got {steps}.")
-        out = []
-        for i in range(len(batch)):
-            sx, sy, qx, qy = batch.support_x[i], batch.support_y[i], batch.query_x[i], batch.query_y[i]
-            with torch.no_grad():
-                z = self.model.features(torch.cat([sx, qx]))
-            zs, zq = z[: len(sx)], z[len(sx) :]
-            head = self.initial_head(int(sy.max()) + 1, z.shape[-1], z)
-
-            def support_loss(h: dict[str, Tensor], zs: Tensor = zs, sy: Tensor = sy) -> Tensor:
-                return F.cross_entropy(self.head_logits(h, zs), sy)
-
-            scores = []
-            for step in range(steps + 1):
-                with torch.no_grad():
-                    logits = self.head_logits(head, zq)
-                    scores.append(torch.stack([F.cross_entropy(logits, qy), self.fns.metric(logits, qy)]))
-                if step < steps:
-                    g = grad(support_loss)(head)
-                    head = {k: (v - self.fit_lr * g[k]).detach() for k, v in head.items()}
-            out.append(torch.stack(scores, dim=-1))
-        result = torch.stack(out)
+        params = {k: v.detach() for k, v in self.model.named_parameters()}
+        result = map_tasks(lambda m, p, task: self.fit_scores(m, task, steps), self.model, params, batch,
+                           dataclasses.replace(self.execution, vectorize="loop"))
         return {"loss": result[:, 0], "accuracy": result[:, 1]}
-
-    def extra_repr(self) -> str:
-        return f"head={self.head_kind}, fit_lr={self.fit_lr}, scale={self.scale}"
 
 
 class BaselinePP(Baseline):
     """Baseline++: :class:`Baseline` with the cosine classifier ``s * cos(w_c, z)`` in pre-training
-    and at test time. Arguments as :class:`Baseline` (without ``head``)."""
+    and at test time. Options: :class:`BaselinePPOptions`."""
 
     name = "baselinepp"
-
-    def __init__(self, model: nn.Module, fit_lr: float = 0.01, scale: float = 10.0) -> None:
-        super().__init__(model, "cosine", fit_lr, scale)
+    Options = BaselinePPOptions
+    head_kind = "cosine"
 
 
 def train_classes(family: Any) -> int:

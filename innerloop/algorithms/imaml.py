@@ -26,16 +26,15 @@ parameter adapts (the proximal term ties all of them to ``theta``).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, vjp, vmap
 
-from innerloop.adapt import Params, adapt, adapt_trajectory
-from innerloop.algorithms.base import GradientBased, Vectorize
-from innerloop.tasks import Objective, TaskBatch
-
-LossFn = Callable[[Params, Params, Tensor, Tensor], Tensor]
+from innerloop.adapt import Params, UpdateRule, gradient, hessian_vector_product, last, model_loss, sgd, unroll
+from innerloop.algorithms.base import GradientBased, GradientOptions, check, scores
+from innerloop.execution import TaskTensors, map_tasks
+from innerloop.tasks import TaskBatch
 
 
 def _dot(a: Params, b: Params) -> Tensor:
@@ -67,120 +66,85 @@ def conjugate_gradient(matvec: Callable[[Params], Params], b: Params, steps: int
     return x
 
 
+@dataclass(frozen=True)
+class IMAMLOptions(GradientOptions):
+    inner_lr: float = 0.01
+    """Gradient-descent step size on the proximal inner objective."""
+    inner_steps: int = 10
+    """Gradient steps on the inner objective (enough to get near its minimiser)."""
+    reg_lambda: float = 2.0
+    """``lambda`` of the proximal term ``lambda / 2 ||phi - theta||^2`` (> 0)."""
+    cg_steps: int = 5
+    """Conjugate-gradient iterations per task for the implicit gradient (>= 1)."""
+
+    def check(self) -> None:
+        super().check()
+        check(isinstance(self.reg_lambda, int | float) and self.reg_lambda > 0, "reg_lambda", self.reg_lambda,
+              "must be > 0; it weighs ||phi - theta||^2")
+        check(isinstance(self.cg_steps, int) and not isinstance(self.cg_steps, bool) and self.cg_steps >= 1,
+              "cg_steps", self.cg_steps, "must be an integer >= 1")
+
+
 class IMAML(GradientBased):
     """Implicit MAML with a proximal inner problem and a conjugate-gradient implicit gradient.
-
-    Args:
-        model: the network; its parameters are the meta-parameters ``theta``.
-        objective: ``regression`` or ``classification``.
-        inner_lr: gradient-descent step size on the proximal inner objective.
-        inner_steps: gradient steps on the inner objective (enough to get near its minimiser).
-        reg_lambda: ``lambda`` of the proximal term ``lambda / 2 ||phi - theta||^2`` (> 0).
-        cg_steps: conjugate-gradient iterations per task for the implicit gradient (>= 1).
-        vectorize: ``auto``, ``vmap`` or ``loop`` (see :class:`~innerloop.algorithms.base.GradientBased`);
-            the Hessian-vector products are second order, so BatchNorm models run as a loop.
-    """
+    Options: :class:`IMAMLOptions`. Every parameter adapts (the proximal term ties all of them to
+    ``theta``); the Hessian-vector products are second order, so BatchNorm models run as a loop."""
 
     name = "imaml"
+    Options = IMAMLOptions
 
-    def __init__(
-        self,
-        model: nn.Module,
-        objective: Objective,
-        inner_lr: float = 0.01,
-        inner_steps: int = 10,
-        reg_lambda: float = 2.0,
-        cg_steps: int = 5,
-        vectorize: Vectorize = "auto",
-    ) -> None:
-        super().__init__(model, objective, inner_lr, inner_steps, "fixed", "all", vectorize)
-        if not reg_lambda > 0:
-            raise ValueError(f"iMAML's reg_lambda must be > 0, got {reg_lambda}; it weighs ||phi - theta||^2.")
-        if not isinstance(cg_steps, int) or cg_steps < 1:
-            raise ValueError(f"cg_steps must be an integer >= 1, got {cg_steps!r}.")
-        self.reg_lambda = float(reg_lambda)
-        self.cg_steps = cg_steps
+    def rule(self, rates: Params | None = None, detach: bool = False, anchor: Params | None = None) -> UpdateRule:
+        """The proximal step ``p - lr * (g + lambda (p - theta))``: gradient descent on
+        ``L_support(p) + lambda/2 ||p - theta||^2`` with ``theta = anchor`` a constant."""
+        assert anchor is not None
+        return sgd(self.inner_lr.as_dict(), weight_decay=float(self.options.reg_lambda),
+                   anchor={k: v.detach() for k, v in anchor.items()})
 
-    def proximal_loss(self, anchor: Params) -> LossFn:
-        """``(params, buffers, x, y) -> L(params) + lambda/2 ||params - anchor||^2``, with ``anchor``
-        (the meta-parameters) a constant."""
-        anchor = {k: v.detach() for k, v in anchor.items()}
+    def eval_trajectory(self, model: nn.Module, params: Params, task: TaskTensors, steps: int) -> Iterator[Params]:
+        """Proximal steps anchored at ``params`` (iMAML's inner loop, at training and test time)."""
+        loss, buffers = model_loss(model, self.fns.loss), self.buffers_dict()
+        sx, sy = task[0], task[1]
+        return unroll(lambda p, _: loss(p, buffers, sx, sy), params, steps=steps,
+                      rule=self.rule(anchor=params), first_order=True)
 
-        def loss(params: Params, buffers: Params, x: Tensor, y: Tensor) -> Tensor:
-            prox = sum(((params[k] - anchor[k]) ** 2).sum() for k in anchor)
-            return self._loss(params, buffers, x, y) + 0.5 * self.reg_lambda * prox
-
-        return loss
-
-    def inner_solve(self, params: Params, buffers: Params, support_x: Tensor, support_y: Tensor,
-                    steps: int | None = None) -> Params:
-        """``phi``: ``steps`` (default ``inner_steps``) gradient steps on the proximal objective from
-        ``params``, without graph. Inputs ``support_x [support, ...]``, ``support_y [support, ...]``."""
-        params = {k: v.detach() for k, v in params.items()}
-        with torch.no_grad():
-            phi = adapt(self.proximal_loss(params), params, buffers, support_x, support_y,
-                        steps=self.inner_steps if steps is None else steps, lr=self.inner_lr.as_dict(),
-                        first_order=True)
-        return {k: v.detach() for k, v in phi.items()}
-
-    def implicit_gradient(self, phi: Params, buffers: Params, task: tuple[Tensor, ...]) -> tuple[Params, Tensor]:
+    def implicit_gradient(self, model: nn.Module, phi: Params, task: TaskTensors) -> tuple[Params, Tensor]:
         """``(I + H / lambda)^{-1} grad L_q(phi)`` by conjugate gradient, with ``H`` the support
         Hessian at ``phi``, and the query ``[loss, metric]`` at ``phi`` (shape ``[2]``)."""
         sx, sy, qx, qy = task
-
-        def support(p: Params) -> Tensor:
-            return self._loss(p, buffers, sx, sy)
-
-        def query(p: Params) -> tuple[Tensor, Tensor]:
-            pred = self._predict(p, buffers, qx)
-            loss = self.fns.loss(pred, qy)
-            return loss, torch.stack([loss.detach(), self.fns.metric(pred.detach(), qy)])
-
-        # reverse-over-reverse: the graph of grad L_s at phi is built once and reused by every
-        # conjugate-gradient iteration (H is symmetric, so v^T H = (H v)^T). Forward-over-reverse
-        # (jvp of grad) fails on F.mse_loss in torch 2.13 ("ZeroTensors are immutable").
-        _, hvp = vjp(grad(support), phi)
+        loss, buffers, lam = model_loss(model, self.fns.loss), self.buffers_dict(), float(self.options.reg_lambda)
+        hvp = hessian_vector_product(lambda p: loss(p, buffers, sx, sy), phi)
 
         def matvec(v: Params) -> Params:
-            hv = hvp(v)[0]
-            return {k: v[k] + hv[k] / self.reg_lambda for k in v}
+            hv = hvp(v)
+            return {k: v[k] + hv[k] / lam for k in v}
 
-        g_query, scores = grad(query, has_aux=True)(phi)
-        return conjugate_gradient(matvec, g_query, self.cg_steps), scores
+        g_query = gradient(lambda p: loss(p, buffers, qx, qy), phi, create_graph=False)
+        with torch.no_grad():
+            score = scores(self.fns, self.predict(model, phi, qx), qy)
+        return conjugate_gradient(matvec, g_query, self.options.cg_steps), score
 
-    def _task(self, params: Params, buffers: Params, task: tuple[Tensor, ...]) -> tuple[Params, Tensor]:
-        phi = self.inner_solve(params, buffers, task[0], task[1])
-        return self.implicit_gradient(phi, buffers, task)
+    def inner_solve(self, params: Params, buffers: Params, support_x: Tensor, support_y: Tensor,
+                    steps: int | None = None, model: nn.Module | None = None) -> Params:
+        """``phi``: ``steps`` (default ``inner_steps``) proximal steps from ``params``, without graph.
+        Inputs ``support_x [support, ...]``, ``support_y [support, ...]``; ``buffers`` unused (the
+        model's own are used)."""
+        task = (support_x, support_y, support_x, support_y)
+        params = {k: v.detach() for k, v in params.items()}
+        with torch.no_grad():
+            phi = last(self.eval_trajectory(model or self.model, params, task,
+                                            self.inner_steps if steps is None else steps), params)
+        return {k: v.detach() for k, v in phi.items()}
+
+    def _task(self, model: nn.Module, params: Params, task: TaskTensors) -> tuple[Params, Tensor]:
+        return self.implicit_gradient(model, self.inner_solve(params, {}, task[0], task[1], model=model), task)
 
     def meta_gradient(self, batch: TaskBatch) -> tuple[dict[str, Tensor], dict[str, float]]:
         """Mean implicit gradient over tasks (keyed ``model.<name>``) and the mean query loss and
         metric at the adapted parameters. Inputs ``[tasks, examples, ...]``."""
         params = {k: v.detach() for k, v in self.params().items()}
-        buffers = self.buffers_dict()
-        tensors = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
-        n = len(batch)
-        with torch.no_grad():
-            if self.use_vmap(second_order=True):
-                sols, scores = vmap(lambda *task: self._task(params, buffers, task))(*tensors)
-                total = {k: v.mean(0) for k, v in sols.items()}
-                score = scores.mean(0)
-            else:
-                total = {k: torch.zeros_like(v) for k, v in params.items()}
-                score = torch.zeros(2, dtype=next(iter(params.values())).dtype)
-                for i in range(n):
-                    sol, s = self._task(params, buffers, tuple(t[i] for t in tensors))
-                    for k in total:
-                        total[k] += sol[k] / n
-                    score += s / n
+        total, score = map_tasks(self._task, self.model, params, batch, self.execution, reduce="mean",
+                                 second_order=True)
         grads = {k: torch.zeros_like(v) for k, v in self.named_parameters()}
         grads.update({f"model.{k}": v for k, v in total.items()})
         return grads, {"loss": float(score[0]), self.metric_name: float(score[1])}
 
-    def eval_trajectory(
-        self, params: Params, buffers: Params, rates: Params, support_x: Tensor, support_y: Tensor, steps: int
-    ) -> Iterator[Params]:
-        """Gradient steps on the proximal objective anchored at ``params`` (iMAML's test-time loop)."""
-        return adapt_trajectory(
-            self.proximal_loss(params), params, buffers, support_x, support_y, steps=steps,
-            lr=self.inner_lr.as_dict(), first_order=True,
-        )

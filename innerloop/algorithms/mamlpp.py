@@ -27,12 +27,15 @@ checkpointed state. Called outside the loop, the algorithm is at iteration 0 unl
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import Tensor, nn
-from torch.func import vmap
 
-from innerloop.adapt import Params, adapt
-from innerloop.algorithms.base import GradientBased, Vectorize
+from innerloop.adapt import Params, model_loss, sgd, unroll
+from innerloop.algorithms.base import GradientBased, GradientOptions, check, check_adapt, scores
+from innerloop.execution import Execution, TaskTensors, meta_gradient
 from innerloop.tasks import Objective, TaskBatch
 
 
@@ -57,49 +60,52 @@ def msl_weights(iteration: int, steps: int, msl_iterations: int) -> list[float]:
     return weights
 
 
+@dataclass(frozen=True)
+class MAMLPlusPlusOptions(GradientOptions):
+    inner_lr: float = 0.01
+    """Initial value of every learned per-layer, per-step inner learning rate (LSLR)."""
+    inner_steps: int = 5
+    """Inner steps ``N`` per task."""
+    msl_iterations: int = 0
+    """Outer iterations over which the multi-step loss weights anneal to the final step (0: the
+    final step's loss only)."""
+    first_order_iterations: int = 0
+    """Outer iterations with first-order meta-gradients before second order (derivative-order
+    annealing; 0: second order from the start, unless ``first_order``)."""
+    first_order: bool = False
+    """First order throughout (overrides ``first_order_iterations``)."""
+    per_step_bn: bool = True
+    """One set of BatchNorm weights per inner step (BNWB); no effect without BatchNorm."""
+    adapt: str | tuple[str, ...] = "all"
+    """Parameters that adapt (``all`` or glob patterns); BatchNorm weights never adapt with
+    ``per_step_bn``."""
+
+    def check(self) -> None:
+        super().check()
+        if isinstance(self.adapt, list):
+            object.__setattr__(self, "adapt", tuple(self.adapt))
+        check_adapt(self.adapt)
+        for key in ("msl_iterations", "first_order_iterations"):
+            value = getattr(self, key)
+            check(isinstance(value, int) and not isinstance(value, bool) and value >= 0, key, value,
+                  "must be an integer >= 0")
+
+
 class MAMLPlusPlus(GradientBased):
     """MAML++: LSLR, multi-step loss, derivative-order annealing and per-step BatchNorm weights.
-
-    Args:
-        model: the network; its parameters are the meta-learned initialisation.
-        objective: ``regression`` or ``classification``.
-        inner_lr: initial value of every learned per-layer, per-step inner learning rate.
-        inner_steps: inner steps ``N`` per task.
-        msl_iterations: outer iterations over which the multi-step loss weights anneal to the final
-            step (0: the final step's loss only).
-        first_order_iterations: outer iterations with first-order meta-gradients before switching
-            to second order (0: second order from the start).
-        first_order: first order throughout (overrides ``first_order_iterations``).
-        per_step_bn: one set of BatchNorm weights per inner step (BNWB); a no-op without BatchNorm.
-        adapt: parameters that adapt (``all`` or glob patterns); BatchNorm weights never adapt
-            when ``per_step_bn`` is on.
-        vectorize: ``auto``, ``vmap`` or ``loop`` (see :class:`~innerloop.algorithms.base.GradientBased`).
-    """
+    Options: :class:`MAMLPlusPlusOptions`."""
 
     name = "mamlpp"
+    Options = MAMLPlusPlusOptions
 
-    def __init__(
-        self,
-        model: nn.Module,
-        objective: Objective,
-        inner_lr: float = 0.01,
-        inner_steps: int = 5,
-        msl_iterations: int = 0,
-        first_order_iterations: int = 0,
-        first_order: bool = False,
-        per_step_bn: bool = True,
-        adapt: str | list[str] = "all",
-        vectorize: Vectorize = "auto",
-    ) -> None:
-        super().__init__(model, objective, inner_lr, inner_steps, "fixed", adapt, vectorize)
-        if msl_iterations < 0 or first_order_iterations < 0:
-            raise ValueError(f"msl_iterations and first_order_iterations must be >= 0, got {msl_iterations} "
-                             f"and {first_order_iterations}.")
-        self.msl_iterations, self.first_order_iterations = int(msl_iterations), int(first_order_iterations)
-        self.first_order, self.per_step_bn = bool(first_order), bool(per_step_bn)
+    def __init__(self, model: nn.Module, objective: Objective = "regression",
+                 options: MAMLPlusPlusOptions | None = None, execution: Execution | None = None,
+                 **overrides: Any) -> None:
+        super().__init__(model, objective, options, execution, **overrides)
+        o: MAMLPlusPlusOptions = self.options
         params = dict(model.named_parameters())
         self.bn_names: list[str] = []
-        if per_step_bn:
+        if o.per_step_bn:
             for prefix, module in model.named_modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
                     self.bn_names += [f"{prefix}.{w}" if prefix else w for w in ("weight", "bias")]
@@ -109,13 +115,13 @@ class MAMLPlusPlus(GradientBased):
                                  "chosen to adapt; widen `adapt` or set per_step_bn=False.")
         # LSLR: alpha[name] has one learned rate per inner step
         self.step_lr = nn.ParameterDict({
-            _key(n): nn.Parameter(torch.full((inner_steps,), float(inner_lr), dtype=params[n].dtype))
+            _key(n): nn.Parameter(torch.full((o.inner_steps,), float(o.inner_lr), dtype=params[n].dtype))
             for n in self.adapt_names
         })
         # BNWB: BatchNorm weights of inner steps 1..N-1 (step 0 uses the model's own)
         self.bn_steps = nn.ParameterDict({
-            _key(n): nn.Parameter(torch.stack([params[n].detach().clone() for _ in range(inner_steps - 1)]))
-            for n in self.bn_names if inner_steps > 1
+            _key(n): nn.Parameter(torch.stack([params[n].detach().clone() for _ in range(o.inner_steps - 1)]))
+            for n in self.bn_names if o.inner_steps > 1
         })
         self.iteration = 0
 
@@ -125,11 +131,11 @@ class MAMLPlusPlus(GradientBased):
 
     def uses_first_order(self) -> bool:
         """Whether the meta-gradient at the current outer iteration is first order (DA)."""
-        return self.first_order or self.iteration < self.first_order_iterations
+        return self.options.first_order or self.iteration < self.options.first_order_iterations
 
     def loss_weights(self) -> list[float]:
         """The MSL weights of the current outer iteration (see :func:`msl_weights`)."""
-        return msl_weights(self.iteration, self.inner_steps, self.msl_iterations)
+        return msl_weights(self.iteration, self.inner_steps, self.options.msl_iterations)
 
     def _bn(self, bn: Params, step: int) -> Params:
         """The BatchNorm weights of inner step ``step`` (clamped to the last set): ``{}`` for step 0
@@ -139,77 +145,51 @@ class MAMLPlusPlus(GradientBased):
             return {}
         return {n: bn[_key(n)][j - 1] for n in self.bn_names}
 
-    def unroll(self, params: Params, buffers: Params, step_lr: Params, bn: Params, task: tuple[Tensor, ...],
-               steps: int, first_order: bool, weights: list[float] | None) -> tuple[Tensor, list[Tensor]]:
+    def unroll_task(self, model: nn.Module, params: Params, step_lr: Params, bn: Params, task: TaskTensors,
+                    steps: int, first_order: bool, weights: list[float] | None) -> tuple[Tensor, list[Tensor]]:
         """Adapt one task for ``steps`` steps with per-step rates and BatchNorm weights.
 
         Returns the weighted query loss ``sum_j weights[j] * L_q(phi_{j+1})`` (0 when ``weights`` is
-        ``None``) and ``[loss, metric]`` stacks (shape ``[2]``) after 0..steps steps when
-        ``weights`` is ``None``, else after the final step only. Task tensors are
-        ``support_x [s, ...]``, ``support_y [s, ...]``, ``query_x [q, ...]``, ``query_y [q, ...]``.
+        ``None``) and detached ``[loss, metric]`` stacks (shape ``[2]``) after 0..steps steps when
+        ``weights`` is ``None``, else after the final step only.
         """
         sx, sy, qx, qy = task
-
-        def score(p: Params, bn_j: Params) -> tuple[Tensor, Tensor]:
-            pred = self._predict({**p, **bn_j}, buffers, qx)
-            return self.fns.loss(pred, qy), self.fns.metric(pred.detach(), qy)
-
+        loss, buffers = model_loss(model, self.fns.loss), self.buffers_dict()
+        last_step = self.inner_steps - 1
+        rule = sgd([{n: step_lr[_key(n)][min(j, last_step)] for n in self.adapt_names} for j in range(steps)])
+        trajectory = unroll(lambda p, j: loss({**p, **self._bn(bn, j)}, buffers, sx, sy), params, steps=steps,
+                            rule=rule, adapt_names=self.adapt_names, first_order=first_order)
         total: Tensor = torch.zeros((), dtype=qx.dtype if qx.is_floating_point() else torch.float32)
-        scores = [] if weights is not None else [torch.stack(score(params, {}))]
-        current = params
-        for j in range(steps):
-            bn_j = self._bn(bn, j)
-            lr_j = {n: step_lr[_key(n)][min(j, self.inner_steps - 1)] for n in self.adapt_names}
-
-            def loss_j(p: Params, b: Params, x: Tensor, y: Tensor, bn_j: Params = bn_j) -> Tensor:
-                return self._loss({**p, **bn_j}, b, x, y)
-
-            current = adapt(loss_j, current, buffers, sx, sy, steps=1, lr=lr_j, adapt_names=self.adapt_names,
-                            first_order=first_order)
+        out = [] if weights is not None else [scores(self.fns, self.predict(model, params, qx), qy)]
+        for j, current in enumerate(trajectory):
             if weights is None:
-                scores.append(torch.stack(score(current, bn_j)))
+                out.append(scores(self.fns, self.predict(model, {**current, **self._bn(bn, j)}, qx), qy))
             elif weights[j] != 0 or j == steps - 1:
-                loss, metric = score(current, bn_j)
-                total = total + weights[j] * loss
+                pred = self.predict(model, {**current, **self._bn(bn, j)}, qx)
+                total = total + weights[j] * self.fns.loss(pred, qy)
                 if j == steps - 1:
-                    scores.append(torch.stack([loss.detach(), metric]))
-        return total, scores
+                    out.append(scores(self.fns, pred, qy))
+        return total, out
 
     def meta_gradient(self, batch: TaskBatch) -> tuple[dict[str, Tensor], dict[str, float]]:
         """Mean over tasks of the MSL-weighted query loss, differentiated w.r.t. the initial weights,
         the per-step rates and the per-step BatchNorm weights (first or second order per DA).
         Metrics are the query loss and metric after the final step."""
-        targets = dict(self.named_parameters())
-        params, buffers = self.params(), self.buffers_dict()
         step_lr, bn = dict(self.step_lr), dict(self.bn_steps)
         first_order, weights = self.uses_first_order(), self.loss_weights()
-        tensors = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
-        n = len(batch)
 
-        def one(*task: Tensor) -> tuple[Tensor, Tensor]:
-            total, scores = self.unroll(params, buffers, step_lr, bn, task, self.inner_steps, first_order, weights)
-            return total, scores[-1]
+        def one(model: nn.Module, params: Params, task: TaskTensors) -> tuple[Tensor, Tensor]:
+            total, out = self.unroll_task(model, params, step_lr, bn, task, self.inner_steps, first_order, weights)
+            return total, out[-1]
 
-        if self.use_vmap(second_order=not first_order):
-            totals, finals = vmap(one)(*tensors)
-            grads = self._grads(totals.mean(), targets)
-            final = finals.mean(0)
-        else:
-            grads = {k: torch.zeros_like(v) for k, v in targets.items()}
-            final = torch.zeros(2)
-            for i in range(n):
-                total, last = one(*(t[i] for t in tensors))
-                for k, g in self._grads(total / n, targets).items():
-                    grads[k] += g
-                final = final + last.detach().to(final.dtype) / n
+        grads, final = meta_gradient(one, self.model, self.params(), batch, dict(self.named_parameters()),
+                                     self.execution, second_order=not first_order)
         return grads, {"loss": float(final[0]), self.metric_name: float(final[1])}
 
-    def trajectory_scores(
-        self, params: Params, buffers: Params, rates: Params, task: tuple[Tensor, ...], steps: int
-    ) -> Tensor:
+    def trajectory_scores(self, model: nn.Module, params: Params, task: TaskTensors, steps: int) -> Tensor:
         """``[2, steps + 1]``: query (loss, metric) after 0..steps inner steps with the learned
         per-step rates and BatchNorm weights (beyond ``inner_steps``, those of the last step)."""
         step_lr = {k: v.detach() for k, v in self.step_lr.items()}
         bn = {k: v.detach() for k, v in self.bn_steps.items()}
-        _, scores = self.unroll(params, buffers, step_lr, bn, task, steps, True, None)
-        return torch.stack(scores, dim=-1)
+        _, out = self.unroll_task(model, params, step_lr, bn, task, steps, True, None)
+        return torch.stack(out, dim=-1)

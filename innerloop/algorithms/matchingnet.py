@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from innerloop.adapt import Params
 from innerloop.algorithms.protonet import ProtoNet
 
 
@@ -55,12 +56,10 @@ class MatchingNet(ProtoNet):
 
     name = "matchingnet"
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
-
-    def task_logits(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
+    def task_logits(self, model: nn.Module, params: Params, support_x: Tensor, support_y: Tensor,
+                    query_x: Tensor) -> Tensor:
         """``[query, ways]`` log-probabilities of one task; support and query are embedded in one
         pass (BatchNorm sees the whole episode, as for ProtoNets)."""
         ways = int(support_y.max()) + 1
-        z = self.model(torch.cat([support_x, query_x]))
+        z = self.embed(model, params, torch.cat([support_x, query_x]))
         return matching_logits(z[len(support_x) :], z[: len(support_x)], support_y, ways)

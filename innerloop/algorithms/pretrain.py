@@ -9,37 +9,40 @@ initialisation was learned. This is the "pretrained" row of the MAML paper's sin
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor, nn
+from dataclasses import dataclass
 
-from innerloop.algorithms.base import GradientBased
-from innerloop.tasks import Objective, TaskBatch
+import torch
+from torch import Tensor
+
+from innerloop.algorithms.base import GradientBased, GradientOptions, check_adapt
+from innerloop.execution import grads_of
+from innerloop.tasks import TaskBatch
+
+
+@dataclass(frozen=True)
+class PretrainOptions(GradientOptions):
+    """``inner_lr``: the fine-tuning learning rate at test time; ``inner_steps``: the fine-tuning
+    steps of validation."""
+
+    adapt: str | tuple[str, ...] = "all"
+    """Which parameters fine-tune (``all``, or e.g. ``head.*``)."""
+
+    def check(self) -> None:
+        super().check()
+        if isinstance(self.adapt, list):
+            object.__setattr__(self, "adapt", tuple(self.adapt))
+        check_adapt(self.adapt)
 
 
 class Pretrain(GradientBased):
-    """Pre-train on pooled tasks; fine-tune per task at test time.
+    """Pre-train on pooled tasks; fine-tune per task at test time. Options: :class:`PretrainOptions`.
 
-    Args:
-        model: the network.
-        objective: ``regression`` or ``classification`` (for classification the pooled labels
-            are per-task labels, so this baseline only makes sense with a global label space;
-            the few-shot image baselines of later modules re-label by class).
-        inner_lr: fine-tuning learning rate at test time.
-        inner_steps: unused in training; kept for a uniform configuration.
-        adapt: which parameters fine-tune (``all``, or e.g. ``head.*``).
+    For classification the pooled labels are per-task labels, so this baseline only makes sense
+    with a global label space (the few-shot image baselines are ``baseline`` and ``baselinepp``).
     """
 
     name = "pretrain"
-
-    def __init__(
-        self,
-        model: nn.Module,
-        objective: Objective,
-        inner_lr: float = 0.01,
-        inner_steps: int = 1,
-        adapt: str | list[str] = "all",
-    ) -> None:
-        super().__init__(model, objective, inner_lr, inner_steps, "fixed", adapt, "auto")
+    Options = PretrainOptions
 
     def meta_gradient(self, batch: TaskBatch) -> tuple[dict[str, Tensor], dict[str, float]]:
         """Gradient of the plain loss on every example of the batch, pooled.
@@ -50,5 +53,5 @@ class Pretrain(GradientBased):
         y = torch.cat([batch.support_y, batch.query_y], dim=1).flatten(0, 1)
         pred = self.model(x)
         loss = self.fns.loss(pred, y)
-        grads = self._grads(loss, dict(self.named_parameters()))
+        grads = grads_of(loss, dict(self.named_parameters()))
         return grads, {"loss": float(loss.detach()), self.metric_name: float(self.fns.metric(pred.detach(), y))}

@@ -8,12 +8,17 @@ the prototypes, so the metric after k steps is the same for every k.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
-from innerloop.algorithms.base import Algorithm
-from innerloop.tasks import TaskBatch
+from innerloop.adapt import Params
+from innerloop.algorithms.base import Algorithm, Capabilities, NoOptions, scores
+from innerloop.execution import Execution, TaskTensors, map_tasks, meta_gradient
+from innerloop.tasks import Objective, TaskBatch
 
 
 def prototypes(support: Tensor, labels: Tensor, ways: int) -> Tensor:
@@ -37,39 +42,45 @@ class ProtoNet(Algorithm):
     """
 
     name = "protonet"
+    Options = NoOptions
+    capabilities = Capabilities(objectives=("classification",), head="none", any_test_ways=True,
+                                more_train_ways=True)
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__(model, "classification")
+    def __init__(self, model: nn.Module, objective: Objective = "classification",
+                 options: NoOptions | None = None, execution: Execution | None = None) -> None:
+        super().__init__(model, objective, options, execution)
+        # prototypes need the number of ways of each task (a data-dependent size): a loop, never vmap
+        self.execution = dataclasses.replace(self.execution, vectorize="loop")
 
-    def task_logits(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
+    def embed(self, model: nn.Module, params: Params, x: Tensor) -> Tensor:
+        """``[n, *input] -> [n, d]`` through ``model`` called with ``params`` and the model's buffers."""
+        return functional_call(model, (params, dict(self.model.named_buffers())), (x,))
+
+    def task_logits(self, model: nn.Module, params: Params, support_x: Tensor, support_y: Tensor,
+                    query_x: Tensor) -> Tensor:
         """Logits ``[query, ways]`` of one task; support and query are embedded in one pass,
         so BatchNorm sees the whole episode, as in the paper's code."""
         ways = int(support_y.max()) + 1
-        z = self.model(torch.cat([support_x, query_x]))
+        z = self.embed(model, params, torch.cat([support_x, query_x]))
         zs, zq = z[: len(support_x)], z[len(support_x) :]
         return proto_logits(zq, prototypes(zs, support_y, ways))
 
+    def task_loss(self, model: nn.Module, params: Params, task: TaskTensors) -> tuple[Tensor, Tensor]:
+        """Query cross-entropy of one task and its detached ``[loss, accuracy]``."""
+        sx, sy, qx, qy = task
+        logits = self.task_logits(model, params, sx, sy, qx)
+        return F.cross_entropy(logits, qy), scores(self.fns, logits, qy)
+
     def meta_gradient(self, batch: TaskBatch) -> tuple[dict[str, Tensor], dict[str, float]]:
-        targets = dict(self.named_parameters())
-        grads = {k: torch.zeros_like(v) for k, v in targets.items()}
-        loss_sum = acc_sum = 0.0
-        n = len(batch)
-        for i in range(n):
-            logits = self.task_logits(batch.support_x[i], batch.support_y[i], batch.query_x[i])
-            loss = F.cross_entropy(logits, batch.query_y[i])
-            for k, g in zip(targets, torch.autograd.grad(loss / n, list(targets.values())), strict=True):
-                grads[k] += g
-            loss_sum += float(loss.detach())
-            acc_sum += float(self.fns.metric(logits.detach(), batch.query_y[i]))
-        return grads, {"loss": loss_sum / n, self.metric_name: acc_sum / n}
+        """Mean query cross-entropy over tasks, differentiated w.r.t. the embedding's parameters."""
+        grads, aux = meta_gradient(self.task_loss, self.model, dict(self.model.named_parameters()), batch,
+                                   dict(self.named_parameters()), self.execution, second_order=False)
+        return grads, {"loss": float(aux[0]), self.metric_name: float(aux[1])}
 
     def evaluate(self, batch: TaskBatch, steps: int) -> dict[str, Tensor]:
-        with torch.no_grad():
-            scores = []
-            for i in range(len(batch)):
-                logits = self.task_logits(batch.support_x[i], batch.support_y[i], batch.query_x[i])
-                scores.append(torch.stack([F.cross_entropy(logits, batch.query_y[i]),
-                                           self.fns.metric(logits, batch.query_y[i])]))
-            out = torch.stack(scores)  # [tasks, 2]
+        """Nothing adapts: the query (loss, accuracy) of each task, the same after every step count."""
+        params = {k: v.detach() for k, v in self.model.named_parameters()}
+        out = map_tasks(lambda m, p, task: self.task_loss(m, p, task)[1], self.model, params, batch,
+                        self.execution)  # [tasks, 2]
         per_step = out[:, :, None].expand(-1, -1, steps + 1)
         return {"loss": per_step[:, 0], self.metric_name: per_step[:, 1]}

@@ -1,14 +1,17 @@
-"""Algorithms by name, as a config names them."""
+"""Algorithms by name, derived from the algorithm classes: each class registers its own ``name``
+and its ``variants`` (other names with fixed option values)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
 from innerloop.algorithms.anil import ANIL, BOIL
-from innerloop.algorithms.base import Algorithm, GradientBased
+from innerloop.algorithms.base import Algorithm, AlgorithmOptions, Capabilities
 from innerloop.algorithms.baseline import Baseline, BaselinePP, train_classes
 from innerloop.algorithms.imaml import IMAML
 from innerloop.algorithms.maml import MAML
@@ -17,110 +20,70 @@ from innerloop.algorithms.matchingnet import MatchingNet
 from innerloop.algorithms.pretrain import Pretrain
 from innerloop.algorithms.protonet import ProtoNet
 from innerloop.algorithms.reptile import Reptile
+from innerloop.execution import Execution
 from innerloop.tasks import Objective
 
-
-def _maml(model: nn.Module, objective: Objective, cfg: Any) -> GradientBased:
-    return MAML(model, objective, cfg.inner_lr, cfg.inner_steps, cfg.first_order, cfg.lr_mode,
-                cfg.adapt, cfg.vectorize, cfg.inner_weight_decay, cfg.weight_decay_mode)
-
-
-def _fomaml(model: nn.Module, objective: Objective, cfg: Any) -> GradientBased:
-    return MAML(model, objective, cfg.inner_lr, cfg.inner_steps, True, cfg.lr_mode, cfg.adapt,
-                cfg.vectorize, cfg.inner_weight_decay, cfg.weight_decay_mode)
+CLASSES: tuple[type[Algorithm], ...] = (
+    MAML, ANIL, BOIL, MAMLPlusPlus, Reptile, IMAML, ProtoNet, MatchingNet, Baseline, BaselinePP, Pretrain,
+)
 
 
-def _metasgd(model: nn.Module, objective: Objective, cfg: Any) -> GradientBased:
-    return MAML(model, objective, cfg.inner_lr, cfg.inner_steps, cfg.first_order, "per_element",
-                cfg.adapt, cfg.vectorize, cfg.inner_weight_decay, cfg.weight_decay_mode)
+@dataclass(frozen=True)
+class Entry:
+    """A registered name: the class, and the option values the name fixes (``fomaml``: first order)."""
+
+    cls: type[Algorithm]
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self.cls.capabilities
+
+    def option_names(self) -> list[str]:
+        """The options a config may set for this name (the class's, less the fixed ones)."""
+        return [n for n in self.cls.option_names() if n not in self.fixed]
+
+    def options(self, values: Mapping[str, Any] | None = None) -> AlgorithmOptions:
+        """The options of this name from ``values`` (validated; unknown and fixed names refused)."""
+        values = dict(values or {})
+        aliases = self.cls.Options.aliases
+        values = {aliases.get(k, k): v for k, v in values.items()}
+        for key in values:
+            if key in self.fixed:
+                raise ValueError(f"{key} is fixed to {self.fixed[key]!r} by this algorithm; leave it out.")
+        options: AlgorithmOptions = self.cls.make_options(None, {**values, **self.fixed})
+        return options
+
+    def build(self, model: nn.Module, objective: Objective, options: AlgorithmOptions | None = None,
+              execution: Execution | None = None) -> Algorithm:
+        """The algorithm around ``model`` (``options`` default: this name's defaults)."""
+        return self.cls(model, objective, self.options() if options is None else options, execution)
 
 
-def _anil(model: nn.Module, objective: Objective, cfg: Any) -> GradientBased:
-    return ANIL(model, objective, cfg.inner_lr, cfg.inner_steps, cfg.first_order, cfg.lr_mode, cfg.vectorize)
+def _entries() -> dict[str, Entry]:
+    out: dict[str, Entry] = {}
+    for cls in CLASSES:
+        out[cls.name] = Entry(cls)
+        for variant, fixed in cls.variants.items():
+            out[variant] = Entry(cls, dict(fixed))
+    return out
 
 
-def _boil(model: nn.Module, objective: Objective, cfg: Any) -> GradientBased:
-    return BOIL(model, objective, cfg.inner_lr, cfg.inner_steps, cfg.first_order, cfg.lr_mode, cfg.vectorize)
-
-
-def _mamlpp(model: nn.Module, objective: Objective, cfg: Any) -> GradientBased:
-    return MAMLPlusPlus(model, objective, cfg.inner_lr, cfg.inner_steps, cfg.msl_iterations,
-                        cfg.first_order_iterations, cfg.first_order, cfg.per_step_bn, cfg.adapt, cfg.vectorize)
-
-
-def _reptile(model: nn.Module, objective: Objective, cfg: Any) -> GradientBased:
-    return Reptile(model, objective, cfg.inner_lr, cfg.inner_steps, cfg.inner_optimizer, cfg.inner_betas,
-                   cfg.adapt, cfg.vectorize)
-
-
-def _imaml(model: nn.Module, objective: Objective, cfg: Any) -> GradientBased:
-    return IMAML(model, objective, cfg.inner_lr, cfg.inner_steps, cfg.reg_lambda, cfg.cg_steps, cfg.vectorize)
-
-
-def _protonet(model: nn.Module, objective: Objective, cfg: Any) -> Algorithm:
-    return ProtoNet(model)
-
-
-def _matchingnet(model: nn.Module, objective: Objective, cfg: Any) -> Algorithm:
-    return MatchingNet(model)
-
-
-def _baseline(model: nn.Module, objective: Objective, cfg: Any) -> Algorithm:
-    return Baseline(model, "linear", cfg.inner_lr)
-
-
-def _baselinepp(model: nn.Module, objective: Objective, cfg: Any) -> Algorithm:
-    return BaselinePP(model, cfg.inner_lr, cfg.cosine_scale)
-
-
-def _pretrain(model: nn.Module, objective: Objective, cfg: Any) -> GradientBased:
-    return Pretrain(model, objective, cfg.inner_lr, cfg.inner_steps, cfg.adapt)
-
-
-WEIGHT_DECAY: tuple[str, ...] = ("maml", "fomaml", "metasgd")
-"""Algorithms with the (learnable) inner weight decay option."""
-
-FIXED_ADAPT: dict[str, str] = {"anil": "head.*", "boil": "features.*"}
-"""Algorithms that fix which parameters adapt (``algorithm.adapt`` must stay ``all``)."""
-
-EMBEDDING: tuple[str, ...] = ("protonet", "matchingnet")
-"""Metric-based algorithms: the model is an embedding network without a head, so they classify
-tasks of any number of ways and may meta-train with more ways (``task.train_ways``) than they test."""
-
-GLOBAL_HEAD: tuple[str, ...] = ("baseline", "baselinepp")
-"""Pre-training baselines: the model's head has one output per training class (a global label
-space), and a new head is fitted per test task, so any number of test ways works."""
-
-CLASSIFICATION_ONLY: tuple[str, ...] = EMBEDDING + GLOBAL_HEAD
-"""Algorithms that need a classification family."""
-
-ANY_TEST_WAYS: tuple[str, ...] = EMBEDDING + GLOBAL_HEAD
-"""Algorithms whose test tasks may have another number of ways than ``task.ways``."""
+ALGORITHMS: dict[str, Entry] = _entries()
+"""Every algorithm name a config may give, in a stable order."""
 
 
 def head_ways(name: str, ways: int, family: Any) -> int:
     """Output size of the model's ``head`` for algorithm ``name`` on a classification ``family``
-    of ``ways``-way tasks: 0 (no head: an embedding network) for :data:`EMBEDDING`, the number
-    of training classes for :data:`GLOBAL_HEAD`, else ``ways``."""
-    if name in EMBEDDING:
+    of ``ways``-way tasks: 0 (an embedding network), the number of training classes, or ``ways``."""
+    head = ALGORITHMS[name].capabilities.head
+    if head == "none":
         return 0
-    if name in GLOBAL_HEAD:
+    if head == "train_classes":
         return train_classes(family)
     return ways
 
 
-ALGORITHMS: dict[str, Callable[[nn.Module, Objective, Any], Algorithm]] = {
-    "maml": _maml,
-    "fomaml": _fomaml,
-    "metasgd": _metasgd,
-    "anil": _anil,
-    "boil": _boil,
-    "mamlpp": _mamlpp,
-    "reptile": _reptile,
-    "imaml": _imaml,
-    "protonet": _protonet,
-    "matchingnet": _matchingnet,
-    "baseline": _baseline,
-    "baselinepp": _baselinepp,
-    "pretrain": _pretrain,
-}
+def replace_options(options: AlgorithmOptions, **changes: Any) -> AlgorithmOptions:
+    """``options`` with ``changes`` (validated again)."""
+    return dataclasses.replace(options, **changes)

@@ -23,140 +23,80 @@ training loss.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from typing import Literal
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, vmap
 
-from innerloop.adapt import LearningRates, Params, adam_init, adam_step, adapt_trajectory
-from innerloop.algorithms.base import GradientBased, Vectorize
-from innerloop.tasks import Objective, TaskBatch
+from innerloop.adapt import Params, UpdateRule, adam, last, model_loss, sgd, unroll
+from innerloop.algorithms.base import GradientBased, GradientOptions, check, check_adapt, scores
+from innerloop.execution import TaskTensors, map_tasks
+from innerloop.tasks import TaskBatch
 
 InnerOptimizer = Literal["sgd", "adam"]
 INNER_OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
 
 
-def inner_trajectory(
-    loss: Callable[[Params, Params, Tensor, Tensor], Tensor],
-    params: Params,
-    buffers: Params,
-    support_x: Tensor,
-    support_y: Tensor,
-    *,
-    steps: int,
-    lr: LearningRates,
-    adapt_names: Sequence[str],
-    optimizer: InnerOptimizer = "sgd",
-    betas: tuple[float, float] = (0.0, 0.999),
-    eps: float = 1e-8,
-) -> Iterator[Params]:
-    """Yield the parameters after 1..``steps`` full-batch steps of ``optimizer`` on the support set.
+@dataclass(frozen=True)
+class ReptileOptions(GradientOptions):
+    inner_steps: int = 5
+    """Inner steps per task in meta-training (the paper uses 5 to 10)."""
+    inner_optimizer: InnerOptimizer = "sgd"
+    """The inner update: plain gradient steps or Adam (fresh moments for every task)."""
+    betas: tuple[float, float] = (0.0, 0.999)
+    """Adam's ``(beta1, beta2)`` for the inner loop, each in [0, 1); Nichol et al. use beta1 = 0."""
+    adapt: str | tuple[str, ...] = "all"
+    """Which parameters train in the inner loop (``all`` or glob patterns); the others get a zero
+    meta-gradient and keep their value."""
 
-    ``sgd`` is :func:`innerloop.adapt.adapt_trajectory` (first order); ``adam`` is
-    :func:`innerloop.adapt.adam_step` from zero moments. Inputs ``support_x [support, ...]``,
-    ``support_y [support, ...]``; every yielded dict is keyed like ``params``.
-    """
-    if optimizer == "sgd":
-        yield from adapt_trajectory(loss, params, buffers, support_x, support_y, steps=steps, lr=lr,
-                                    adapt_names=adapt_names, first_order=True)
-        return
-    if optimizer != "adam":
-        raise ValueError(f"unknown inner optimizer {optimizer!r}; choose one of {INNER_OPTIMIZERS}.")
+    aliases: ClassVar[dict[str, str]] = {"inner_betas": "betas"}
 
-    def support_loss(adapted: Params, current: Params) -> Tensor:
-        return loss({**current, **adapted}, buffers, support_x, support_y)
-
-    current, state = params, adam_init({n: params[n] for n in adapt_names})
-    for _ in range(steps):
-        grads = grad(support_loss)({n: current[n] for n in adapt_names}, current)
-        current, state = adam_step(current, {n: g.detach() for n, g in grads.items()}, state, lr, betas, eps)
-        yield current
+    def check(self) -> None:
+        super().check()
+        for key in ("adapt", "betas"):
+            if isinstance(getattr(self, key), list):
+                object.__setattr__(self, key, tuple(getattr(self, key)))
+        check_adapt(self.adapt)
+        check(self.inner_optimizer in INNER_OPTIMIZERS, "inner_optimizer", self.inner_optimizer,
+              f"choose one of {list(INNER_OPTIMIZERS)}")
+        b = self.betas
+        check(isinstance(b, tuple) and len(b) == 2 and all(isinstance(x, int | float) and 0 <= x < 1 for x in b),
+              "betas", b, "give [beta1, beta2], each in [0, 1)")
+        object.__setattr__(self, "betas", (float(b[0]), float(b[1])))
 
 
 class Reptile(GradientBased):
-    """Reptile with an SGD or Adam inner loop.
-
-    Args:
-        model: the network; its parameters are the meta-learned initialisation.
-        objective: ``regression`` or ``classification``.
-        inner_lr: the inner learning rate (of SGD or Adam).
-        inner_steps: inner steps per task in meta-training (the paper uses 5 to 10).
-        inner_optimizer: ``sgd`` or ``adam``.
-        betas: Adam's ``(beta1, beta2)`` for the inner loop, each in [0, 1).
-        adapt: which parameters train in the inner loop (``all`` or glob patterns); the others
-            get a zero meta-gradient and keep their value.
-        vectorize: ``auto``, ``vmap`` or ``loop`` (see :class:`~innerloop.algorithms.base.GradientBased`);
-            the inner loop is first order, so ``vmap`` is safe with BatchNorm here.
-    """
+    """Reptile with an SGD or Adam inner loop. Options: :class:`ReptileOptions`. The inner loop is
+    first order, so ``vmap`` is safe with BatchNorm here."""
 
     name = "reptile"
+    Options = ReptileOptions
 
-    def __init__(
-        self,
-        model: nn.Module,
-        objective: Objective,
-        inner_lr: float = 0.01,
-        inner_steps: int = 5,
-        inner_optimizer: InnerOptimizer = "sgd",
-        betas: Sequence[float] = (0.0, 0.999),
-        adapt: str | list[str] = "all",
-        vectorize: Vectorize = "auto",
-    ) -> None:
-        super().__init__(model, objective, inner_lr, inner_steps, "fixed", adapt, vectorize)
-        if inner_optimizer not in INNER_OPTIMIZERS:
-            raise ValueError(f"unknown inner optimizer {inner_optimizer!r}; choose one of {INNER_OPTIMIZERS}.")
-        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-            raise ValueError(f"Adam betas must be a pair (beta1, beta2), each in [0, 1); got {tuple(betas)}.")
-        self.inner_optimizer: InnerOptimizer = inner_optimizer
-        self.betas = (float(betas[0]), float(betas[1]))
+    def rule(self, rates: Params | None = None, detach: bool = False) -> UpdateRule:
+        """SGD or Adam (fresh moments per task) with the inner learning rate."""
+        lr = self.inner_lr.as_dict()
+        o: ReptileOptions = self.options
+        return sgd(lr) if o.inner_optimizer == "sgd" else adam(lr, o.betas)
 
-    def trajectory(self, params: Params, buffers: Params, support_x: Tensor, support_y: Tensor,
-                   steps: int) -> Iterator[Params]:
-        """The inner loop of one task: parameters after 1..``steps`` steps (no outer graph)."""
-        return inner_trajectory(self._loss, params, buffers, support_x, support_y, steps=steps,
-                                lr=self.inner_lr.as_dict(), adapt_names=self.adapt_names,
-                                optimizer=self.inner_optimizer, betas=self.betas)
+    def eval_trajectory(self, model: nn.Module, params: Params, task: TaskTensors, steps: int) -> Iterator[Params]:
+        """The inner loop of one task (training and test time alike): parameters after 1..``steps``."""
+        loss, buffers = model_loss(model, self.fns.loss), self.buffers_dict()
+        sx, sy = task[0], task[1]
+        return unroll(lambda p, _: loss(p, buffers, sx, sy), params, steps=steps, rule=self.rule(),
+                      adapt_names=self.adapt_names, first_order=True)
 
-    def eval_trajectory(
-        self, params: Params, buffers: Params, rates: Params, support_x: Tensor, support_y: Tensor, steps: int
-    ) -> Iterator[Params]:
-        """Test time runs the same inner optimiser as training."""
-        return self.trajectory(params, buffers, support_x, support_y, steps)
-
-    def adapt_task(self, params: Params, buffers: Params, task: tuple[Tensor, ...]) -> tuple[Params, Tensor]:
+    def adapt_task(self, model: nn.Module, params: Params, task: TaskTensors) -> tuple[Params, Tensor]:
         """``phi`` of one task (the adapted names only) and its query ``[loss, metric]`` (shape ``[2]``)."""
-        sx, sy, qx, qy = task
-        phi = params
-        for phi in self.trajectory(params, buffers, sx, sy, self.inner_steps):  # noqa: B007 - the last
-            pass
-        pred = self._predict(phi, buffers, qx)
-        scores = torch.stack([self.fns.loss(pred, qy), self.fns.metric(pred, qy)])
-        return {n: phi[n] for n in self.adapt_names}, scores
+        phi = last(self.eval_trajectory(model, params, task, self.inner_steps), params)
+        return {n: phi[n] for n in self.adapt_names}, scores(self.fns, self.predict(model, phi, task[2]), task[3])
 
     def meta_gradient(self, batch: TaskBatch) -> tuple[dict[str, Tensor], dict[str, float]]:
         """``theta - mean_i phi_i`` for the adapted parameters (zero for the others), and the mean
         query loss and metric at ``phi_i``. Inputs ``[tasks, examples, ...]``."""
         params = {n: p.detach() for n, p in self.params().items()}
-        buffers = self.buffers_dict()
-        tensors = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
-        n = len(batch)
-        with torch.no_grad():
-            if self.use_vmap(second_order=False):
-                phis, scores = vmap(lambda *task: self.adapt_task(params, buffers, task))(*tensors)
-                mean_phi = {k: v.mean(0) for k, v in phis.items()}
-                score = scores.mean(0)
-            else:
-                sums: dict[str, Tensor] = {k: torch.zeros_like(params[k]) for k in self.adapt_names}
-                score = torch.zeros(2, dtype=params[self.adapt_names[0]].dtype)
-                for i in range(n):
-                    phi, s = self.adapt_task(params, buffers, tuple(t[i] for t in tensors))
-                    for k in sums:
-                        sums[k] += phi[k]
-                    score += s
-                mean_phi = {k: v / n for k, v in sums.items()}
-                score = score / n
+        mean_phi, score = map_tasks(self.adapt_task, self.model, params, batch, self.execution, reduce="mean")
         grads = {k: torch.zeros_like(v) for k, v in self.named_parameters()}
         for k, phi in mean_phi.items():
             grads[f"model.{k}"] = params[k] - phi

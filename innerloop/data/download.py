@@ -25,12 +25,14 @@ import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path, PurePosixPath
+from typing import TypeAlias
 
 __all__ = [
     "ChecksumError",
     "CorruptArchiveError",
     "DataError",
     "DownloadError",
+    "StrPath",
     "UnsafeArchiveError",
     "download",
     "extract_zip",
@@ -41,6 +43,9 @@ __all__ = [
 ]
 
 _CHUNK = 1 << 20
+
+StrPath: TypeAlias = str | os.PathLike[str]
+"""A file-system path argument: a ``str`` or a :class:`pathlib.Path` (any ``os.PathLike[str]``)."""
 
 
 class DataError(RuntimeError):
@@ -63,7 +68,7 @@ class CorruptArchiveError(DataError):
     """A zip archive is truncated or damaged."""
 
 
-def sha256_file(path: str | os.PathLike) -> str:
+def sha256_file(path: StrPath) -> str:
     """Hex SHA-256 of a file's bytes."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -72,14 +77,14 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _remove_quietly(path: str | os.PathLike) -> None:
+def _remove_quietly(path: StrPath) -> None:
     with suppress(FileNotFoundError):
         os.unlink(path)
 
 
 def download(
     url: str,
-    dest: str | os.PathLike,
+    dest: StrPath,
     sha256: str | None = None,
     timeout: float = 60.0,
     progress: Callable[[int, int | None], None] | None = None,
@@ -177,7 +182,7 @@ def _corrupt(path: Path, err: BaseException, member: str | None = None) -> Corru
     )
 
 
-def safe_members(archive: zipfile.ZipFile, path: str | os.PathLike | None = None) -> list[zipfile.ZipInfo]:
+def safe_members(archive: zipfile.ZipFile, path: StrPath | None = None) -> list[zipfile.ZipInfo]:
     """Every member of ``archive``, after checking that *all* of them are safe.
 
     Raises:
@@ -197,7 +202,7 @@ def safe_members(archive: zipfile.ZipFile, path: str | os.PathLike | None = None
 
 
 @contextmanager
-def open_zip(path: str | os.PathLike) -> Iterator[tuple[zipfile.ZipFile, list[zipfile.ZipInfo]]]:
+def open_zip(path: StrPath) -> Iterator[tuple[zipfile.ZipFile, list[zipfile.ZipInfo]]]:
     """Open a zip archive and validate all its members: ``with open_zip(p) as (zf, members)``.
 
     Raises:
@@ -219,7 +224,7 @@ def open_zip(path: str | os.PathLike) -> Iterator[tuple[zipfile.ZipFile, list[zi
             raise _corrupt(path, e) from e
 
 
-def iter_zip(path: str | os.PathLike, suffixes: tuple[str, ...] | None = None) -> Iterator[tuple[str, bytes]]:
+def iter_zip(path: StrPath, suffixes: tuple[str, ...] | None = None) -> Iterator[tuple[str, bytes]]:
     """Yield ``(member name, bytes)`` for the files of a zip archive, sorted by name.
 
     Every member is validated (:func:`safe_members`) before the first one is read; directory
@@ -242,7 +247,7 @@ def iter_zip(path: str | os.PathLike, suffixes: tuple[str, ...] | None = None) -
             yield info.filename, data
 
 
-def extract_zip(path: str | os.PathLike, dest: str | os.PathLike) -> Path:
+def extract_zip(path: StrPath, dest: StrPath) -> Path:
     """Extract a zip archive into ``dest`` (created if needed) and return ``dest``.
 
     All members are validated before anything is written; the archive is extracted into a

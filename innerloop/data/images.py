@@ -29,7 +29,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from innerloop.data.download import DataError, _remove_quietly
+from innerloop.data.download import DataError, StrPath, _remove_quietly
 from innerloop.tasks import SPLITS, check_split
 
 __all__ = [
@@ -54,7 +54,7 @@ def _size_pair(size: int | tuple[int, int]) -> tuple[int, int]:
     hw = (size, size) if isinstance(size, int) else tuple(size)
     if len(hw) != 2 or not all(isinstance(s, int) and s >= 1 for s in hw):
         raise ValueError(f"image size must be an int >= 1 or a (height, width) pair of them, got {size!r}.")
-    return hw  # type: ignore[return-value]
+    return hw
 
 
 class ImageClassDataset:
@@ -292,13 +292,13 @@ def user_cache_dir() -> Path:
     return Path(base).expanduser() / "innerloop"
 
 
-def default_cache_dir(root: str | os.PathLike) -> Path:
+def default_cache_dir(root: StrPath) -> Path:
     """``<root>/.cache`` when it can be written, else :func:`user_cache_dir` (read-only data folders)."""
     preferred = Path(root) / ".cache"
     return preferred if _writable(preferred) else user_cache_dir()
 
 
-def save_cache(path: str | os.PathLike, dataset: ImageClassDataset, key: str) -> Path:
+def save_cache(path: StrPath, dataset: ImageClassDataset, key: str) -> Path:
     """Write ``dataset`` (consecutive, unrotated classes) to ``path`` atomically.
 
     ``np.savez`` writes into a temporary file in the same folder which is moved onto ``path``
@@ -331,7 +331,7 @@ def save_cache(path: str | os.PathLike, dataset: ImageClassDataset, key: str) ->
     return path
 
 
-def load_cache(path: str | os.PathLike, key: str) -> ImageClassDataset | None:
+def load_cache(path: StrPath, key: str) -> ImageClassDataset | None:
     """The dataset cached at ``path``, or None if absent, unreadable or made with another key."""
     path = Path(path)
     if not path.is_file():
@@ -352,7 +352,7 @@ def load_cache(path: str | os.PathLike, key: str) -> ImageClassDataset | None:
 
 
 def cached(
-    build: Callable[[], ImageClassDataset], cache_dir: str | os.PathLike | None, name: str, key: str
+    build: Callable[[], ImageClassDataset], cache_dir: StrPath | None, name: str, key: str
 ) -> ImageClassDataset:
     """Load ``<cache_dir>/<name>-<key>.npz``, or ``build()`` the dataset and cache it there.
 
@@ -382,7 +382,7 @@ def cached(
 
 
 def load_image(
-    source: bytes | str | os.PathLike,
+    source: bytes | StrPath,
     size: int | tuple[int, int],
     mode: str = "RGB",
     resample: Image.Resampling = Image.Resampling.LANCZOS,
@@ -400,8 +400,8 @@ def load_image(
     h, w = _size_pair(size)
     shown = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
-            im = im.convert(mode)
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as f:
+            im = f.convert(mode)
             if im.size != (w, h):
                 im = im.resize((w, h), resample=resample)
             arr = np.asarray(im, dtype=np.uint8)
@@ -435,10 +435,10 @@ def _folder_classes(root: Path) -> Iterator[tuple[str, list[Path]]]:
 
 
 def image_folder_dataset(
-    root: str | os.PathLike,
+    root: StrPath,
     size: int | tuple[int, int] = 84,
     mode: str = "RGB",
-    cache_dir: str | os.PathLike | None = None,
+    cache_dir: StrPath | None = None,
     resample: Image.Resampling = Image.Resampling.LANCZOS,
     use_cache: bool = True,
 ) -> ImageClassDataset:
@@ -534,10 +534,10 @@ class MiniImageNet(Mapping[str, ImageClassDataset]):
 
     def __init__(
         self,
-        images_root: str | os.PathLike,
-        split_root: str | os.PathLike,
+        images_root: StrPath,
+        split_root: StrPath,
         size: int | tuple[int, int] = 84,
-        cache_dir: str | os.PathLike | None = None,
+        cache_dir: StrPath | None = None,
         use_cache: bool = True,
     ) -> None:
         self.images_root, self.split_root = Path(images_root), Path(split_root)

@@ -60,7 +60,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from innerloop.data.download import DataError, DownloadError, download, open_zip, sha256_file
+from innerloop.data.download import DataError, DownloadError, StrPath, download, open_zip, sha256_file
 from innerloop.data.images import (
     ImageClassDataset,
     _size_pair,
@@ -102,7 +102,7 @@ def _has_archives(folder: Path) -> bool:
     return any((folder / f"{n}.zip").is_file() for n in ARCHIVES)
 
 
-def omniglot_root(root: str | os.PathLike | None = None) -> Path:
+def omniglot_root(root: StrPath | None = None) -> Path:
     """The folder that holds (or will hold) the Omniglot archives; see the module docstring."""
     if root is not None:
         folder = Path(root).expanduser()
@@ -124,7 +124,7 @@ def _where_to_put(folder: Path, names: Sequence[str]) -> str:
     )
 
 
-def omniglot_archives(root: str | os.PathLike | None = None, download_missing: bool = True) -> dict[str, Path]:
+def omniglot_archives(root: StrPath | None = None, download_missing: bool = True) -> dict[str, Path]:
     """``{archive name: path}`` for both archives, downloading (and verifying) missing ones.
 
     Raises:
@@ -181,9 +181,9 @@ def _read_archive(path: Path, size: tuple[int, int]) -> tuple[list[str], list[in
 
 
 def load_omniglot_characters(
-    root: str | os.PathLike | None = None,
+    root: StrPath | None = None,
     image_size: int | tuple[int, int] = 28,
-    cache_dir: str | os.PathLike | None = None,
+    cache_dir: StrPath | None = None,
     download: bool = True,
     use_cache: bool = True,
 ) -> tuple[ImageClassDataset, list[str]]:
@@ -237,7 +237,7 @@ def _vinyals_files(folder: Path, splits_root: Path | None, download_missing: boo
     )
     if not download_missing:
         raise DataError(f"the Vinyals split files are not in {' or '.join(map(str, candidates))}; {where}.")
-    out = {}
+    out: dict[str, Path] = {}
     for s in SPLITS:
         try:
             # No official checksum exists for these files; _vinyals_splits validates their content.
@@ -252,9 +252,11 @@ def _vinyals_files(folder: Path, splits_root: Path | None, download_missing: boo
 def _vinyals_splits(
     characters: ImageClassDataset, files: Mapping[str, Path], rotations: bool
 ) -> dict[str, ImageClassDataset]:
-    out, seen = {}, {}
+    out: dict[str, ImageClassDataset] = {}
+    seen: dict[int, str] = {}  # character index -> the split that lists it
     for s in SPLITS:
-        idx, turns = [], []
+        idx: list[int] = []
+        turns: list[int] = []
         for line_no, line in enumerate(files[s].read_text().splitlines(), start=1):
             line = line.strip()
             if not line:
@@ -315,17 +317,17 @@ class Omniglot(Mapping[str, ImageClassDataset]):
 
     def __init__(
         self,
-        root: str | os.PathLike | None = None,
+        root: StrPath | None = None,
         split: OmniglotSplit = "vinyals",
         image_size: int | tuple[int, int] = 28,
-        cache_dir: str | os.PathLike | None = None,
+        cache_dir: StrPath | None = None,
         download: bool = True,
         rotations: bool | None = None,
         split_seed: int = 0,
         lake_val_alphabets: int = 5,
         maml_train: int = 1200,
         maml_val: int = 100,
-        splits_root: str | os.PathLike | None = None,
+        splits_root: StrPath | None = None,
         use_cache: bool = True,
     ) -> None:
         if split not in ("vinyals", "lake", "maml"):

@@ -11,11 +11,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from innerloop.tasks import Split, Task, TaskBatch, check_split, task_seed
+from innerloop.tasks import Objective, Split, Task, TaskBatch, TaskFamily, check_split, task_seed
 
 
 def _check_counts(shots: int, queries: int) -> None:
@@ -40,7 +41,7 @@ def _scale(u: Tensor, r: tuple[float, float]) -> Tensor:
 class _RegressionFamily:
     """Shared sampling: subclasses implement ``_draw(generator, n) -> (x, y)`` for one task."""
 
-    objective = "regression"
+    objective: Objective = "regression"
 
     def __init__(self, shots: int, queries: int, seed: int) -> None:
         _check_counts(shots, queries)
@@ -180,7 +181,7 @@ class FamilySpec:
     """A named, documented preset of a regression family."""
 
     cls: type[_RegressionFamily]
-    defaults: dict
+    defaults: dict[str, Any]
     doc: str
 
 
@@ -198,10 +199,14 @@ FAMILIES: dict[str, FamilySpec] = {
 }
 
 
-def make_family(name: str, **kwargs) -> _RegressionFamily:
+def make_family(name: str, **kwargs: Any) -> _RegressionFamily:
     """Build a regression family by name (``sinusoid``, ``sinusoid-shifted``, ``sinusoid-sum``,
     ``linear``); keyword arguments override the preset's defaults."""
     if name not in FAMILIES:
         raise ValueError(f"unknown task family {name!r}; choose one of {', '.join(FAMILIES)}.")
     spec = FAMILIES[name]
     return spec.cls(**{**spec.defaults, **kwargs})
+
+
+if TYPE_CHECKING:  # static check (mypy): every regression family is a TaskFamily
+    _FAMILY_TYPES: tuple[type[TaskFamily], ...] = (_RegressionFamily, LinearRegression, Sinusoid)

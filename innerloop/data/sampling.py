@@ -8,14 +8,14 @@ classes, images and label order, in any process, so loading in worker processes 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from innerloop.data.images import ImageClassDataset
-from innerloop.tasks import Split, Task, TaskBatch, TaskFamily, check_split, task_seed
+from innerloop.tasks import Objective, Split, Task, TaskBatch, TaskFamily, check_split, task_seed
 
 __all__ = ["FewShotClassification", "TaskIndexDataset", "collate_tasks", "task_loader"]
 
@@ -48,7 +48,7 @@ class FewShotClassification:
             is chosen uniformly among those with at least ``ways`` classes.
     """
 
-    objective = "classification"
+    objective: Objective = "classification"
 
     def __init__(
         self,
@@ -181,7 +181,7 @@ def task_loader(
     pin_memory: bool = False,
     persistent_workers: bool = False,
     multiprocessing_context: Any = None,
-) -> DataLoader:
+) -> DataLoader[Task]:
     """A DataLoader of meta-batches: batch ``b`` stacks tasks ``b*meta_batch_size ... (b+1)*meta_batch_size - 1``.
 
     Tasks are built in ``num_workers`` worker processes (0: in the calling process) and
@@ -215,3 +215,7 @@ def task_loader(
         drop_last=False,
         **extra,
     )
+
+
+if TYPE_CHECKING:  # static check (mypy): FewShotClassification is a TaskFamily
+    _FAMILY_TYPE: type[TaskFamily] = FewShotClassification

@@ -80,5 +80,8 @@ class Conv4(nn.Module):
         self.head = nn.Linear(self.out_features, ways) if ways > 0 else None
 
     def forward(self, x: Tensor) -> Tensor:
-        z = self.features(x)
-        return z if self.head is None else self.head(z)
+        z: Tensor = self.features(x)
+        if self.head is None:
+            return z
+        y: Tensor = self.head(z)
+        return y

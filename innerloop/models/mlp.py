@@ -44,4 +44,5 @@ class MLP(nn.Module):
         self.head = nn.Linear(width, out_features)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x))
+        y: Tensor = self.head(self.features(x))
+        return y

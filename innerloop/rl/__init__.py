@@ -8,12 +8,14 @@ with a linear feature baseline, differentiably; :func:`trpo_step` is the outer u
 """
 
 from innerloop.rl.config import RLConfig, load_rl_config, rl_config_from_dict
-from innerloop.rl.envs import ENV_FAMILIES, EnvFamily, Navigation2D, Navigation2DEnv, VectorEnv, make_env_family
+from innerloop.numerics import conjugate_gradient
+from innerloop.rl.envs import EnvFamily, Navigation2D, Navigation2DEnv, VectorEnv
 from innerloop.rl.episodes import Episodes, advantages, fit_linear_baseline, rollout, rollout_noise
+from innerloop.rl.families import ENV_FAMILIES, make_env_family
 from innerloop.rl.maml import MetaBatch, PolicyMAML
 from innerloop.rl.policy import GaussianMLP, kl_divergence, log_prob
 from innerloop.rl.train import meta_test_rl, meta_train_rl, run_rl
-from innerloop.rl.trpo import conjugate_gradient, trpo_step
+from innerloop.rl.trpo import trpo_step
 
 __all__ = [
     "ENV_FAMILIES", "EnvFamily", "Episodes", "GaussianMLP", "MetaBatch", "Navigation2D", "Navigation2DEnv",

@@ -153,22 +153,3 @@ class Navigation2D:
 
     def make(self, tasks: Tensor) -> Navigation2DEnv:
         return Navigation2DEnv(tasks, self.horizon, self.action_bound, self.goal_radius)
-
-
-def make_env_family(name: str, seed: int = 0, horizon: int | None = None, **options: Any) -> EnvFamily:
-    """An environment family by config name: ``nav2d``, ``cheetah-vel`` or ``cheetah-dir``.
-
-    The HalfCheetah families need MuJoCo (``pip install 'innerloop[rl]'``); asking for one
-    without it raises an :class:`ImportError` that says so.
-    """
-    if name == "nav2d":
-        return Navigation2D(seed=seed, horizon=horizon or 100, **options)
-    if name in ("cheetah-vel", "cheetah-dir"):
-        from innerloop.rl.mujoco import HalfCheetahDir, HalfCheetahVel
-
-        cls = HalfCheetahVel if name == "cheetah-vel" else HalfCheetahDir
-        return cls(seed=seed, horizon=horizon or 200, **options)
-    raise ValueError(f"unknown environment family {name!r}; choose one of {list(ENV_FAMILIES)}.")
-
-
-ENV_FAMILIES: tuple[str, ...] = ("nav2d", "cheetah-vel", "cheetah-dir")

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,7 @@ from innerloop.adapt import Params
 from innerloop.rl.envs import EnvFamily
 from innerloop.rl.episodes import Episodes, advantages, policy_distribution, rollout, rollout_noise
 from innerloop.rl.policy import distribution, kl_divergence, log_prob
+from innerloop.rl.trpo import trpo_step
 from innerloop.tasks import Split
 
 Estimator = Literal["vpg", "lvc"]
@@ -73,6 +74,10 @@ class MetaBatch:
     old_log_std: Tensor
     returns: Tensor
 
+    def __len__(self) -> int:
+        """The number of tasks."""
+        return int(self.returns.shape[0])
+
     def subset(self, tasks: slice) -> MetaBatch:
         """The same meta-batch restricted to some tasks (e.g. to estimate the Fisher matrix on a share)."""
         def cut(d: StepData) -> StepData:
@@ -85,6 +90,26 @@ class MetaBatch:
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     """Mean of ``x`` over its valid entries (all but the leading dimension when batched)."""
     return (x * mask).sum() / mask.sum().clamp_min(1)
+
+
+class OuterSettings(Protocol):
+    """What :meth:`PolicyMAML.outer_step` reads of the training settings
+    (:class:`~innerloop.rl.config.RLTrainConfig` has these fields)."""
+
+    @property
+    def max_kl(self) -> float: ...
+    @property
+    def cg_iterations(self) -> int: ...
+    @property
+    def cg_damping(self) -> float: ...
+    @property
+    def backtracks(self) -> int: ...
+    @property
+    def fisher_subsample(self) -> float: ...
+    @property
+    def ppo_epochs(self) -> int: ...
+    @property
+    def ppo_clip(self) -> float: ...
 
 
 class PolicyMAML(nn.Module):
@@ -114,6 +139,11 @@ class PolicyMAML(nn.Module):
         self.inner_lr, self.inner_steps, self.first_order = inner_lr, inner_steps, first_order
         self.estimator, self.discount, self.gae_lambda = estimator, discount, gae_lambda
         self.normalize_advantages = normalize_advantages
+
+    @property
+    def name(self) -> str:
+        """The checkpoint's name of what this trains: ``maml-rl``, or ``pretrain-rl`` without adaptation."""
+        return "maml-rl" if self.inner_steps else "pretrain-rl"
 
     def params(self) -> Params:
         """The meta-parameters, keyed like ``policy.named_parameters()``."""
@@ -205,6 +235,39 @@ class PolicyMAML(nn.Module):
         objective = torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
         steps = mask.sum((1, 2)).clamp_min(1)
         return -((objective * mask).sum((1, 2)) / steps).mean(), ((kl * mask).sum((1, 2)) / steps).mean()
+
+    def outer_step(self, batch: MetaBatch, optimizer: torch.optim.Optimizer | None,
+                   settings: OuterSettings) -> dict[str, float]:
+        """One outer update of the meta-parameters on ``batch`` (from :meth:`sample`), in place.
+
+        TRPO when ``optimizer`` is None (the paper): one trust-region step on :meth:`surrogate`,
+        a closure over ``batch`` that TRPO calls at candidate parameters, with Fisher-vector products
+        from the KL of the first ``fisher_subsample`` share of the tasks. Otherwise PPO:
+        ``ppo_epochs`` steps of ``optimizer`` on :meth:`clipped_surrogate`.
+
+        Returns:
+            TRPO: ``surrogate_before``, ``surrogate_after``, ``kl``, ``step_fraction``; PPO:
+            ``surrogate_after`` (of the last epoch, before its step) and ``kl``.
+        """
+        params = self.params()
+        if optimizer is None:
+            fisher_tasks = max(1, round(len(batch) * settings.fisher_subsample))
+            sub = batch.subset(slice(0, fisher_tasks)) if fisher_tasks < len(batch) else None
+            stats = trpo_step(
+                params, lambda p: self.surrogate(p, batch), settings.max_kl, settings.cg_iterations,
+                settings.cg_damping, settings.backtracks,
+                fisher_kl=None if sub is None else (lambda p: self.surrogate(p, sub)[1]),
+            )
+            return {"surrogate_before": stats.loss_before, "surrogate_after": stats.loss_after,
+                    "kl": stats.kl, "step_fraction": stats.step_fraction}
+        if settings.ppo_epochs < 1:
+            raise ValueError(f"PPO needs ppo_epochs >= 1, got {settings.ppo_epochs}.")
+        for _ in range(settings.ppo_epochs):
+            loss, kl = self.clipped_surrogate(params, batch, settings.ppo_clip)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return {"surrogate_after": float(loss.detach()), "kl": float(kl.detach())}
 
     # -- meta-testing -------------------------------------------------------------------------------------
 

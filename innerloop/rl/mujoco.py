@@ -19,6 +19,7 @@ Needs the ``rl`` extra: ``pip install 'innerloop[rl]'`` (``gymnasium`` and ``muj
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,6 +40,8 @@ class MissingMuJoCoError(ImportError):
 
 def require_mujoco() -> Any:
     """Import gymnasium's HalfCheetah-v5 class, or raise :class:`MissingMuJoCoError` with the way out."""
+    # imported here, not at the top: gymnasium and MuJoCo are an optional extra, needed only by
+    # the HalfCheetah families (2D navigation and the rest of the package run without them)
     try:
         mujoco = importlib.import_module("mujoco")
         module = importlib.import_module("gymnasium.envs.mujoco.half_cheetah_v5")
@@ -54,8 +57,6 @@ def require_mujoco() -> Any:
 def _warn(message: str) -> None:
     """MuJoCo's warnings as Python warnings (MuJoCo's default writes MUJOCO_LOG.TXT into the working
     directory), except the deprecation of ``settotalmass`` in gymnasium's own cheetah XML."""
-    import warnings
-
     if "settotalmass" not in message:
         warnings.warn(f"MuJoCo: {message}", RuntimeWarning, stacklevel=2)
 

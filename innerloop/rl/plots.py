@@ -10,9 +10,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from innerloop.plotting import _save
-from innerloop.rl.envs import Navigation2D
+from innerloop.plotting import plot_adaptation_curves, save_figure
+from innerloop.rl.config import RLConfig
+from innerloop.rl.envs import EnvFamily, Navigation2D
 from innerloop.rl.maml import PolicyMAML
+from innerloop.training.evaluate import RunResult
 
 
 def plot_navigation(algorithms: Mapping[str, PolicyMAML], family: Navigation2D, path: str | Path, tasks: int = 4,
@@ -49,4 +51,17 @@ def plot_navigation(algorithms: Mapping[str, PolicyMAML], family: Navigation2D, 
             if col == 0:
                 ax.set_ylabel(name)
     fig.suptitle("2D navigation: trajectories before and after adaptation (mean return in brackets)", fontsize=9)
-    _save(fig, Path(path))
+    save_figure(fig, path)
+
+
+def plot_rl_run(result: RunResult[PolicyMAML, EnvFamily], cfg: RLConfig) -> list[Path]:
+    """The figures of a meta-RL run (:func:`innerloop.rl.train.run_rl`) in its folder:
+    ``adaptation.png``, and ``trajectories.png`` for 2D navigation. Returns their paths."""
+    e, out = cfg.eval, result.out_dir
+    plot_adaptation_curves(result.results, out / "adaptation.png", result.title)
+    written = [out / "adaptation.png"]
+    if isinstance(result.test_family, Navigation2D) and e.plot_tasks > 0:
+        plot_navigation(result.trained, result.test_family, out / "trajectories.png", min(e.plot_tasks, e.test_tasks),
+                        max(1, e.steps), e.rollouts, e.inner_lr or cfg.algorithm.inner_lr)
+        written.append(out / "trajectories.png")
+    return written

@@ -1,40 +1,33 @@
 """Meta-training and meta-testing of policies, and a whole run from an :class:`RLConfig`.
 
+Meta-training is the library's one run skeleton (:func:`innerloop.training.loop.run_loop`: resume,
+atomic checkpoints, the JSON-lines log, the progress bar) around :meth:`PolicyMAML.outer_step`.
 Meta-iteration ``t`` uses tasks ``t*B .. t*B+B-1`` of the ``train`` split, and every rollout's
-randomness is a function of (family seed, split, task index, phase), so a run needs no sampler or
-RNG state to resume: ``last.pt`` (written atomically) holds the policy, the PPO optimiser's state
-and the iteration, and a resumed run continues exactly as the uninterrupted one would.
+randomness is a function of (family seed, split, task index, phase), so a run needs no sampler
+state to resume: ``last.pt`` holds the policy, the PPO optimiser's state and the iteration, and a
+resumed run continues exactly as the uninterrupted one would.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from innerloop.rl.config import RLConfig, RLTrainConfig
-from innerloop.rl.envs import EnvFamily, make_env_family
+from innerloop.rl.config import RLConfig, RLTrainConfig, rl_config_from_dict
+from innerloop.rl.envs import EnvFamily
+from innerloop.rl.families import make_env_family
 from innerloop.rl.maml import PolicyMAML
 from innerloop.rl.policy import GaussianMLP
-from innerloop.rl.trpo import trpo_step
-from innerloop.training.checkpoint import (
-    CheckpointError,
-    atomic_write_bytes,
-    check_state_compatible,
-    load_checkpoint,
-    resume_into,
-    save_checkpoint,
-)
+from innerloop.training.checkpoint import CheckpointError, load_checkpoint, load_state
 from innerloop.training.config import ConfigError
-from innerloop.training.evaluate import EvalResult, mean_ci95
-from innerloop.training.loop import LAST, METRICS, _truncate_metrics
-from innerloop.training.run import format_table, machine
+from innerloop.training.evaluate import EvalResult, RunResult, format_table, machine, mean_ci95, write_results
+from innerloop.training.loop import Schedule, clear_run, run_loop
 
 
 @dataclass(frozen=True)
@@ -73,72 +66,24 @@ def meta_train_rl(
         resume: continue from ``run_dir/last.pt`` when it exists.
         progress: a progress bar with the returns before and after adaptation and the speed.
     """
-    run_dir = Path(run_dir) if run_dir is not None else None
     optimizer = torch.optim.Adam(algorithm.parameters(), lr=cfg.ppo_lr) if cfg.optimizer == "ppo" else None
-    start, elapsed_before = 0, 0.0
-    if run_dir is not None and resume and (run_dir / LAST).exists():
-        payload = resume_into(algorithm, run_dir / LAST, identity)
-        if optimizer is not None and payload.get("optimizer"):
-            optimizer.load_state_dict(payload["optimizer"])
-        start, elapsed_before = payload["step"], payload.get("wall_s", 0.0)
-        _truncate_metrics(run_dir / METRICS, start)
-    t0 = time.perf_counter()
-
-    def checkpoint(step: int) -> None:
-        assert run_dir is not None
-        save_checkpoint(run_dir / LAST, {
-            "algorithm": "maml-rl" if algorithm.inner_steps else "pretrain-rl", "identity": identity,
-            "step": step, "state": algorithm.state_dict(),
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
-            "wall_s": elapsed_before + time.perf_counter() - t0,
-        })
-
-    log = None
-    if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        log = (run_dir / METRICS).open("a")
     B = cfg.meta_batch_size
-    fisher_tasks = max(1, round(B * cfg.fisher_subsample))
-    bar = tqdm(total=cfg.iterations, initial=start, desc=desc, disable=not progress, dynamic_ncols=True)
-    returns: list[float] = []
-    try:
-        for step in range(start, cfg.iterations):
-            batch = algorithm.sample(family, "train", range(step * B, (step + 1) * B), rollouts)
-            params = algorithm.params()
-            if optimizer is None:
-                sub = batch.subset(slice(0, fisher_tasks)) if fisher_tasks < B else None
-                stats = trpo_step(
-                    params, lambda p, b=batch: algorithm.surrogate(p, b), cfg.max_kl, cfg.cg_iterations,
-                    cfg.cg_damping, cfg.backtracks,
-                    fisher_kl=None if sub is None else (lambda p, b=sub: algorithm.surrogate(p, b)[1]),
-                )
-                outer = {"surrogate_before": stats.loss_before, "surrogate_after": stats.loss_after,
-                         "kl": stats.kl, "step_fraction": stats.step_fraction}
-            else:
-                for _ in range(cfg.ppo_epochs):
-                    loss, kl = algorithm.clipped_surrogate(params, batch, cfg.ppo_clip)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                outer = {"surrogate_after": float(loss.detach()), "kl": float(kl.detach())}
-            done = step + 1
-            returns = batch.returns.mean(0).tolist()
-            wall = elapsed_before + time.perf_counter() - t0
-            record = {"step": done, **{f"return_{k}": r for k, r in enumerate(returns)}, **outer, "wall_s": wall}
-            bar.update(1)
-            speed = (done - start) / max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix(**{f"ret{k}": f"{r:.1f}" for k, r in enumerate(returns)}, kl=f"{outer['kl']:.4f}",
-                            it_s=f"{speed:.2f}")
-            if log is not None:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-            if run_dir is not None and (done % cfg.checkpoint_every == 0 or done == cfg.iterations):
-                checkpoint(done)
-    finally:
-        bar.close()
-        if log is not None:
-            log.close()
-    return RLTrainResult(cfg.iterations, elapsed_before + time.perf_counter() - t0, returns)
+
+    def outer_step(step: int) -> dict[str, float]:
+        batch = algorithm.sample(family, "train", range(step * B, (step + 1) * B), rollouts)
+        returns = batch.returns.mean(0).tolist()
+        return {**{f"return_{k}": r for k, r in enumerate(returns)}, **algorithm.outer_step(batch, optimizer, cfg)}
+
+    def postfix(means: Mapping[str, float]) -> dict[str, str]:
+        returns = {f"ret{k[len('return_'):]}": f"{v:.1f}" for k, v in means.items() if k.startswith("return_")}
+        return {**returns, "kl": f"{means['kl']:.4f}"}
+
+    schedule = Schedule(cfg.iterations, log_every=1, checkpoint_every=cfg.checkpoint_every)
+    tr = run_loop(algorithm, outer_step, schedule, run_dir, name=algorithm.name, optimizer=optimizer,
+                  identity=identity, tasks_per_step=B, resume=resume, progress=progress, desc=desc,
+                  postfix=postfix)
+    returns = [v for k, v in tr.final_metrics.items() if k.startswith("return_")]
+    return RLTrainResult(tr.steps, tr.wall_time_s, returns)
 
 
 def meta_test_rl(algorithm: PolicyMAML, family: EnvFamily, tasks: int, steps: int, rollouts: int,
@@ -186,9 +131,14 @@ def rl_identity(cfg: RLConfig, name: str) -> dict[str, Any]:
             "train": train}
 
 
-def run_rl(cfg: RLConfig, *, progress: bool = True, overwrite: bool = False, plot: bool = True) -> dict[str, Any]:
+def run_rl(cfg: RLConfig, *, progress: bool = True, overwrite: bool = False) -> RunResult[PolicyMAML, EnvFamily]:
     """Meta-train MAML (and the pre-trained baseline), meta-test them beside the random
-    initialisation, and write ``results.json``, ``results.md`` and plots into ``cfg.out_dir``."""
+    initialisation, and write ``results.json`` and ``results.md`` into ``cfg.out_dir``.
+
+    Returns:
+        the report (as a mapping: ``result["table"]``, ``result["runs"]``), with the policies and
+        the family for the plots (:func:`innerloop.rl.plots.plot_rl_run`).
+    """
     cfg.validate()
     out = Path(cfg.out_dir)
     family = build_env_family(cfg)
@@ -197,8 +147,7 @@ def run_rl(cfg: RLConfig, *, progress: bool = True, overwrite: bool = False, plo
         runs.append(("pretrained", out / "pretrain", 0, cfg.eval.pretrain_iterations or cfg.train.iterations))
     if overwrite:
         for _, folder, _, _ in runs:
-            for name in (LAST, METRICS):
-                (folder / name).unlink(missing_ok=True)
+            clear_run(folder)
     out.mkdir(parents=True, exist_ok=True)
     e = cfg.eval
     lr = e.inner_lr or cfg.algorithm.inner_lr
@@ -224,25 +173,14 @@ def run_rl(cfg: RLConfig, *, progress: bool = True, overwrite: bool = False, plo
                                          "eval_wall_s": time.perf_counter() - t0, "test": res.to_dict()}
     title = (f"{cfg.env.name}: return after 0..{e.steps} policy-gradient steps (lr {lr}, {e.rollouts} episodes "
              f"per step), {e.test_tasks} fixed test tasks (mean ± 95% CI)")
-    table = format_table(results, list(range(e.steps + 1)), title)
-    report["table"] = table
-    atomic_write_bytes(out / "results.json", lambda f: f.write(json.dumps(report, indent=2).encode()))
-    atomic_write_bytes(out / "results.md", lambda f: f.write((table + "\n").encode()))
-    if plot:
-        from innerloop.plotting import plot_adaptation_curves
-        from innerloop.rl.plots import plot_navigation
-
-        plot_adaptation_curves(results, out / "adaptation.png", title)
-        if cfg.env.name == "nav2d" and e.plot_tasks > 0:
-            plot_navigation(trained, family, out / "trajectories.png", min(e.plot_tasks, e.test_tasks),
-                            max(1, e.steps), e.rollouts, lr)
-    return report
+    report["table"] = format_table(results, list(range(e.steps + 1)), title)
+    result = RunResult(report, results, trained, family, title, out)
+    write_results(result)
+    return result
 
 
 def load_rl_checkpoint(checkpoint: str | Path) -> tuple[RLConfig, PolicyMAML, EnvFamily]:
     """Rebuild the policy a checkpoint of :func:`run_rl` holds, with its config and family."""
-    from innerloop.rl.config import rl_config_from_dict
-
     payload = load_checkpoint(checkpoint)
     ident = payload.get("identity")
     if not ident or "env" not in ident:
@@ -253,6 +191,5 @@ def load_rl_checkpoint(checkpoint: str | Path) -> tuple[RLConfig, PolicyMAML, En
     cfg = rl_config_from_dict(d)
     family = build_env_family(cfg)
     algorithm = build_algorithm(cfg, family, 0 if ident["algorithm"] == "pretrained" else None)
-    check_state_compatible(algorithm, payload["state"], str(checkpoint))
-    algorithm.load_state_dict(payload["state"])
+    load_state(algorithm, payload["state"], str(checkpoint))
     return cfg, algorithm, family

@@ -6,7 +6,8 @@ policy that sampled the data and the new one::
     min_theta  L(theta)   subject to   KL(theta_old, theta) <= max_kl
 
 The step direction solves ``F x = -grad L`` with ``F`` the Fisher matrix (the Hessian of the mean
-KL at ``theta_old``), by conjugate gradient on Fisher-vector products from double backward; it is
+KL at ``theta_old``), by conjugate gradient (:func:`innerloop.numerics.conjugate_gradient`, stopped
+early at a squared residual of ``CG_TOLERANCE``) on Fisher-vector products from double backward; it is
 scaled to the boundary of the trust region (``0.5 s^T F s = max_kl``) and a backtracking line
 search halves it until the surrogate improves and the measured KL is within the bound, or gives up
 and keeps ``theta_old``.
@@ -21,41 +22,13 @@ import torch
 from torch import Tensor
 
 from innerloop.adapt import Params
+from innerloop.numerics import conjugate_gradient, flatten, unflatten
 
 Objective = Callable[[Params], tuple[Tensor, Tensor]]
 """``params -> (surrogate loss to minimise, mean KL from the sampling policy)``, both scalars."""
 
-
-def flatten(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors])
-
-
-def unflatten(vector: Tensor, like: Params) -> Params:
-    out, i = {}, 0
-    for name, p in like.items():
-        out[name] = vector[i : i + p.numel()].view_as(p)
-        i += p.numel()
-    return out
-
-
-def conjugate_gradient(matvec: Callable[[Tensor], Tensor], b: Tensor, iterations: int = 10,
-                       tolerance: float = 1e-10) -> Tensor:
-    """Approximately solve ``A x = b`` for a symmetric positive-definite ``A`` given as ``matvec``,
-    starting from ``x = 0``; stops early when the squared residual falls below ``tolerance``."""
-    x = torch.zeros_like(b)
-    r, p = b.clone(), b.clone()
-    rr = r @ r
-    for _ in range(iterations):
-        if rr < tolerance:
-            break
-        Ap = matvec(p)
-        alpha = rr / (p @ Ap)
-        x = x + alpha * p
-        r = r - alpha * Ap
-        rr_new = r @ r
-        p = r + (rr_new / rr) * p
-        rr = rr_new
-    return x
+CG_TOLERANCE = 1e-10
+"""Conjugate gradient stops once the squared residual of the natural-gradient system is below this."""
 
 
 def fisher_vector_product(kl: Tensor, params: list[Tensor], damping: float = 0.0) -> Callable[[Tensor], Tensor]:
@@ -110,7 +83,7 @@ def trpo_step(params: dict[str, torch.nn.Parameter], objective: Objective, max_k
     if fisher_kl is not None:
         kl = fisher_kl(dict(params))
     fvp = fisher_vector_product(kl, leaves, damping)
-    direction = conjugate_gradient(fvp, -grad, cg_iterations)
+    direction = conjugate_gradient(fvp, -grad, cg_iterations, tolerance=CG_TOLERANCE)
     shs = 0.5 * direction @ fvp(direction)
     loss_before = float(loss.detach())
     if not torch.isfinite(shs) or shs <= 0:

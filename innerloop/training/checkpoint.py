@@ -2,35 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from innerloop.io import atomic_write_bytes
+
 FORMAT = "innerloop-checkpoint-v1"
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, or was saved for another model or config."""
-
-
-def atomic_write_bytes(path: Path, write: Any) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path`` and rename it into place, so a
-    crash never leaves a half-written ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
@@ -72,6 +56,13 @@ def check_state_compatible(module: nn.Module, state: dict[str, torch.Tensor], so
             )
 
 
+def load_state(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` into ``module`` after :func:`check_state_compatible` (a clear error instead
+    of torch's list of mismatched keys)."""
+    check_state_compatible(module, state, source)
+    module.load_state_dict(state)
+
+
 def resume_into(module: nn.Module, path: str | Path, identity: dict[str, Any] | None) -> dict[str, Any]:
     """Load the checkpoint at ``path`` into ``module`` for resuming a run, and return its payload.
 
@@ -84,7 +75,6 @@ def resume_into(module: nn.Module, path: str | Path, identity: dict[str, Any] | 
             f"{path} belongs to a run with another configuration; resume it with its own config, "
             "pass --overwrite to start again, or choose a new --out folder."
         )
-    check_state_compatible(module, payload["state"], str(path))
-    module.load_state_dict(payload["state"])
+    load_state(module, payload["state"], str(path))
     return payload
 

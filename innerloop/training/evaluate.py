@@ -1,13 +1,21 @@
-"""Meta-testing: the metric on a fixed set of tasks after 0..k adaptation steps, with 95% CIs."""
+"""Meta-testing: the metric on a fixed set of tasks after 0..k adaptation steps, with 95% CIs;
+and the report of a whole run (``results.json``, ``results.md``), written once for every kind of run."""
 
 from __future__ import annotations
 
+import json
 import math
+import platform
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar
 
 import torch
+from torch import nn
 
 from innerloop.algorithms.base import Algorithm
+from innerloop.io import atomic_write_text
 from innerloop.runtime import tune_malloc
 from innerloop.tasks import Split, TaskFamily
 from innerloop.training.distributed import gather_rows, shard
@@ -90,3 +98,65 @@ def meta_test(
         [mean_ci95(m[:, k]) for k in range(steps + 1)],
         [mean_ci95(lo[:, k]) for k in range(steps + 1)],
     )
+
+
+def format_table(rows: Mapping[str, EvalResult], steps: list[int], title: str) -> str:
+    """A Markdown table: one row per algorithm, one column per number of adaptation steps."""
+    metric = next(iter(rows.values())).metric
+    head = "| algorithm | " + " | ".join(f"{metric} after {k} step{'s' * (k != 1)}" for k in steps) + " |"
+    lines = [title, "", head, "|---" * (len(steps) + 1) + "|"]
+    for name, res in rows.items():
+        lines.append(f"| {name} | " + " | ".join(str(res.per_step[k]) for k in steps) + " |")
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, Any]:
+    """The software and processor a run was measured on (for its report)."""
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+
+
+A = TypeVar("A", bound=nn.Module)
+F = TypeVar("F")
+
+
+@dataclass(frozen=True)
+class RunResult(Mapping[str, Any], Generic[A, F]):
+    """What a whole run ended with: as a mapping, the report it wrote to ``results.json``
+    (``result["table"]``, ``result["runs"]``, ...); as attributes, what its plots need.
+
+    Attributes:
+        report: the JSON report (config, machine, per-run numbers, the table).
+        results: the meta-test result of every trained (or untrained) algorithm, by name.
+        trained: the algorithms themselves (best-on-validation weights where there is validation).
+        test_family: the family they were tested on.
+        title: the title of the table (and of the adaptation plot).
+        out_dir: the run folder.
+    """
+
+    report: dict[str, Any]
+    results: dict[str, EvalResult]
+    trained: dict[str, A]
+    test_family: F
+    title: str
+    out_dir: Path
+
+    @property
+    def table(self) -> str:
+        """The Markdown table of ``results`` (also ``results.md``)."""
+        return str(self.report["table"])
+
+    def __getitem__(self, key: str) -> Any:
+        return self.report[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.report)
+
+    def __len__(self) -> int:
+        return len(self.report)
+
+
+def write_results(result: RunResult[Any, Any]) -> None:
+    """Write ``results.json`` (the report) and ``results.md`` (the table) into the run folder, atomically."""
+    atomic_write_text(result.out_dir / "results.json", json.dumps(result.report, indent=2))
+    atomic_write_text(result.out_dir / "results.md", result.table + "\n")

@@ -1,32 +1,41 @@
-"""One training loop for every algorithm.
+"""One run skeleton for every kind of meta-training, and supervised meta-training on it.
 
-Each iteration draws meta-batch ``t`` of the ``train`` split (tasks ``t*B .. t*B+B-1``: fixed by
-the family seed, so no sampler state needs saving), asks the algorithm for its meta-gradient,
-and takes an outer optimiser step. Every ``validate_every`` iterations the algorithm is scored
-on fixed validation tasks, the best-on-validation checkpoint is kept, and the last checkpoint is
-written (atomically). A resumed run continues exactly as the uninterrupted run would.
+:func:`run_loop` is written once and used by supervised meta-training (:func:`meta_train`) and by
+meta-RL (:func:`innerloop.rl.train.meta_train_rl`). It owns everything around the outer steps:
+
+* resume from ``last.pt``: the module's state, the optimiser's state, the step, the best
+  validation value and its step, torch's RNG state and the wall time so far (summed across
+  resumes); log lines written after the checkpoint's step are dropped;
+* atomic checkpoints: ``last.pt`` every ``checkpoint_every`` steps, at every validation and at the
+  end; ``best.pt`` at every new best validation value;
+* the JSON-lines log ``metrics.jsonl`` (window means of the outer step's metrics, tasks/s, wall
+  time, validation), the progress bar with those metrics, and data-parallel ranks (one rank
+  writes, every rank starts from rank 0's parameters).
+
+A caller supplies only what one outer step does: ``outer_step(step) -> metrics``, a pure function
+of the step index and the current parameters (tasks of step ``t`` are fixed by the family seed,
+so no sampler state needs saving) and, optionally, ``validate() -> value``. A resumed run then
+continues exactly as the uninterrupted run would.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from innerloop.algorithms.base import Algorithm
+from innerloop.io import truncate_jsonl
 from innerloop.runtime import tune_malloc
 from innerloop.tasks import TaskFamily
-from innerloop.training.checkpoint import (
-    atomic_write_bytes,
-    resume_into,
-    save_checkpoint,
-)
+from innerloop.training.checkpoint import resume_into, save_checkpoint
 from innerloop.training.config import TrainConfig
 from innerloop.training.distributed import (
     barrier,
@@ -41,6 +50,31 @@ from innerloop.training.schedule import set_outer_lr
 
 LAST, BEST, METRICS = "last.pt", "best.pt", "metrics.jsonl"
 GradHook = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+OuterStep = Callable[[int], Mapping[str, float]]
+"""``step -> metrics``: one outer step (0-based index ``step``), updating the parameters in place."""
+Validate = Callable[[], float]
+"""``() -> value``: the validation score of the current parameters."""
+Postfix = Callable[[Mapping[str, float]], dict[str, str]]
+"""Window means of the outer step's metrics -> what the progress bar shows of them."""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When the run skeleton logs, validates and checkpoints (all in outer steps)."""
+
+    iterations: int
+    log_every: int = 1
+    """Log the means of the outer step's metrics over every window of this many steps."""
+    validate_every: int | None = None
+    """Validate (and keep the best-on-validation checkpoint) this often; ``None``: never."""
+    checkpoint_every: int | None = None
+    """Write ``last.pt`` this often (it is also written at every validation and at the end)."""
+
+    def __post_init__(self) -> None:
+        for key in ("log_every", "validate_every", "checkpoint_every"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"{key} must be >= 1 (or None), got {value}.")
 
 
 @dataclass(frozen=True)
@@ -50,9 +84,157 @@ class TrainResult:
     steps: int
     best_step: int
     best_val: float
+    """The best validation value (NaN when the run never validated)."""
     wall_time_s: float
     """Training wall time in total, summed over the runs a resumed run continued."""
     tasks_per_s: float
+    final_metrics: dict[str, float] = field(default_factory=dict)
+    """The metrics of the last outer step this process ran (empty when it ran none)."""
+
+
+def clear_run(run_dir: str | Path) -> None:
+    """Delete what :func:`run_loop` writes into ``run_dir`` (``--overwrite``: start again)."""
+    for file in (LAST, BEST, METRICS):
+        (Path(run_dir) / file).unlink(missing_ok=True)
+
+
+def _better(a: float, b: float | None, higher: bool) -> bool:
+    return b is None or (a > b if higher else a < b)
+
+
+def run_loop(
+    module: nn.Module,
+    outer_step: OuterStep,
+    schedule: Schedule,
+    run_dir: str | Path | None = None,
+    *,
+    name: str,
+    optimizer: torch.optim.Optimizer | None = None,
+    identity: dict[str, Any] | None = None,
+    validate: Validate | None = None,
+    val_key: str = "val",
+    higher_is_better: bool = True,
+    tasks_per_step: int = 1,
+    resume: bool = True,
+    progress: bool = True,
+    desc: str = "meta-train",
+    postfix: Postfix | None = None,
+) -> TrainResult:
+    """Run ``outer_step(step)`` for ``step`` in ``[start, schedule.iterations)``, with resume,
+    checkpoints, logging, a progress bar and validation around it.
+
+    Args:
+        module: what is trained and checkpointed (``state_dict``); its parameters are the ones
+            ``outer_step`` updates.
+        outer_step: see :data:`OuterStep`; its metrics (floats) are logged as means over windows of
+            ``schedule.log_every`` steps.
+        schedule: iterations and the log, validation and checkpoint periods.
+        run_dir: where ``last.pt``, ``best.pt`` and ``metrics.jsonl`` go (None: nothing saved).
+        name: the checkpoint's ``algorithm`` entry.
+        optimizer: the outer optimiser whose state is checkpointed and resumed (None: one without
+            state, as TRPO, or none).
+        identity: what must match for a checkpoint to be resumed (e.g. the config); stored in
+            every checkpoint, compared on resume.
+        validate: see :data:`Validate`; called every ``schedule.validate_every`` steps and at the
+            end; its value is logged as ``val_key`` and picks ``best.pt``.
+        higher_is_better: whether a higher validation value is better.
+        tasks_per_step: tasks per outer step, for the tasks/s figure.
+        resume: continue from ``run_dir/last.pt`` when it exists.
+        progress: show a progress bar.
+        desc: the progress bar's label.
+        postfix: see :data:`Postfix` (default: every metric with 3 decimals); the bar adds the last
+            validation value and tasks/s.
+    """
+    run_dir = Path(run_dir) if run_dir is not None else None
+    lead = dist_rank() == 0  # the one rank that writes checkpoints, logs and the progress bar
+    start, best_val, best_step, elapsed_before = 0, None, 0, 0.0
+    if run_dir is not None and resume and (run_dir / LAST).exists():
+        payload = resume_into(module, run_dir / LAST, identity)
+        if optimizer is not None and payload.get("optimizer") is not None:
+            optimizer.load_state_dict(payload["optimizer"])
+        start = payload["step"]
+        best_val, best_step = payload.get("best_val"), payload.get("best_step", 0)
+        elapsed_before = payload.get("wall_s", 0.0)
+        if payload.get("torch_rng") is not None:
+            torch.set_rng_state(payload["torch_rng"])
+        if lead:
+            truncate_jsonl(run_dir / METRICS, start)
+    broadcast_parameters(module)
+    t0 = time.perf_counter()
+
+    def wall() -> float:
+        return elapsed_before + time.perf_counter() - t0
+
+    def checkpoint(file: str, step: int) -> None:
+        assert run_dir is not None
+        save_checkpoint(run_dir / file, {
+            "algorithm": name, "identity": identity, "step": step, "state": module.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "best_val": best_val, "best_step": best_step, "torch_rng": torch.get_rng_state(),
+            "wall_s": wall(),
+        })
+
+    def show(means: Mapping[str, float]) -> dict[str, str]:
+        return {k: f"{v:.3f}" for k, v in means.items()}
+
+    writes = run_dir is not None and lead
+    log = None
+    if writes:
+        assert run_dir is not None
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log = (run_dir / METRICS).open("a")
+    s = schedule
+    bar = tqdm(total=s.iterations, initial=start, desc=desc, disable=not (progress and lead),
+               dynamic_ncols=True, leave=True)
+    sums: dict[str, float] = {}
+    window, val, last_means = 0, None, {}
+    metrics: Mapping[str, float] = {}
+    try:
+        for step in range(start, s.iterations):
+            metrics = outer_step(step)
+            done = step + 1
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            window += 1
+            bar.update(1)
+            final = done == s.iterations
+            record: dict[str, Any] = {}
+            if done % s.log_every == 0 or final:
+                speed = (done - start) * tasks_per_step / max(time.perf_counter() - t0, 1e-9)
+                last_means = {k: v / window for k, v in sums.items()}
+                record = {"step": done, **last_means, "tasks_per_s": speed}
+                sums, window = {}, 0
+            validated = validate is not None and (
+                final or (s.validate_every is not None and done % s.validate_every == 0))
+            if validated:
+                assert validate is not None
+                val = validate()
+                record = {**(record or {"step": done}), val_key: val}
+                if _better(val, best_val, higher_is_better):
+                    best_val, best_step = val, done
+                    if writes:
+                        checkpoint(BEST, done)
+            if record:
+                record["wall_s"] = wall()
+                if log is not None:  # the line goes in before the checkpoint that covers it
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                speed_s = f"{record['tasks_per_s']:.0f}" if "tasks_per_s" in record else "-"
+                bar.set_postfix(**(postfix or show)(last_means),
+                                **({"val": "-" if val is None else f"{val:.3f}"} if validate else {}),
+                                tasks_s=speed_s)
+            periodic = s.checkpoint_every is not None and done % s.checkpoint_every == 0
+            if writes and (validated or periodic or final):
+                checkpoint(LAST, done)
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+    barrier("barrier at the end of training")  # the checkpoints are written before anyone reads them
+    elapsed = time.perf_counter() - t0
+    return TrainResult(s.iterations, best_step, float("nan") if best_val is None else best_val,
+                       elapsed_before + elapsed, (s.iterations - start) * tasks_per_step / max(elapsed, 1e-9),
+                       {k: float(v) for k, v in metrics.items()})
 
 
 def make_optimizer(algorithm: Algorithm, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -61,18 +243,6 @@ def make_optimizer(algorithm: Algorithm, cfg: TrainConfig) -> torch.optim.Optimi
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(algorithm.parameters(), lr=cfg.outer_lr)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose 'adam' or 'sgd'.")
-
-
-def _better(a: float, b: float | None, higher: bool) -> bool:
-    return b is None or (a > b if higher else a < b)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop log lines written after ``step`` (by a run that died after its last checkpoint)."""
-    if not path.exists():
-        return
-    kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-    atomic_write_bytes(path, lambda f: f.write("".join(ln + "\n" for ln in kept).encode()))
 
 
 def meta_train(
@@ -89,7 +259,12 @@ def meta_train(
     grad_hook: GradHook | None = None,
     val_family: TaskFamily | None = None,
 ) -> TrainResult:
-    """Meta-train ``algorithm`` on ``family``'s train split.
+    """Meta-train ``algorithm`` on ``family``'s train split (the :func:`run_loop` of meta-batches).
+
+    Outer step ``t`` draws meta-batch ``t`` of the ``train`` split (tasks ``t*B .. t*B+B-1``),
+    asks the algorithm for its meta-gradient (under ``torch.distributed``: of this rank's shard,
+    then all-reduced) and takes an outer optimiser step. Every ``validate_every`` steps the
+    algorithm is scored on fixed validation tasks and the best-on-validation checkpoint is kept.
 
     Args:
         algorithm: any :class:`Algorithm`; its parameters are the meta-parameters.
@@ -106,94 +281,35 @@ def meta_train(
             test protocol's ways when training uses more.
     """
     tune_malloc()  # glibc: reuse freed activation memory instead of faulting in new pages
-    run_dir = Path(run_dir) if run_dir is not None else None
     val_family = val_family or family
     family = algorithm.training_family(family)  # the Baseline pre-trains on global-label batches
-    lead = dist_rank() == 0  # the one rank that writes checkpoints, logs and the progress bar
-    if cfg.meta_batch_size < world_size():
-        raise ValueError(f"meta_batch_size {cfg.meta_batch_size} is smaller than the {world_size()} ranks; "
+    b = cfg.meta_batch_size
+    if b < world_size():
+        raise ValueError(f"meta_batch_size {b} is smaller than the {world_size()} ranks; "
                          "every rank needs at least one task per meta-batch.")
     optimizer = make_optimizer(algorithm, cfg)
-    start, best_val, best_step, elapsed_before = 0, None, 0, 0.0
-    if run_dir is not None and resume and (run_dir / LAST).exists():
-        payload = resume_into(algorithm, run_dir / LAST, identity)
-        optimizer.load_state_dict(payload["optimizer"])
-        start, best_val, best_step = payload["step"], payload["best_val"], payload["best_step"]
-        elapsed_before = payload.get("wall_s", 0.0)
-        torch.set_rng_state(payload["torch_rng"])
-        if lead:
-            _truncate_metrics(run_dir / METRICS, start)
-    broadcast_parameters(algorithm)
-
-    def checkpoint(name: str, step: int) -> None:
-        assert run_dir is not None
-        save_checkpoint(run_dir / name, {
-            "algorithm": algorithm.name, "identity": identity, "step": step,
-            "state": algorithm.state_dict(), "optimizer": optimizer.state_dict(),
-            "best_val": best_val, "best_step": best_step, "torch_rng": torch.get_rng_state(),
-            "wall_s": elapsed_before + time.perf_counter() - t0,
-        })
-
-    log = None
-    if run_dir is not None and lead:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        log = (run_dir / METRICS).open("a")
     params = dict(algorithm.named_parameters())
-    bar = tqdm(total=cfg.iterations, initial=start, desc=desc, disable=not (progress and lead),
-               dynamic_ncols=True, leave=True)
-    t0, tasks_done = time.perf_counter(), 0
-    window_loss = window_metric = 0.0
-    window = 0
-    val = None
-    try:
-        for step in range(start, cfg.iterations):
-            b = cfg.meta_batch_size
-            algorithm.set_progress(step, cfg.iterations)  # MAML++'s annealing; a no-op for most
-            set_outer_lr(optimizer, cfg, step)  # lr_schedule; nothing for "constant"
-            mine = shard(range(step * b, (step + 1) * b))  # all of it in one process
-            grads, metrics = algorithm.meta_gradient(family.batch("train", mine))
-            grads, metrics = reduce_meta_gradient(grads, metrics, len(mine), b, step + 1)
-            if grad_hook is not None:
-                grads = grad_hook(grads)
-            for name, p in params.items():
-                p.grad = grads[name]
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            tasks_done += b
-            window_loss += metrics["loss"]
-            window_metric += metrics[algorithm.metric_name]
-            window += 1
-            bar.update(1)
-            record: dict[str, Any] | None = None
-            if done % cfg.log_every == 0 or done == cfg.iterations:
-                speed = tasks_done / max(time.perf_counter() - t0, 1e-9)
-                record = {"step": done, "loss": window_loss / window,
-                          algorithm.metric_name: window_metric / window, "tasks_per_s": speed}
-                bar.set_postfix(loss=f"{record['loss']:.3f}",
-                                **{algorithm.metric_name: f"{record[algorithm.metric_name]:.3f}"},
-                                val="-" if val is None else f"{val:.3f}", tasks_s=f"{speed:.0f}")
-                window_loss = window_metric = 0.0
-                window = 0
-            if done % cfg.validate_every == 0 or done == cfg.iterations:
-                res = meta_test(algorithm, val_family or family, "val", cfg.val_tasks, steps=val_steps)
-                val = res.per_step[val_steps].mean
-                record = {**(record or {"step": done}), f"val_{algorithm.metric_name}": val,
-                          "wall_s": elapsed_before + time.perf_counter() - t0}
-                if _better(val, best_val, algorithm.higher_is_better):
-                    best_val, best_step = val, done
-                    if run_dir is not None and lead:
-                        checkpoint(BEST, done)
-                if run_dir is not None and lead:
-                    checkpoint(LAST, done)
-            if record is not None and log is not None:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-    finally:
-        bar.close()
-        if log is not None:
-            log.close()
-    barrier("barrier at the end of training")  # the checkpoints are written before anyone reads them
-    wall = time.perf_counter() - t0
-    return TrainResult(cfg.iterations, best_step, float("nan") if best_val is None else best_val,
-                       elapsed_before + wall, tasks_done / max(wall, 1e-9))
+    metric = algorithm.metric_name
+
+    def outer_step(step: int) -> dict[str, float]:
+        algorithm.set_progress(step, cfg.iterations)  # MAML++'s annealing; a no-op for most
+        set_outer_lr(optimizer, cfg, step)  # lr_schedule; nothing for "constant"
+        mine = shard(range(step * b, (step + 1) * b))  # all of it in one process
+        grads, metrics = algorithm.meta_gradient(family.batch("train", mine))
+        grads, metrics = reduce_meta_gradient(grads, metrics, len(mine), b, step + 1)
+        if grad_hook is not None:
+            grads = grad_hook(grads)
+        for n, p in params.items():
+            p.grad = grads[n]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return {"loss": metrics["loss"], metric: metrics[metric]}
+
+    def validate() -> float:
+        return meta_test(algorithm, val_family, "val", cfg.val_tasks, steps=val_steps).per_step[val_steps].mean
+
+    schedule = Schedule(cfg.iterations, log_every=cfg.log_every, validate_every=cfg.validate_every)
+    return run_loop(algorithm, outer_step, schedule, run_dir, name=algorithm.name, optimizer=optimizer,
+                    identity=identity, validate=validate, val_key=f"val_{metric}",
+                    higher_is_better=algorithm.higher_is_better, tasks_per_step=b, resume=resume,
+                    progress=progress, desc=desc)

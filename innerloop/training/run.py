@@ -1,12 +1,11 @@
-"""A whole run from a :class:`Config`: build, meta-train, meta-test, report and plot."""
+"""A whole run from a :class:`Config`: build, meta-train, meta-test and report (the command line
+draws the plots from the returned :class:`~innerloop.training.evaluate.RunResult`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
-import platform
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,17 +20,12 @@ from innerloop.data.regression import make_family
 from innerloop.models.conv4 import Conv4
 from innerloop.models.mlp import MLP
 from innerloop.tasks import TaskFamily
-from innerloop.training.checkpoint import (
-    CheckpointError,
-    atomic_write_bytes,
-    check_state_compatible,
-    load_checkpoint,
-)
+from innerloop.training.checkpoint import CheckpointError, check_state_compatible, load_checkpoint
 from innerloop.training.config import Config, ConfigError, config_from_dict
 from innerloop.training.distributed import barrier
 from innerloop.training.distributed import rank as dist_rank
-from innerloop.training.evaluate import EvalResult, meta_test
-from innerloop.training.loop import BEST, LAST, TrainResult, meta_train
+from innerloop.training.evaluate import EvalResult, RunResult, format_table, machine, meta_test, write_results
+from innerloop.training.loop import BEST, TrainResult, clear_run, meta_train
 
 IMAGE_FAMILIES = ("omniglot", "miniimagenet", "image-folder")
 
@@ -109,11 +103,6 @@ _FIRST_ALGORITHM_KEYS = ("name", "inner_lr", "inner_steps", "first_order", "lr_m
 _ADDED_TRAIN_KEYS = ("lr_schedule", "final_outer_lr")
 
 
-def machine() -> dict[str, Any]:
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
-
-
 def _train_one(cfg: Config, families: tuple[TaskFamily, TaskFamily], name: str, run_dir: Path,
                iterations: int, progress: bool, resume: bool) -> tuple[Algorithm, TrainResult]:
     family, val_family = families
@@ -127,26 +116,20 @@ def _train_one(cfg: Config, families: tuple[TaskFamily, TaskFamily], name: str, 
     return algorithm, result
 
 
-def format_table(rows: dict[str, EvalResult], steps: list[int], title: str) -> str:
-    """A Markdown table: one row per algorithm, one column per number of adaptation steps."""
-    metric = next(iter(rows.values())).metric
-    head = "| algorithm | " + " | ".join(f"{metric} after {k} step{'s' * (k != 1)}" for k in steps) + " |"
-    lines = [title, "", head, "|---" * (len(steps) + 1) + "|"]
-    for name, res in rows.items():
-        lines.append(f"| {name} | " + " | ".join(str(res.per_step[k]) for k in steps) + " |")
-    return "\n".join(lines)
-
-
-def run(cfg: Config, *, progress: bool = True, overwrite: bool = False, plot: bool = True) -> dict[str, Any]:
+def run(cfg: Config, *, progress: bool = True, overwrite: bool = False) -> RunResult[Algorithm, TaskFamily]:
     """Meta-train the configured algorithm (and the baseline), meta-test both, and write
-    ``results.json``, ``results.md`` and plots into ``cfg.out_dir``. Returns the results."""
+    ``results.json`` and ``results.md`` into ``cfg.out_dir``.
+
+    Returns:
+        the report (as a mapping: ``result["table"]``, ``result["runs"]``), with the trained
+        algorithms and the test family for the plots (:func:`innerloop.plotting.plot_run`).
+    """
     cfg.validate()
     out = Path(cfg.out_dir)
     lead = dist_rank() == 0  # under torchrun, one rank writes the files
     if overwrite and lead:
         for sub in (out, out / "baseline"):
-            for name in (LAST, BEST, "metrics.jsonl"):
-                (sub / name).unlink(missing_ok=True)
+            clear_run(sub)
     barrier("barrier after --overwrite")
     out.mkdir(parents=True, exist_ok=True)
     try:  # bad data or sizes (more ways than classes, ...) fail here, before any training
@@ -180,20 +163,11 @@ def run(cfg: Config, *, progress: bool = True, overwrite: bool = False, plot: bo
                  f"{e.shots or cfg.task.shots}-shot accuracy, BatchNorm: "
                  f"{'batch statistics (transductive)' if cfg.model.norm == 'batch' else 'none'}")
     title += f", {e.test_tasks} fixed test tasks (mean ± 95% CI)"
-    table = format_table(results, e.report_steps, title)
-    report["table"] = table
-    if not lead:
-        return report
-    atomic_write_bytes(out / "results.json", lambda f: f.write(json.dumps(report, indent=2).encode()))
-    atomic_write_bytes(out / "results.md", lambda f: f.write((table + "\n").encode()))
-    if plot:
-        from innerloop.plotting import plot_adaptation_curves, plot_regression_fits
-
-        if e.plot_tasks > 0 and hasattr(test_family, "parameters_of"):
-            plot_regression_fits(trained, test_family, out / "fits.png", e.plot_tasks,
-                                 steps=(1, e.steps) if e.steps > 1 else (e.steps,))
-        plot_adaptation_curves(results, out / "adaptation.png", title)
-    return report
+    report["table"] = format_table(results, e.report_steps, title)
+    result = RunResult(report, results, trained, test_family, title, out)
+    if lead:
+        write_results(result)
+    return result
 
 
 def load_for_eval(checkpoint: str | Path) -> tuple[Config, Algorithm]:

@@ -1,0 +1,363 @@
+"""The task-execution layer: how a meta-batch of per-task computations runs.
+
+An algorithm says what ONE task computes: a per-task function ``fn(model, params, task)`` of the
+model to call (through :func:`torch.func.functional_call`), the meta-parameters and the task's
+tensors ``(support_x, support_y, query_x, query_y)``. This module decides how a meta-batch of them
+runs, and nothing else does:
+
+* under :func:`torch.func.vmap` over tasks (small models: per-op overhead dominates, and
+  vectorising wins), as a per-task loop (one backward per task, so memory is that of one task),
+  or in several Python threads, one task each at a time with one intra-op thread each (whole tasks
+  parallelise better than the small ops of one task); each thread calls its own copy of the model,
+  and the inner loop differentiates with ``torch.autograd.grad`` there
+  (:func:`innerloop.adapt.differentiation`), which unlike ``torch.func`` is thread-safe;
+* the memory layout of the loop (channels-last images and conv weights for 2-D conv nets);
+* glibc's malloc thresholds on CPU (:func:`innerloop.runtime.tune_malloc`);
+* checkpointed inner steps (memory flat in the number of second-order inner steps).
+
+Every path gives the same meta-gradient (float64 tests: vmap == loop == threads, channels-last ==
+contiguous, checkpointed == stored). ``vectorize="auto"`` never picks a path with a wrong
+gradient: in torch 2.13, ``vmap`` over a second-order gradient through ``batch_norm`` or
+``layer_norm`` is wrong, so the layer looks at what the model *computes* (the aten operators of one
+forward pass, traced on the meta device: functional calls count as much as modules) and runs such
+models as a loop. Measured speeds of each path: ``benchmarks/results/speed.md`` and ``vectorize.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from innerloop.adapt import Differentiation, Params, differentiation
+from innerloop.runtime import tune_malloc
+from innerloop.tasks import TaskBatch
+
+Vectorize = Literal["auto", "vmap", "loop"]
+VECTORIZE: tuple[str, ...] = ("auto", "vmap", "loop")
+MemoryFormat = Literal["auto", "channels_last", "contiguous"]
+MEMORY_FORMATS: tuple[str, ...] = ("auto", "channels_last", "contiguous")
+TaskTensors = tuple[Tensor, ...]
+"""One task: ``(support_x [s, ...], support_y [s, ...], query_x [q, ...], query_y [q, ...])``."""
+GradTaskFn = Callable[[nn.Module, Params, TaskTensors], tuple[Tensor, Tensor]]
+"""``(model, params, task) -> (loss, aux)``: a scalar loss whose gradient is the task's share of the
+meta-gradient, and detached metrics ``aux [k]`` (e.g. query loss and accuracy)."""
+MapTaskFn = Callable[[nn.Module, Params, TaskTensors], Any]
+"""``(model, params, task) -> pytree of tensors`` computed without an outer graph."""
+
+UNSAFE_UNDER_VMAP: frozenset[str] = frozenset({
+    "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training",
+    "_native_batch_norm_legit_functional", "cudnn_batch_norm", "miopen_batch_norm", "native_layer_norm",
+})
+"""aten operators whose second-order gradient under ``vmap`` is wrong in torch 2.13 (float64 tests in
+``tests/test_execution.py``): every BatchNorm (modules, ``F.batch_norm``, ``F.instance_norm``) and
+LayerNorm (``F.layer_norm``). ``native_group_norm`` is right, and so is normalisation written from
+primitive ops."""
+NORMALISATION: frozenset[str] = UNSAFE_UNDER_VMAP | {"native_group_norm"}
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How a meta-batch runs. The same values and meta-gradient on every setting.
+
+    Attributes:
+        vectorize: ``vmap`` over tasks, a per-task ``loop``, or ``auto``: ``vmap`` when the model
+            computes no convolution and no normalisation (small models, where vectorising wins),
+            ``loop`` otherwise (on CPU the per-task loop of convolutions is faster, and ``vmap``
+            through BatchNorm or LayerNorm gives a wrong second-order gradient in torch 2.13).
+            ``vmap`` with such a model and a second-order meta-gradient is refused.
+        memory_format: layout of the loop's images and conv weights: ``channels_last``,
+            ``contiguous`` (NCHW), or ``auto``: channels-last for models with a 2-D convolution.
+        task_threads: the loop's tasks run in this many Python threads, each with one intra-op
+            thread; ``None``: ``torch.get_num_threads()`` on CPU, 1 on other devices. Memory: the
+            graphs of ``task_threads`` tasks are alive at once; 1 is the smallest.
+        checkpoint: recompute each second-order inner step in the outer backward instead of
+            storing its activations (memory grows by a set of parameters per step, not a set of
+            activations; costs one more inner forward and backward per step). Runs as a loop.
+        eval_chunk: tasks per ``vmap`` call when evaluating (bounds memory).
+    """
+
+    vectorize: Vectorize = "auto"
+    memory_format: MemoryFormat = "auto"
+    task_threads: int | None = None
+    checkpoint: bool = False
+    eval_chunk: int = 200
+
+    def __post_init__(self) -> None:
+        if self.vectorize not in VECTORIZE:
+            raise ValueError(f"unknown vectorize {self.vectorize!r}; choose one of {VECTORIZE}.")
+        if self.memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"unknown memory_format {self.memory_format!r}; choose one of {MEMORY_FORMATS}.")
+        threads = self.task_threads
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"task_threads must be None or an integer >= 1, got {threads!r}.")
+        if not isinstance(self.checkpoint, bool):
+            raise ValueError(f"checkpoint must be true or false, got {self.checkpoint!r}.")
+        if isinstance(self.eval_chunk, bool) or not isinstance(self.eval_chunk, int) or self.eval_chunk < 1:
+            raise ValueError(f"eval_chunk must be an integer >= 1, got {self.eval_chunk!r}.")
+        if self.checkpoint and self.vectorize == "vmap":
+            raise ValueError("checkpoint=True runs the per-task loop (torch.utils.checkpoint does not run under "
+                             "vmap); use vectorize='auto' or 'loop', or checkpoint=False.")
+
+
+# -- what a model computes -------------------------------------------------------------------------------
+class _OpRecorder(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: set[str] = set()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = func.overloadpacket.__name__
+        self.ops.add(name)
+        if "convolution" in name and args and isinstance(args[0], Tensor) and args[0].dim() == 4:
+            self.ops.add("conv2d")
+        return func(*args, **(kwargs or {}))
+
+
+_PROBES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], frozenset[str] | None]] = (
+    weakref.WeakKeyDictionary())
+_PROBE_LOCK = threading.Lock()
+
+
+def computed_ops(model: nn.Module, example_x: Tensor) -> frozenset[str] | None:
+    """The aten operators one forward pass of ``model`` on ``example_x [examples, ...]`` runs (plus
+    ``conv2d`` for a convolution of a 4-D input), traced with meta tensors: no arithmetic and no side
+    effect (running statistics are not touched). ``None`` when the model cannot run on the meta
+    device (then callers assume the worst). Cached per model, mode, input shape and dtype."""
+    key = (model.training, tuple(example_x.shape), example_x.dtype,
+           tuple((n, tuple(p.shape), p.dtype) for n, p in model.named_parameters()))
+    with _PROBE_LOCK:
+        cached = _PROBES.setdefault(model, {})
+        if key in cached:
+            return cached[key]
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    meta = {n: torch.empty_like(t, device="meta") for n, t in tensors.items()}
+    recorder = _OpRecorder()
+    try:
+        with torch.no_grad(), recorder:
+            functional_call(model, meta, (torch.empty_like(example_x, device="meta"),))
+        result: frozenset[str] | None = frozenset(recorder.ops)
+    except Exception:
+        result = None
+    with _PROBE_LOCK:
+        _PROBES.setdefault(model, {})[key] = result
+    return result
+
+
+def vmap_safe(ops: frozenset[str] | None, second_order: bool) -> bool:
+    """Whether ``vmap`` over tasks gives the right meta-gradient for a model computing ``ops``."""
+    if not second_order:
+        return True
+    return ops is not None and not (ops & UNSAFE_UNDER_VMAP)
+
+
+# -- layout ----------------------------------------------------------------------------------------------
+def to_channels_last(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Every 4-D tensor (conv weights ``[out, in, kh, kw]``, images ``[batch, C, H, W]``) in the
+    channels-last memory format; a differentiable copy where the layout changes, else the same
+    tensor. Values, and so results, are unchanged."""
+    return {k: _channels_last(t) if t.dim() == 4 else t for k, t in tensors.items()}
+
+
+def _channels_last(t: Tensor) -> Tensor:
+    """``t`` (4-D) with channels-last strides. With one channel (Omniglot) the two layouts hold the
+    same memory and ``contiguous(memory_format=channels_last)`` keeps the NCHW strides, which torch
+    reads as NCHW, so the first block would run the slow NCHW kernels; explicit channels-last
+    strides (a copy) keep the whole network channels-last."""
+    if t.size(1) == 1 and t.stride(1) != 1:
+        return torch.empty_like(t, memory_format=torch.channels_last).copy_(t)
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+# -- the plan for one call ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Plan:
+    """How one meta-batch runs: under ``vmap`` or as a loop over ``threads`` threads."""
+
+    vmap: bool
+    threads: int
+    channels_last: bool
+    differentiation: Differentiation
+
+
+def plan(execution: Execution, model: nn.Module, batch: TaskBatch, *, second_order: bool,
+         graph: bool = True) -> Plan:
+    """Decide how ``batch`` runs (see :class:`Execution`). ``graph``: whether the per-task function
+    builds an outer graph (meta-gradients) or runs without one (evaluation, Reptile, iMAML)."""
+    ops = computed_ops(model, batch.support_x[0])
+    safe = vmap_safe(ops, second_order)
+    if execution.vectorize == "vmap":
+        if not safe:
+            raise ValueError(
+                "vectorize='vmap' with a model that computes batch_norm or layer_norm (a norm module or a "
+                "torch.nn.functional call) and a second-order meta-gradient gives a wrong gradient in torch "
+                "2.13 (vmap over grad through normalisation); use vectorize='loop' or 'auto', or first_order=True."
+            )
+        use_vmap = True
+    elif execution.vectorize == "loop" or (execution.checkpoint and graph):
+        use_vmap = False
+    else:
+        use_vmap = ops is not None and not (ops & NORMALISATION) and not any("convolution" in o for o in ops)
+    if use_vmap:
+        return Plan(True, 1, False, "func")
+    device = batch.support_x.device.type
+    wanted = execution.task_threads
+    if wanted is None:
+        wanted = torch.get_num_threads() if device == "cpu" else 1
+    threads = max(1, min(wanted, len(batch)))
+    if execution.memory_format == "auto":
+        channels_last = ops is None or "conv2d" in ops
+    else:
+        channels_last = execution.memory_format == "channels_last"
+    checkpointed = execution.checkpoint and graph and second_order
+    mode: Differentiation = "checkpoint" if checkpointed else ("autograd" if threads > 1 else "func")
+    return Plan(False, threads, channels_last, mode)
+
+
+def _task(tensors: Sequence[Tensor], i: int, channels_last: bool) -> TaskTensors:
+    task = tuple(t[i] for t in tensors)
+    if not channels_last:
+        return task
+    laid = to_channels_last({str(k): t for k, t in enumerate(task)})
+    return tuple(laid[str(k)] for k in range(len(task)))
+
+
+def _tensors(batch: TaskBatch) -> TaskTensors:
+    return batch.support_x, batch.support_y, batch.query_x, batch.query_y
+
+
+def _in_threads(threads: int, n: int, model: nn.Module, work: Callable[[nn.Module, range], Any]) -> list[Any]:
+    """Run ``work(model copy, share of range(n))`` in ``threads`` Python threads (interleaved shares),
+    each with one intra-op thread; grad mode and autocast are thread-local, so each thread takes the
+    caller's. Returns the results in thread order; re-raises the first error."""
+    results: list[Any] = [None] * threads
+    errors: list[BaseException] = []
+    grad_enabled = torch.is_grad_enabled()
+    device = next((p.device.type for p in model.parameters()), "cpu")
+    autocast = torch.is_autocast_enabled(device)
+    autocast_dtype = torch.get_autocast_dtype(device)
+
+    def run(j: int, module: nn.Module) -> None:
+        try:
+            torch.set_num_threads(1)
+            with torch.set_grad_enabled(grad_enabled), \
+                    torch.autocast(device, dtype=autocast_dtype, enabled=autocast):
+                results[j] = work(module, range(j, n, threads))
+        except BaseException as e:  # re-raised in the caller's thread
+            errors.append(e)
+
+    before = torch.get_num_threads()
+    workers = [threading.Thread(target=run, args=(j, copy.deepcopy(model))) for j in range(threads)]
+    try:
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    finally:
+        torch.set_num_threads(before)
+    if errors:
+        raise errors[0]
+    return results
+
+
+@contextlib.contextmanager
+def _loop_context(p: Plan, device: str) -> Iterator[None]:
+    if device == "cpu":
+        tune_malloc()  # see innerloop.runtime: reuse freed activation memory
+    with differentiation(p.differentiation):
+        yield
+
+
+def grads_of(loss: Tensor, targets: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``d loss / d targets`` keyed like ``targets`` (zeros for a target the loss does not use)."""
+    got = torch.autograd.grad(loss, list(targets.values()), allow_unused=True)
+    return {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(targets.items(), got, strict=True)}
+
+
+# -- the two entry points -----------------------------------------------------------------------------------
+def meta_gradient(
+    fn: GradTaskFn, model: nn.Module, params: Params, batch: TaskBatch, targets: dict[str, Tensor],
+    execution: Execution, *, second_order: bool,
+) -> tuple[dict[str, Tensor], Tensor]:
+    """The gradient of ``mean_i loss_i`` with respect to ``targets`` and ``mean_i aux_i``, with
+    ``(loss_i, aux_i) = fn(model, params, task_i)`` over the tasks of ``batch``.
+
+    ``params`` are what ``fn`` adapts from (usually the model's live parameters; laid out for the
+    loop here, differentiably); other meta-parameters (learned rates) reach ``fn`` by closure.
+    Returns ``(grads keyed like targets, aux [k])``.
+    """
+    p = plan(execution, model, batch, second_order=second_order)
+    tensors, n = _tensors(batch), len(batch)
+    if p.vmap:
+        losses, aux = vmap(lambda *task: fn(model, params, task))(*tensors)
+        return grads_of(losses.mean(), targets), aux.mean(0)
+
+    def work(module: nn.Module, indices: range) -> tuple[dict[str, Tensor], Tensor | None]:
+        grads = {k: torch.zeros_like(v) for k, v in targets.items()}
+        aux_sum: Tensor | None = None
+        laid = to_channels_last(params) if p.channels_last else params
+        for i in indices:
+            loss, aux = fn(module, laid, _task(tensors, i, p.channels_last))
+            for k, g in grads_of(loss / n, targets).items():
+                grads[k] += g
+            aux_sum = aux.detach() if aux_sum is None else aux_sum + aux.detach()
+        return grads, aux_sum
+
+    with _loop_context(p, batch.support_x.device.type):
+        parts = [work(model, range(n))] if p.threads == 1 else _in_threads(p.threads, n, model, work)
+    grads = {k: sum((part[0][k] for part in parts[1:]), parts[0][0][k]) for k in targets}
+    sums = [part[1] for part in parts if part[1] is not None]
+    return grads, sum(sums[1:], sums[0]) / n
+
+
+def map_tasks(
+    fn: MapTaskFn, model: nn.Module, params: Params, batch: TaskBatch, execution: Execution, *,
+    reduce: Literal["stack", "mean"] = "stack", second_order: bool = False,
+) -> Any:
+    """``fn(model, params, task_i)`` for every task of ``batch``, without an outer graph, stacked along
+    a new leading ``tasks`` dimension (``reduce="stack"``) or averaged over tasks (``"mean"``, summed as
+    it goes, so the loop keeps one task's outputs at a time). ``second_order``: whether ``fn`` itself
+    differentiates twice (iMAML's Hessian-vector products), which rules out ``vmap`` through norms."""
+    p = plan(execution, model, batch, second_order=second_order, graph=False)
+    tensors, n = _tensors(batch), len(batch)
+    with torch.no_grad():
+        if p.vmap:
+            chunk = execution.eval_chunk
+            parts = [vmap(lambda *task: fn(model, params, task))(*(t[i : i + chunk] for t in tensors))
+                     for i in range(0, n, chunk)]
+            out = pytree.tree_map(lambda *xs: torch.cat(xs), *parts)
+            return pytree.tree_map(lambda x: x.mean(0), out) if reduce == "mean" else out
+
+        def work(module: nn.Module, indices: range) -> list[Any] | Any:
+            laid = to_channels_last(params) if p.channels_last else params
+            outs = (fn(module, laid, _task(tensors, i, p.channels_last)) for i in indices)
+            if reduce == "stack":
+                return list(outs)
+            total = None
+            for o in outs:
+                total = o if total is None else pytree.tree_map(torch.add, total, o)
+            return total
+
+        with _loop_context(p, batch.support_x.device.type):
+            parts = [work(model, range(n))] if p.threads == 1 else _in_threads(p.threads, n, model, work)
+        if reduce == "mean":
+            found = [q for q in parts if q is not None]
+            total = found[0]
+            for q in found[1:]:
+                total = pytree.tree_map(torch.add, total, q)
+            return pytree.tree_map(lambda x: x / n, total)
+        ordered: list[Any] = [None] * n
+        for j, q in enumerate(parts):
+            for k, o in zip(range(j, n, p.threads), q, strict=True):
+                ordered[k] = o
+        return pytree.tree_map(lambda *xs: torch.stack(xs), *ordered)
