@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from innerloop.rl.envs import Navigation2D, Navigation2DEnv
-from innerloop.rl.families import make_env_family
 from innerloop.rl.episodes import (
     Episodes,
     advantages,
@@ -17,6 +16,7 @@ from innerloop.rl.episodes import (
     rollout,
     rollout_noise,
 )
+from innerloop.rl.families import make_env_family
 from innerloop.rl.maml import PolicyMAML
 from innerloop.rl.policy import GaussianMLP
 

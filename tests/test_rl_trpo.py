@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from innerloop.numerics import flatten, unflatten
 from innerloop.rl.envs import Navigation2D
 from innerloop.rl.maml import PolicyMAML
 from innerloop.rl.policy import GaussianMLP
-from innerloop.numerics import flatten, unflatten
 from innerloop.rl.trpo import fisher_vector_product, trpo_step
 
 

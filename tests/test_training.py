@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from innerloop.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from innerloop.training.config import Config
+from innerloop.training.config import Config, config_from_dict
+from innerloop.training.evaluate import meta_test
 from innerloop.training.loop import meta_train
 from innerloop.training.run import build_algorithm, build_family, identity, load_for_eval
 
@@ -59,11 +60,9 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
 def test_maml_learns_linear_regression(tmp_path):
     cfg = _cfg(tmp_path, outer_lr=0.01)
     cfg.task.family = "linear"
-    cfg.algorithm.inner_lr = 0.5
+    cfg.algorithm = config_from_dict({"algorithm": {"inner_lr": 0.5}}).algorithm
     family = build_family(cfg)
     alg = build_algorithm(cfg, family)
-    from innerloop.training.evaluate import meta_test
-
     before = meta_test(alg, family, "val", 100, steps=1).per_step[1].mean
     cfg.train.iterations = 200
     meta_train(alg, family, cfg.train, None, progress=False)

@@ -1,8 +1,8 @@
 """Every concrete task family satisfies the :class:`~innerloop.tasks.TaskFamily` protocol.
 
-mypy checks the same statically (``_FAMILY_TYPES`` in ``innerloop/data/regression.py`` and
-``_FAMILY_TYPE`` in ``innerloop/data/sampling.py``); these tests check it at run time, on the
-members' values as well as their presence.
+mypy checks the same statically (``_FAMILY_TYPES`` at the end of ``innerloop/data/regression.py``
+and of ``innerloop/data/sampling.py``); these tests check it at run time, on the members' values
+as well as their presence.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from innerloop.data import (
     Sinusoid,
     make_family,
 )
+from innerloop.data.global_labels import GlobalLabelBatches
 from innerloop.data.regression import _RegressionFamily
 from innerloop.tasks import SPLITS, Objective, Split, Task, TaskBatch, TaskFamily
 
@@ -45,6 +46,7 @@ def _families() -> dict[str, TaskFamily]:
         "FewShotClassification-within": FewShotClassification(
             _image_splits(), ways=2, shots=1, queries=2, seed=1, within_alphabet=True
         ),
+        "GlobalLabelBatches": GlobalLabelBatches(_image_splits(), examples=4, seed=1),
     }
     for name in FAMILIES:  # the presets: sinusoid, sinusoid-shifted, sinusoid-sum, linear
         families[f"make_family({name})"] = make_family(name, shots=3, queries=2, seed=1)
@@ -65,7 +67,8 @@ def test_concrete_family_is_a_task_family(name: str) -> None:
     batch = family.batch(split, [4, 5])
     assert isinstance(task, Task) and isinstance(batch, TaskBatch) and len(batch) == 2
     assert torch.equal(batch.task(0).support_x, task.support_x)
-    expected = "classification" if isinstance(family, FewShotClassification) else "regression"
+    image_families = (FewShotClassification, GlobalLabelBatches)
+    expected = "classification" if isinstance(family, image_families) else "regression"
     assert family.objective == expected
     if expected == "classification":
         assert task.support_y.dtype == torch.int64

@@ -87,9 +87,9 @@ class GradientOptions(AlgorithmOptions):
 
     def check(self) -> None:
         check(isinstance(self.inner_lr, int | float) and 0 < self.inner_lr < float("inf"), "inner_lr",
-              self.inner_lr, "must be a finite number > 0")
+              self.inner_lr, "must be > 0 (and finite)")
         check(_is_int(self.inner_steps) and self.inner_steps >= 1, "inner_steps", self.inner_steps,
-              "must be an integer >= 1")
+              "steps must be >= 1 (an integer)")
 
 
 def check_adapt(adapt: str | tuple[str, ...]) -> None:

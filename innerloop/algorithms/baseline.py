@@ -60,10 +60,10 @@ class BaselineOptions(AlgorithmOptions):
 
     def check(self) -> None:
         check(isinstance(self.inner_lr, int | float) and 0 < self.inner_lr < float("inf"), "inner_lr",
-              self.inner_lr, "must be a finite number > 0")
+              self.inner_lr, "must be > 0 (and finite)")
         steps = self.inner_steps
         check(isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1,
-              "inner_steps", self.inner_steps, "must be an integer >= 1")
+              "inner_steps", self.inner_steps, "steps must be >= 1 (an integer)")
 
 
 @dataclass(frozen=True)

@@ -217,5 +217,11 @@ def task_loader(
     )
 
 
-if TYPE_CHECKING:  # static check (mypy): FewShotClassification is a TaskFamily
-    _FAMILY_TYPE: type[TaskFamily] = FewShotClassification
+if TYPE_CHECKING:  # static check (mypy): the image task families are TaskFamilies
+    from innerloop.data.global_labels import GlobalLabelBatches
+
+    _FAMILY_TYPES: tuple[type[TaskFamily], ...] = (FewShotClassification, GlobalLabelBatches)
+
+
+IMAGE_FAMILIES: tuple[str, ...] = ("omniglot", "miniimagenet", "image-folder")
+"""The few-shot image families a config can name (``task.family``)."""

@@ -7,8 +7,8 @@ with a linear feature baseline, differentiably; :func:`trpo_step` is the outer u
 :func:`run_rl` is ``innerloop rl train``.
 """
 
-from innerloop.rl.config import RLConfig, load_rl_config, rl_config_from_dict
 from innerloop.numerics import conjugate_gradient
+from innerloop.rl.config import RLConfig, load_rl_config, rl_config_from_dict
 from innerloop.rl.envs import EnvFamily, Navigation2D, Navigation2DEnv, VectorEnv
 from innerloop.rl.episodes import Episodes, advantages, fit_linear_baseline, rollout, rollout_noise
 from innerloop.rl.families import ENV_FAMILIES, make_env_family

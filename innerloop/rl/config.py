@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from innerloop.training.config import ConfigError, _from_dict, read_config_file
+from innerloop.models.mlp import ACTIVATIONS
+from innerloop.training.config import ConfigError, from_dict, read_config_file
 
 
 @dataclass
@@ -116,8 +117,6 @@ class RLConfig:
 
     def validate(self) -> RLConfig:
         """Range checks that types alone cannot express; raises :class:`ConfigError`."""
-        from innerloop.models.mlp import ACTIVATIONS
-
         def need(ok: bool, key: str, value: Any, rule: str) -> None:
             if not ok:
                 raise ConfigError(f"{key} = {value!r} is invalid: {rule}.")
@@ -156,7 +155,7 @@ class RLConfig:
 
 def rl_config_from_dict(data: dict[str, Any]) -> RLConfig:
     """Build and validate an :class:`RLConfig`; unknown keys and wrong types raise ConfigError."""
-    return _from_dict(RLConfig, data).validate()
+    return from_dict(RLConfig, data).validate()
 
 
 def load_rl_config(path: str | Path) -> RLConfig:

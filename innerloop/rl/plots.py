@@ -61,7 +61,8 @@ def plot_rl_run(result: RunResult[PolicyMAML, EnvFamily], cfg: RLConfig) -> list
     plot_adaptation_curves(result.results, out / "adaptation.png", result.title)
     written = [out / "adaptation.png"]
     if isinstance(result.test_family, Navigation2D) and e.plot_tasks > 0:
-        plot_navigation(result.trained, result.test_family, out / "trajectories.png", min(e.plot_tasks, e.test_tasks),
-                        max(1, e.steps), e.rollouts, e.inner_lr or cfg.algorithm.inner_lr)
+        plot_navigation(result.trained, result.test_family, out / "trajectories.png",
+                        min(e.plot_tasks, e.test_tasks), max(1, e.steps), e.rollouts,
+                        e.inner_lr or cfg.algorithm.inner_lr)
         written.append(out / "trajectories.png")
     return written

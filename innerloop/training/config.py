@@ -13,7 +13,15 @@ import sys
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+from innerloop.algorithms.base import AlgorithmOptions
+from innerloop.algorithms.registry import ALGORITHMS
+from innerloop.data.regression import FAMILIES
+from innerloop.data.sampling import IMAGE_FAMILIES
+from innerloop.execution import Execution
+from innerloop.models.mlp import ACTIVATIONS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -73,51 +81,76 @@ class ModelConfig:
     """conv4: BatchNorm with the statistics of each batch (transductive), or none."""
 
 
+def _default_options() -> AlgorithmOptions:
+    return ALGORITHMS["maml"].options()
+
+
 @dataclass
 class AlgorithmConfig:
-    """The meta-learning algorithm."""
+    """The meta-learning algorithm: ``name`` and that algorithm's options.
+
+    In a config file the options sit beside the name (``[algorithm] name = "maml"  inner_lr = 0.4``);
+    which keys are allowed, their types and ranges come from the algorithm's own options dataclass
+    (``innerloop.algorithms.MAMLOptions``, ...), so a file cannot set an option the algorithm lacks.
+    """
 
     name: str = "maml"
-    """``maml``, ``fomaml``, ``metasgd``, ``anil`` (MAML adapting ``head.*`` only), ``boil``
-    (MAML adapting ``features.*`` only), ``mamlpp`` (MAML++), ``reptile``, ``imaml``, ``protonet``,
-    ``matchingnet``, ``baseline``, ``baselinepp`` (Baseline++) or ``pretrain``."""
-    inner_lr: float = 0.01
-    """The inner (adaptation) learning rate; for ``baseline``/``baselinepp`` the step size of fitting
-    the new head on a test task's support set."""
-    inner_steps: int = 1
-    """Inner steps in meta-training and validation; for ``baseline``/``baselinepp`` the head-fitting
-    steps of validation (testing reports 0..``eval.steps``)."""
-    first_order: bool = False
-    lr_mode: Literal["fixed", "scalar", "per_tensor", "per_element"] = "fixed"
-    """Learned inner learning rates: ``per_element`` is Meta-SGD."""
-    adapt: Union[str, list[str]] = "all"  # noqa: UP007 - read at run time by the type checker
-    """``all`` or glob patterns of the parameters that adapt (``head.*``: ANIL). ``anil`` and ``boil``
-    fix it themselves, so it must stay ``all`` for them."""
-    vectorize: Literal["auto", "vmap", "loop"] = "auto"
-    inner_optimizer: Literal["sgd", "adam"] = "sgd"
-    """``reptile`` only: the inner update, plain gradient steps or Adam (state reset for every task)."""
-    inner_betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
-    """``reptile`` with ``inner_optimizer = "adam"``: Adam's (beta1, beta2); Nichol et al. use beta1 = 0."""
-    reg_lambda: float = 2.0
-    """``imaml``: lambda of the proximal inner objective ``L_support(phi) + lambda/2 ||phi - theta||^2``."""
-    cg_steps: int = 5
-    """``imaml``: conjugate-gradient iterations that solve for the implicit meta-gradient."""
-    cosine_scale: float = 10.0
-    """``baselinepp``: the fixed scale ``s`` of the cosine classifier ``s * cos(w_c, z)`` (Chen et al.:
-    2 for features of at most 200 dimensions, else 10)."""
-    msl_iterations: int = 0
-    """``mamlpp``: outer iterations over which the multi-step loss weights anneal from uniform to the
-    final step (0: the final step's loss only)."""
-    first_order_iterations: int = 0
-    """``mamlpp``: first-order meta-gradients for this many outer iterations, then second order
-    (derivative-order annealing; 0: second order from the start, unless ``first_order``)."""
-    per_step_bn: bool = True
-    """``mamlpp``: one set of BatchNorm weights per inner step (BNWB); no effect without BatchNorm."""
-    inner_weight_decay: float = 0.0
-    """``maml``, ``fomaml``, ``metasgd``: weight decay ``wd`` of the inner update
-    ``p - inner_lr * (g + wd * p)`` (initial value when learned; 0 with ``fixed``: none)."""
-    weight_decay_mode: Literal["fixed", "scalar", "per_tensor", "per_element"] = "fixed"
-    """Learn the inner weight decay by hypergradient, like ``lr_mode`` the learning rate."""
+    """One of :data:`innerloop.algorithms.ALGORITHMS`: ``maml``, ``fomaml``, ``metasgd``, ``anil``,
+    ``boil``, ``mamlpp``, ``reptile``, ``imaml``, ``protonet``, ``matchingnet``, ``baseline``,
+    ``baselinepp``, ``pretrain``."""
+    options: AlgorithmOptions = field(default_factory=_default_options)
+    """The algorithm's options (an instance of its ``Options`` dataclass)."""
+
+    def __post_init__(self) -> None:
+        if self.name not in ALGORITHMS:
+            raise ConfigError(f"algorithm.name = {self.name!r} is invalid: choose one of {list(ALGORITHMS)}.")
+        entry = ALGORITHMS[self.name]
+        if not isinstance(self.options, entry.cls.Options):
+            raise ConfigError(f"algorithm.options for {self.name} must be {entry.cls.Options.__name__}, "
+                              f"got {type(self.options).__name__}.")
+
+    def __getattr__(self, key: str) -> Any:
+        # cfg.algorithm.inner_lr reads the option (the sections of a config read alike)
+        if key in ("name", "options"):
+            raise AttributeError(key)
+        return getattr(self.options, key)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat table of a config file: ``name`` and every option."""
+        return {"name": self.name, **{k: (list(v) if isinstance(v, tuple) else v)
+                                      for k, v in dataclasses.asdict(self.options).items()
+                                      if k not in ALGORITHMS[self.name].fixed}}
+
+    @staticmethod
+    def from_table(table: Mapping[str, Any], key: str = "algorithm") -> AlgorithmConfig:
+        """From a config file's flat ``[algorithm]`` table, every option type-checked and validated."""
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{key} must be a table of settings, got {table!r}.")
+        values = dict(table)
+        name = values.pop("name", "maml")
+        if not isinstance(name, str) or name not in ALGORITHMS:
+            raise ConfigError(f"{key}.name = {name!r} is invalid: choose one of {list(ALGORITHMS)}.")
+        entry = ALGORITHMS[name]
+        hints = get_type_hints(entry.cls.Options)
+        aliases = entry.cls.Options.aliases
+        allowed = entry.option_names()
+        checked = {}
+        for k, v in values.items():
+            field_name = aliases.get(k, k)
+            if field_name not in allowed:
+                hint = ""
+                if field_name in entry.fixed:
+                    hint = f" ({field_name} is fixed to {entry.fixed[field_name]!r} by {name})"
+                pattern = getattr(entry.cls, "adapt_pattern", None)
+                if field_name == "adapt" and pattern:
+                    hint = f" ({name} always adapts {pattern!r}; use name = 'maml' with your adapt patterns)"
+                raise ConfigError(f"unknown config key {f'{key}.{k}'!r} for {name}{hint}; {name}'s options are: "
+                                  f"name, {', '.join(allowed)}.")
+            checked[field_name] = _check(v, hints[field_name], f"{key}.{k}")
+        try:
+            return AlgorithmConfig(name, entry.options(checked))
+        except ValueError as err:
+            raise ConfigError(f"{key}.{err}") from err
 
 
 @dataclass
@@ -172,32 +205,27 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    execution: Execution = field(default_factory=Execution)
+    """How meta-batches run (vmap, loop, task threads, memory layout, checkpointed inner steps): the
+    fields of :class:`innerloop.execution.Execution`. The same results on every setting."""
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     out_dir: str = "runs/sinusoid-maml"
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as the tables of a config file (the algorithm's options flat beside its name)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {k: (v.to_dict() if isinstance(v, AlgorithmConfig) else
+                    dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v) for k, v in out.items()}
 
     def validate(self) -> Config:
         """Range checks that types alone cannot express; raises :class:`ConfigError`."""
-        from innerloop.algorithms.registry import (
-            ALGORITHMS,
-            ANY_TEST_WAYS,
-            CLASSIFICATION_ONLY,
-            EMBEDDING,
-            FIXED_ADAPT,
-            WEIGHT_DECAY,
-        )
-        from innerloop.data.regression import FAMILIES
-        from innerloop.models.mlp import ACTIVATIONS
-        from innerloop.training.run import IMAGE_FAMILIES
-
         def need(ok: bool, key: str, value: Any, rule: str) -> None:
             if not ok:
                 raise ConfigError(f"{key} = {value!r} is invalid: {rule}.")
 
         t, m, a, tr, e = self.task, self.model, self.algorithm, self.train, self.eval
+        can = ALGORITHMS[a.name].capabilities
         families = [*FAMILIES, *IMAGE_FAMILIES]
         need(t.family in families, "task.family", t.family, f"choose one of {families}")
         need(t.shots >= 1, "task.shots", t.shots, "K must be >= 1")
@@ -211,41 +239,21 @@ class Config:
         need(images == (m.name == "conv4"), "model.name", m.name,
              f"task.family {t.family!r} needs model.name = {'conv4' if images else 'mlp'!r}")
         need(m.filters >= 1, "model.filters", m.filters, "must be >= 1")
-        need(a.name not in CLASSIFICATION_ONLY or images, "algorithm.name", a.name,
+        need("classification" in can.objectives or not images, "algorithm.name", a.name,
+             f"{a.name} learns regression tasks only")
+        need("regression" in can.objectives or images, "algorithm.name", a.name,
              f"{a.name} needs a classification family")
         need(not (e.baseline and images), "eval.baseline", e.baseline,
              "the transfer baseline is for regression families here; set eval.baseline = false")
         need(e.ways is None or e.ways >= 1, "eval.ways", e.ways, "N must be >= 1")
-        need(a.name in ANY_TEST_WAYS or (e.ways or t.ways) == t.ways, "eval.ways", e.ways,
+        need(can.any_test_ways or (e.ways or t.ways) == t.ways, "eval.ways", e.ways,
              f"a model with a {t.ways}-way head is tested on {t.ways}-way tasks; set eval.ways = {t.ways}")
-        need(a.name in EMBEDDING or t.train_ways in (None, t.ways), "task.train_ways", t.train_ways,
-             f"only {' and '.join(EMBEDDING)} train with more ways than they test")
+        need(can.more_train_ways or t.train_ways in (None, t.ways), "task.train_ways", t.train_ways,
+             f"{a.name} trains and tests with the same ways; only algorithms without a head (protonet, "
+             "matchingnet) train with more")
         need(all(h >= 1 for h in m.hidden), "model.hidden", m.hidden, "widths must be >= 1")
         need(m.activation in ACTIVATIONS, "model.activation", m.activation,
              f"choose one of {list(ACTIVATIONS)}")
-        need(a.name in ALGORITHMS, "algorithm.name", a.name, f"choose one of {list(ALGORITHMS)}")
-        need(a.name not in FIXED_ADAPT or a.adapt == "all", "algorithm.adapt", a.adapt,
-             f"{a.name} always adapts {FIXED_ADAPT.get(a.name)!r}; leave adapt = 'all', or use name = 'maml' "
-             "with your adapt patterns")
-        need(a.inner_lr > 0, "algorithm.inner_lr", a.inner_lr, "must be > 0")
-        need(a.inner_steps >= 1, "algorithm.inner_steps", a.inner_steps, "steps must be >= 1")
-        need(a.inner_optimizer == "sgd" or a.name == "reptile", "algorithm.inner_optimizer", a.inner_optimizer,
-             f"only reptile has an Adam inner loop; {a.name!r} needs 'sgd'")
-        need(len(a.inner_betas) == 2 and all(0 <= b < 1 for b in a.inner_betas), "algorithm.inner_betas",
-             a.inner_betas, "give [beta1, beta2], each in [0, 1)")
-        need(a.reg_lambda > 0, "algorithm.reg_lambda", a.reg_lambda, "must be > 0")
-        need(a.cg_steps >= 1, "algorithm.cg_steps", a.cg_steps, "must be >= 1")
-        need(a.cosine_scale > 0, "algorithm.cosine_scale", a.cosine_scale, "must be > 0")
-        need(a.msl_iterations >= 0, "algorithm.msl_iterations", a.msl_iterations, "must be >= 0")
-        need(a.first_order_iterations >= 0, "algorithm.first_order_iterations", a.first_order_iterations,
-             "must be >= 0")
-        need(a.inner_weight_decay >= 0, "algorithm.inner_weight_decay", a.inner_weight_decay, "must be >= 0")
-        wd = a.inner_weight_decay != 0 or a.weight_decay_mode != "fixed"
-        need(not wd or a.name in WEIGHT_DECAY, "algorithm.inner_weight_decay", a.inner_weight_decay,
-             f"inner weight decay is an option of {', '.join(WEIGHT_DECAY)}, not {a.name!r}; set it to 0 and "
-             "weight_decay_mode = 'fixed'")
-        need(a.name != "mamlpp" or a.lr_mode == "fixed", "algorithm.lr_mode", a.lr_mode,
-             "mamlpp learns its own per-layer, per-step inner learning rates (LSLR); leave lr_mode = 'fixed'")
         need(tr.iterations >= 1, "train.iterations", tr.iterations, "must be >= 1")
         need(tr.meta_batch_size >= 1, "train.meta_batch_size", tr.meta_batch_size, "must be >= 1")
         need(tr.outer_lr > 0, "train.outer_lr", tr.outer_lr, "must be > 0")
@@ -298,6 +306,14 @@ def _check(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{key} = {value!r} has the wrong type: expected a list.")
         return [_check(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} = {value!r} has the wrong type: expected a list.")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_check(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key} = {value!r} is invalid: give a list of {len(args)}.")
+        return tuple(_check(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} = {value!r} has the wrong type: expected a table.")
@@ -319,7 +335,10 @@ def _check(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug in this module
 
 
-def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+    """Build the dataclass ``cls`` from a config table: every key type-checked against the field's
+    annotation (nested dataclasses from nested tables); unknown keys and wrong types, and the
+    dataclass's own checks, raise :class:`ConfigError` naming the key."""
     hints = get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     values = {}
@@ -327,13 +346,43 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         full = f"{prefix}.{key}" if prefix else key
         if key not in names:
             raise ConfigError(f"unknown config key {full!r}; valid keys here are: {', '.join(names)}.")
-        values[key] = _check(value, hints[key], full)
-    return cls(**values)
+        if hints[key] is AlgorithmConfig or hints[key] == "AlgorithmConfig":
+            values[key] = AlgorithmConfig.from_table(value, full)
+        else:
+            values[key] = _check(value, hints[key], full)
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except ValueError as err:  # a dataclass's own range checks (innerloop.execution.Execution, ...)
+        raise ConfigError(f"{prefix}.{err}" if prefix else str(err)) from err
 
 
-def config_from_dict(data: dict[str, Any]) -> Config:
+_from_dict = from_dict
+
+
+LEGACY_ALGORITHM_KEYS: tuple[str, ...] = ("vectorize",)
+"""``[algorithm]`` keys of innerloop 0.1.0 that moved to ``[execution]``."""
+
+
+def upgrade(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A config table of innerloop 0.1.0 in today's layout: ``algorithm.vectorize`` moves to
+    ``execution.vectorize``. Anything else is left for :func:`from_dict` to check."""
+    out = dict(data)
+    algorithm = out.get("algorithm")
+    if isinstance(algorithm, Mapping) and any(k in algorithm for k in LEGACY_ALGORITHM_KEYS):
+        algorithm = dict(algorithm)
+        execution = dict(out.get("execution") or {})
+        for k in LEGACY_ALGORITHM_KEYS:
+            if k in algorithm:
+                execution.setdefault(k, algorithm.pop(k))
+        out["algorithm"], out["execution"] = algorithm, execution
+    return out
+
+
+def config_from_dict(data: Mapping[str, Any]) -> Config:
     """Build and validate a :class:`Config`; unknown keys and wrong types raise ConfigError."""
-    return _from_dict(Config, data).validate()
+    return from_dict(Config, upgrade(data)).validate()
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -362,5 +411,5 @@ def load_config(path: str | Path) -> Config:
 
 __all__ = [
     "AlgorithmConfig", "Config", "ConfigError", "EvalConfig", "ModelConfig", "TaskConfig",
-    "TrainConfig", "config_from_dict", "load_config", "read_config_file",
+    "TrainConfig", "config_from_dict", "from_dict", "load_config", "read_config_file", "upgrade",
 ]

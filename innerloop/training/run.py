@@ -17,6 +17,7 @@ from torch import nn
 from innerloop.algorithms.base import Algorithm
 from innerloop.algorithms.registry import ALGORITHMS, head_ways
 from innerloop.data.regression import make_family
+from innerloop.data.sampling import IMAGE_FAMILIES, FewShotClassification
 from innerloop.models.conv4 import Conv4
 from innerloop.models.mlp import MLP
 from innerloop.tasks import TaskFamily
@@ -27,7 +28,6 @@ from innerloop.training.distributed import rank as dist_rank
 from innerloop.training.evaluate import EvalResult, RunResult, format_table, machine, meta_test, write_results
 from innerloop.training.loop import BEST, TrainResult, clear_run, meta_train
 
-IMAGE_FAMILIES = ("omniglot", "miniimagenet", "image-folder")
 
 
 def _data_root() -> Path | None:
@@ -63,28 +63,60 @@ def build_family(cfg: Config, shots: int | None = None, queries: int | None = No
     shots, queries = shots or t.shots, queries or t.queries
     if t.family not in IMAGE_FAMILIES:
         return make_family(t.family, shots=shots, queries=queries, seed=t.seed, **t.options)
-    from innerloop.data.sampling import FewShotClassification
-
     splits = image_splits(t.family, t.data_root, t.split, t.image_size)
     return FewShotClassification(splits, ways=ways or t.ways, shots=shots, queries=queries, seed=t.seed,
                                  within_alphabet=t.within_alphabet, **t.options)
 
 
-def build_model(cfg: Config, family: TaskFamily) -> nn.Module:
-    """The network for ``family``, initialised from ``train.seed``."""
+def build_model(cfg: Config, family: TaskFamily, name: str | None = None) -> nn.Module:
+    """The network for ``family`` (its head sized for algorithm ``name``), initialised from ``train.seed``."""
     probe = family.task("train", 0)
     torch.manual_seed(cfg.train.seed)
     m = cfg.model
     if m.name == "mlp":
         return MLP(probe.support_x.shape[-1], probe.support_y.shape[-1], m.hidden, m.activation)
     channels, size = probe.support_x.shape[-3], probe.support_x.shape[-1]
-    ways = head_ways(cfg.algorithm.name, cfg.task.ways, family)
+    ways = head_ways(name or cfg.algorithm.name, cfg.task.ways, family)
     return Conv4(channels, ways, m.filters, size, m.pool, m.norm)
 
 
 def build_algorithm(cfg: Config, family: TaskFamily, name: str | None = None) -> Algorithm:
-    """The model wrapped in the configured algorithm (``name`` overrides ``algorithm.name``)."""
-    return ALGORITHMS[name or cfg.algorithm.name](build_model(cfg, family), family.objective, cfg.algorithm)
+    """The model wrapped in the configured algorithm. ``name`` (the transfer baseline, ``pretrain``)
+    builds another algorithm with the options it shares with the configured one."""
+    name = name or cfg.algorithm.name
+    entry = ALGORITHMS[name]
+    if name == cfg.algorithm.name:
+        options = cfg.algorithm.options
+    else:
+        shared = {k: getattr(cfg.algorithm.options, k) for k in entry.option_names()
+                  if hasattr(cfg.algorithm.options, k)}
+        options = entry.options(shared)
+    return entry.build(build_model(cfg, family, name), family.objective, options, cfg.execution)
+
+
+# -- checkpoint identity, in the format of innerloop 0.1.0 (so its checkpoints still resume) --------------
+LEGACY_ALGORITHM_DEFAULTS: dict[str, Any] = {
+    "name": "maml", "inner_lr": 0.01, "inner_steps": 1, "first_order": False, "lr_mode": "fixed", "adapt": "all",
+    "vectorize": "auto", "inner_optimizer": "sgd", "inner_betas": [0.0, 0.999], "reg_lambda": 2.0, "cg_steps": 5,
+    "cosine_scale": 10.0, "msl_iterations": 0, "first_order_iterations": 0, "per_step_bn": True,
+    "inner_weight_decay": 0.0, "weight_decay_mode": "fixed",
+}
+"""innerloop 0.1.0's one flat ``[algorithm]`` table and its defaults: checkpoint identities are written
+in that layout (one key per option, under its 0.1.0 name), so a 0.1.0 run resumes."""
+_FIRST_ALGORITHM_KEYS = ("name", "inner_lr", "inner_steps", "first_order", "lr_mode", "adapt", "vectorize")
+_ADDED_TRAIN_KEYS = ("lr_schedule", "final_outer_lr")
+_LEGACY_NAMES = {"weight_decay": "inner_weight_decay", "wd_mode": "weight_decay_mode", "betas": "inner_betas"}
+
+
+def legacy_algorithm_table(cfg: Config) -> dict[str, Any]:
+    """The algorithm's options (and ``execution.vectorize``) as 0.1.0's flat table."""
+    table = dict(LEGACY_ALGORITHM_DEFAULTS)
+    table["name"], table["vectorize"] = cfg.algorithm.name, cfg.execution.vectorize
+    fixed = ALGORITHMS[cfg.algorithm.name].fixed
+    for k, v in dataclasses.asdict(cfg.algorithm.options).items():
+        if k not in fixed:
+            table[_LEGACY_NAMES.get(k, k)] = list(v) if isinstance(v, tuple) else v
+    return table
 
 
 def identity(cfg: Config, algorithm: str) -> dict[str, Any]:
@@ -93,14 +125,37 @@ def identity(cfg: Config, algorithm: str) -> dict[str, Any]:
     tr = d["train"]
     # Options added after checkpoints were first written join the identity only when they differ
     # from their defaults, so the checkpoints of runs that do not use them still resume.
-    algo = {k: v for k, v in d["algorithm"].items() if k in _FIRST_ALGORITHM_KEYS or v != default["algorithm"][k]}
+    algo = {k: v for k, v in legacy_algorithm_table(cfg).items()
+            if k in _FIRST_ALGORITHM_KEYS or v != LEGACY_ALGORITHM_DEFAULTS[k]}
     train = {k: tr[k] for k in ("meta_batch_size", "outer_lr", "optimizer", "seed")}
     train.update({k: tr[k] for k in _ADDED_TRAIN_KEYS if tr[k] != default["train"][k]})
     return {"algorithm": algorithm, "task": d["task"], "model": d["model"], "algorithm_cfg": algo, "train": train}
 
 
-_FIRST_ALGORITHM_KEYS = ("name", "inner_lr", "inner_steps", "first_order", "lr_mode", "adapt", "vectorize")
-_ADDED_TRAIN_KEYS = ("lr_schedule", "final_outer_lr")
+def config_tables_from_identity(ident: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``([algorithm] table, [execution] table)`` of a checkpoint identity's flat ``algorithm_cfg``:
+    the keys of options the algorithm does not have must hold their defaults (a 0.1.0 table lists
+    them all), else :class:`CheckpointError` names them."""
+    flat = dict(ident["algorithm_cfg"])
+    name = flat.get("name", "maml")
+    if name not in ALGORITHMS:
+        raise CheckpointError(f"the checkpoint's algorithm {name!r} is not one of {list(ALGORITHMS)}.")
+    entry = ALGORITHMS[name]
+    own = {_LEGACY_NAMES.get(k, k) for k in entry.option_names()}
+    aliases = {v: k for k, v in _LEGACY_NAMES.items()}
+    table: dict[str, Any] = {"name": name}
+    execution: dict[str, Any] = {}
+    for k, v in flat.items():
+        if k == "name":
+            continue
+        if k == "vectorize":
+            execution["vectorize"] = v
+        elif k in own:
+            table[aliases.get(k, k) if aliases.get(k, k) in entry.option_names() else k] = v
+        elif v != LEGACY_ALGORITHM_DEFAULTS.get(k, v):
+            raise CheckpointError(f"the checkpoint sets algorithm.{k} = {v!r}, which {name} no longer has "
+                                  f"(its options are {entry.option_names()}); it cannot be rebuilt as trained.")
+    return table, execution
 
 
 def _train_one(cfg: Config, families: tuple[TaskFamily, TaskFamily], name: str, run_dir: Path,
@@ -109,7 +164,7 @@ def _train_one(cfg: Config, families: tuple[TaskFamily, TaskFamily], name: str, 
     algorithm = build_algorithm(cfg, family, name)
     train_cfg = dataclasses.replace(cfg.train, iterations=iterations)
     result = meta_train(algorithm, family, train_cfg, run_dir, identity=identity(cfg, name),
-                        val_steps=cfg.algorithm.inner_steps, resume=resume, progress=progress,
+                        val_steps=algorithm.validation_steps, resume=resume, progress=progress,
                         desc=name, val_family=val_family)
     best = load_checkpoint(run_dir / BEST)
     algorithm.load_state_dict(best["state"])
@@ -171,13 +226,14 @@ def run(cfg: Config, *, progress: bool = True, overwrite: bool = False) -> RunRe
 
 
 def load_for_eval(checkpoint: str | Path) -> tuple[Config, Algorithm]:
-    """Rebuild the algorithm a checkpoint was trained with and load its weights."""
+    """Rebuild the algorithm a checkpoint was trained with (by innerloop 0.1.0 too) and load its weights."""
     payload = load_checkpoint(checkpoint)
     ident = payload.get("identity")
     if not ident:
         raise CheckpointError(f"{checkpoint} carries no config; it was not written by `innerloop train`.")
     d = Config().to_dict()
-    d.update(task=ident["task"], model=ident["model"], algorithm=ident["algorithm_cfg"])
+    algorithm_table, execution_table = config_tables_from_identity(ident)
+    d.update(task=ident["task"], model=ident["model"], algorithm=algorithm_table, execution=execution_table)
     d["eval"]["baseline"] = False  # evaluating trains nothing; the default would refuse image families
     d["train"].update(ident["train"])
     cfg = config_from_dict(d)
