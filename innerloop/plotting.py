@@ -16,7 +16,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from innerloop.adapt import adapt_trajectory
 from innerloop.algorithms.base import GradientBased
 from innerloop.data.regression import Sinusoid
 from innerloop.io import atomic_write_bytes
@@ -52,14 +51,12 @@ def plot_regression_fits(
         for col, (name, alg) in enumerate(algorithms.items()):
             ax = axes[row][col]
             params = {n: p.detach() for n, p in alg.params().items()}
-            buffers = alg.buffers_dict()
-            with torch.no_grad():
-                preds = {0: alg._predict(params, buffers, x)}
-                for k, p in enumerate(adapt_trajectory(
-                        alg._loss, params, buffers, task.support_x, task.support_y, steps=max(steps),
-                        lr=alg.inner_lr.as_dict(), adapt_names=alg.adapt_names), start=1):
+            one = (task.support_x, task.support_y, x, x)
+            with torch.no_grad():  # the algorithm's own test-time inner loop
+                preds = {0: alg.predict(alg.model, params, x)}
+                for k, p in enumerate(alg.eval_trajectory(alg.model, params, one, max(steps)), start=1):
                     if k in steps:
-                        preds[k] = alg._predict(p, buffers, x)
+                        preds[k] = alg.predict(alg.model, p, x)
             ax.plot(x, truth, color="tab:red", lw=2, label="ground truth")
             for c, (k, pred) in zip(colours, preds.items(), strict=True):
                 label = "pre-update" if k == 0 else f"after {k} step{'s' * (k != 1)}"

@@ -165,12 +165,13 @@ def test_errors_name_the_way_out():
         Baseline(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)))
     with pytest.raises(ValueError, match="exposes no `splits\\['train'\\]` dataset"):
         Baseline(TinyNet(3)).training_family(Sinusoid())
-    with pytest.raises(ValueError, match="unknown head 'rbf'"):
-        Baseline(TinyNet(3), head="rbf")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="baseline has no option 'head'; its options are: inner_lr, inner_steps"):
+        Baseline(TinyNet(3), head="rbf")
     with pytest.raises(ConfigError, match="baseline needs a classification family"):
         config_from_dict({"algorithm": {"name": "baseline"}})
     with pytest.raises(ConfigError, match=r"algorithm.cosine_scale = 0\.0 is invalid"):
-        config_from_dict({"algorithm": {"cosine_scale": 0.0}})
+        config_from_dict({"algorithm": {"name": "baselinepp", "cosine_scale": 0.0},
+                          "task": {"family": "omniglot"}, "model": {"name": "conv4"}, "eval": {"baseline": False}})
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ name = "conv4"
 filters = 8
 [algorithm]
 name = "{algorithm}"
-inner_lr = 0.4
+{"" if algorithm in ("protonet", "matchingnet") else "inner_lr = 0.4"}
 [train]
 iterations = 30
 meta_batch_size = 4

@@ -215,9 +215,9 @@ def test_batchnorm_models_run_as_a_loop_and_errors_are_named():
     assert not plan(imaml.execution, imaml.model, batch, second_order=True).vmap
     grads, metrics = imaml.meta_gradient(batch)
     assert all(bool(torch.isfinite(v).all()) for v in grads.values()) and set(metrics) == {"loss", "accuracy"}
-    with pytest.raises(ValueError, match=r"reg_lambda must be > 0, got 0\.0"):
+    with pytest.raises(ValueError, match=r"reg_lambda = 0\.0 is invalid: must be > 0"):
         IMAML(MLP(), "regression", reg_lambda=0.0)
-    with pytest.raises(ValueError, match="cg_steps must be an integer >= 1, got 0"):
+    with pytest.raises(ValueError, match="cg_steps = 0 is invalid: must be an integer >= 1"):
         IMAML(MLP(), "regression", cg_steps=0)
 
 

@@ -147,6 +147,16 @@ class Algorithm(nn.Module):
         self.fns = OBJECTIVES[objective]
         self.options = self.make_options(options, overrides)
 
+    def __getattr__(self, key: str) -> Any:
+        """Options read as attributes (``maml.first_order``), after the module's own attributes."""
+        try:
+            return super().__getattr__(key)
+        except AttributeError:
+            options = self.__dict__.get("options")
+            if options is not None and hasattr(options, key):
+                return getattr(options, key)
+            raise
+
     @classmethod
     def option_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls.Options)]
