@@ -149,7 +149,7 @@ def cmd_omniglot(args: argparse.Namespace) -> None:
     cfg.out_dir = str(Path(args.runs) / f"{args.algorithm}_5w{args.shots}s")
     cfg.validate()
     t0, c0 = time.perf_counter(), time.process_time()
-    report = run(cfg, progress=sys.stderr.isatty(), overwrite=not args.resume, plot=False)
+    report = run(cfg, progress=sys.stderr.isatty(), overwrite=not args.resume)
     r = report["runs"][cfg.algorithm.name]
     _write(ROWS / f"omniglot_{args.algorithm}_5w{args.shots}s.json", {
         "algorithm": args.algorithm, "shots": args.shots, "config": config.format(K=args.shots),
@@ -177,7 +177,7 @@ def cmd_sinusoid(args: argparse.Namespace) -> None:
         cfg.eval.steps, cfg.eval.report_steps = 10, [0, 1, 10]
         cfg.out_dir = str(Path(args.runs) / f"sinusoid_{name}")
         cfg.validate()
-        report = run(cfg, progress=sys.stderr.isatty(), overwrite=True, plot=False)
+        report = run(cfg, progress=sys.stderr.isatty(), overwrite=True)
         r = report["runs"][name]
         rows[name] = {"iterations": args.iterations, "meta_batch_size": cfg.train.meta_batch_size,
                       "overrides": SINUSOID_OVERRIDES.get(name, {}), "best_step": r["best_step"],

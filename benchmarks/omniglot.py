@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from innerloop.plotting import plot_run
 from innerloop.training.config import load_config
 from innerloop.training.run import machine, run
 
@@ -50,6 +51,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     cfg.out_dir = str(Path(args.runs) / name)
     t0 = time.perf_counter()
     report = run(cfg, progress=sys.stderr.isatty())
+    plot_run(report, cfg)
     r = report["runs"][cfg.algorithm.name]
     curve = [json.loads(line) for line in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()]
     out = {

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from innerloop.rl.config import load_rl_config
+from innerloop.rl.plots import plot_rl_run
 from innerloop.rl.train import run_rl
 from innerloop.training.run import machine
 
@@ -67,6 +68,7 @@ def main() -> None:
         cfg.eval.test_tasks = args.test_tasks
     t0 = time.perf_counter()
     report = run_rl(cfg, progress=sys.stderr.isatty())
+    plot_rl_run(report, cfg)
     wall = time.perf_counter() - t0
     command = "OMP_NUM_THREADS=1 python " + " ".join(["benchmarks/rl.py", *sys.argv[1:]])
     runs = report["runs"]

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from innerloop.plotting import plot_run
 from innerloop.training.config import Config
 from innerloop.training.evaluate import meta_test
 from innerloop.training.run import build_family, format_table, machine, run
@@ -52,6 +53,7 @@ def main() -> None:
     cfg.eval.shots, cfg.eval.queries, cfg.eval.steps = 5, 100, 10
     t0 = time.perf_counter()
     report = run(cfg, progress=sys.stderr.isatty())
+    plot_run(report, cfg)
     from innerloop.training.run import load_for_eval
 
     tables, numbers = [report["table"]], {"5": {k: v["test"] for k, v in report["runs"].items()}}

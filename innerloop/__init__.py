@@ -1,8 +1,8 @@
 """innerloop: meta-learning ("learning to learn") on PyTorch, built on torch.func."""
 
 from innerloop.adapt import adapt, adapt_trajectory, model_loss, sgd_step
-from innerloop.algorithms.rates import InnerLR, InnerWeightDecay
 from innerloop.algorithms import MAML, Algorithm, GradientBased, Pretrain
+from innerloop.algorithms.rates import InnerLR, InnerWeightDecay
 from innerloop.data import LinearRegression, Sinusoid, make_family
 from innerloop.tasks import Task, TaskBatch, TaskFamily
 from innerloop.training import Config, meta_test, meta_train

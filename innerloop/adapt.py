@@ -248,7 +248,7 @@ def hessian_vector_product(f: Callable[[Params], Tensor], params: Params) -> Cal
     (reverse over reverse: ``H`` is symmetric, so ``v^T H = (H v)^T``). Forward over reverse (``jvp``
     of ``grad``) fails on ``F.mse_loss`` in torch 2.13 ("ZeroTensors are immutable")."""
     if differentiation_mode() == "func":
-        _, vjp_fn = torch.func.vjp(grad(f), params)
+        vjp_fn = torch.func.vjp(grad(f), params)[1]
         return lambda v: vjp_fn(v)[0]
     with torch.enable_grad():
         inputs = {n: t.detach().requires_grad_() for n, t in params.items()}

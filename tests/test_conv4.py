@@ -37,7 +37,8 @@ def test_first_order_vmap_equals_loop_with_batchnorm():
     for v in ("vmap", "loop"):
         torch.manual_seed(0)
         model = Conv4(1, 3, hidden=4, image_size=16).double()
-        grads[v], _ = MAML(model, "classification", inner_lr=0.4, inner_steps=1, first_order=True, vectorize=v).meta_gradient(batch)
+        maml = MAML(model, "classification", inner_lr=0.4, inner_steps=1, first_order=True, vectorize=v)
+        grads[v], _ = maml.meta_gradient(batch)
     for k in grads["loop"]:
         torch.testing.assert_close(grads["vmap"][k], grads["loop"][k], rtol=1e-9, atol=1e-12)
 

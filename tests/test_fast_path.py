@@ -119,7 +119,8 @@ def test_threads_take_the_callers_autocast_and_grad_mode():
     before = torch.get_num_threads()
     for threads, autocast in ((1, True), (2, True), (2, False)):
         torch.manual_seed(0)
-        maml = MAML(Conv4(1, 3, hidden=4, image_size=16).float(), "classification", inner_lr=0.4, task_threads=threads)
+        maml = MAML(Conv4(1, 3, hidden=4, image_size=16).float(), "classification", inner_lr=0.4,
+                    task_threads=threads)
         # Each task thread runs one intra-op thread; so does the reference (bfloat16 kernels
         # round differently when their reductions are split over threads).
         torch.set_num_threads(1)
@@ -147,7 +148,8 @@ def test_evaluation_is_the_same_in_either_layout():
     scores = {}
     for memory_format in ("channels_last", "contiguous"):
         torch.manual_seed(0)
-        maml = MAML(Conv4(1, 3, hidden=4, image_size=16), "classification", inner_lr=0.4, memory_format=memory_format)
+        maml = MAML(Conv4(1, 3, hidden=4, image_size=16), "classification", inner_lr=0.4,
+                    memory_format=memory_format)
         scores[memory_format] = maml.evaluate(batch, steps=2)
     for k, v in scores["contiguous"].items():
         torch.testing.assert_close(scores["channels_last"][k], v, rtol=1e-9, atol=1e-12)

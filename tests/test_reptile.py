@@ -212,7 +212,7 @@ def test_config_and_errors():
                             "train": {"optimizer": "sgd", "outer_lr": 0.1, "lr_schedule": "linear"}})
     algo = build_algorithm(cfg, build_family(cfg))
     assert isinstance(algo, Reptile) and algo.inner_optimizer == "adam" and algo.betas == (0.0, 0.99)
-    with pytest.raises(ConfigError, match="unknown config key 'algorithm.inner_optimizer' for maml; maml's options are"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'algorithm\.inner_optimizer' for maml"):
         config_from_dict({"algorithm": {"name": "maml", "inner_optimizer": "adam"}})
     with pytest.raises(ConfigError, match=r"algorithm.betas = \(0.9, 1.0\) is invalid"):
         config_from_dict({"algorithm": {"name": "reptile", "inner_betas": [0.9, 1.0]}})

@@ -10,7 +10,7 @@ import torch
 from innerloop.cli import main
 from innerloop.rl.config import RLConfig, load_rl_config, rl_config_from_dict
 from innerloop.rl.train import run_rl
-from innerloop.training.checkpoint import CheckpointError, load_checkpoint
+from innerloop.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from innerloop.training.config import ConfigError
 
 TINY = """
@@ -79,6 +79,28 @@ def test_a_resumed_run_equals_the_uninterrupted_run(tmp_path, optimizer):
         assert torch.equal(v, b["state"][k]), k
     log = [json.loads(ln) for ln in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3]
+
+
+def test_a_checkpoint_in_the_0_1_0_layout_still_resumes(tmp_path):
+    """innerloop 0.1.0's RL checkpoints held no best-on-validation entries and no RNG state."""
+    def run(name, iterations):
+        cfg = load_rl_config(write(tmp_path, name, iterations=iterations))
+        cfg.eval.pretrain = cfg.eval.random_init = False
+        cfg.eval.steps = 0
+        run_rl(cfg, progress=False)
+
+    run("straight", 3)
+    run("old", 2)
+    payload = load_checkpoint(tmp_path / "old" / "last.pt")
+    old = {k: v for k, v in payload.items() if k not in ("format", "best_val", "best_step", "torch_rng")}
+    assert set(old) == {"algorithm", "identity", "step", "state", "optimizer", "wall_s"}
+    save_checkpoint(tmp_path / "old" / "last.pt", old)
+    run("old", 3)
+    a = load_checkpoint(tmp_path / "straight" / "last.pt")
+    b = load_checkpoint(tmp_path / "old" / "last.pt")
+    assert a["step"] == b["step"] == 3 and a["algorithm"] == b["algorithm"] == "maml-rl"
+    for k, v in a["state"].items():
+        assert torch.equal(v, b["state"][k]), k
 
 
 def test_a_checkpoint_of_another_config_is_refused(tmp_path):

@@ -245,7 +245,7 @@ class GradientBased(Algorithm):
                  **overrides: Any) -> None:
         super().__init__(model, objective, options, execution, **overrides)
         names = [n for n, _ in model.named_parameters()]
-        which = self.adapt_pattern or getattr(self.options, "adapt", "all")
+        which: str | tuple[str, ...] = self.adapt_pattern or getattr(self.options, "adapt", None) or "all"
         self.adapt_names = self.chosen(names, which)
         params = dict(model.named_parameters())
         adapted = {n: params[n] for n in self.adapt_names}
@@ -270,7 +270,9 @@ class GradientBased(Algorithm):
         return dict(self.model.named_buffers())
 
     def predict(self, model: nn.Module, params: Params, x: Tensor) -> Tensor:
-        return torch.func.functional_call(model, (params, self.buffers_dict()), (x,))
+        """``model``'s output on ``x [n, ...]`` with ``params`` and the model's buffers."""
+        out: Tensor = torch.func.functional_call(model, (params, self.buffers_dict()), (x,))
+        return out
 
     def rule(self, rates: Mapping[str, Tensor] | None = None, detach: bool = False) -> UpdateRule:
         """The inner update: SGD with the (fixed or learned) rates and weight decay. ``rates``

@@ -107,6 +107,18 @@ class Baseline(Algorithm):
                 f"classes; this model's children are {names}. Use innerloop.models.Conv4(ways=<training classes>)."
             )
 
+    def body(self, x: Tensor) -> Tensor:
+        """The frozen features ``[batch, *input] -> [batch, d]``."""
+        out: Tensor = self.model.get_submodule("features")(x)
+        return out
+
+    @property
+    def head(self) -> nn.Linear:
+        """The pre-training head over all training classes."""
+        head = self.model.get_submodule("head")
+        assert isinstance(head, nn.Linear)
+        return head
+
     @property
     def fit_lr(self) -> float:
         return float(self.options.inner_lr)
@@ -131,17 +143,18 @@ class Baseline(Algorithm):
 
     def logits(self, x: Tensor) -> Tensor:
         """Pre-training logits over all training classes: ``[batch, *input] -> [batch, classes]``."""
-        z = self.model.features(x)
+        z = self.body(x)
         if self.head_kind == "linear":
-            return self.model.head(z)
-        return cosine_logits(z, self.model.head.weight, self.scale)
+            out: Tensor = self.head(z)
+            return out
+        return cosine_logits(z, self.head.weight, self.scale)
 
     def meta_gradient(self, batch: TaskBatch) -> tuple[dict[str, Tensor], dict[str, float]]:
         """Gradient of the cross-entropy of every image of ``batch`` (support and query pooled:
         ``[tasks, examples, ...]`` -> ``[tasks * examples, ...]``) against its global label."""
         x = torch.cat([batch.support_x, batch.query_x], dim=1).flatten(0, 1)
         y = torch.cat([batch.support_y, batch.query_y], dim=1).flatten(0, 1)
-        classes = self.model.head.out_features
+        classes = self.head.out_features
         if int(y.max()) >= classes:
             raise ValueError(f"label {int(y.max())} but the head has {classes} classes; size the head to the "
                              "training split's number of classes (the batches must come from training_family).")
@@ -174,7 +187,7 @@ class Baseline(Algorithm):
         """``[2, steps + 1]``: query (loss, accuracy) of one task after 0..``steps`` steps of fitting
         a new head on the frozen support features (full-batch gradient steps of ``inner_lr``)."""
         sx, sy, qx, qy = task
-        z = model.features(torch.cat([sx, qx]))
+        z = model.get_submodule("features")(torch.cat([sx, qx]))
         zs, zq = z[: len(sx)], z[len(sx) :]
         head = self.initial_head(int(sy.max()) + 1, z.shape[-1], z)
         fitted = unroll(lambda h, _: F.cross_entropy(self.head_logits(h, zs), sy), head, steps=steps,

@@ -93,10 +93,9 @@ class IMAML(GradientBased):
     name = "imaml"
     Options = IMAMLOptions
 
-    def rule(self, rates: Params | None = None, detach: bool = False, anchor: Params | None = None) -> UpdateRule:
+    def proximal_rule(self, anchor: Params) -> UpdateRule:
         """The proximal step ``p - lr * (g + lambda (p - theta))``: gradient descent on
         ``L_support(p) + lambda/2 ||p - theta||^2`` with ``theta = anchor`` a constant."""
-        assert anchor is not None
         return sgd(self.inner_lr.as_dict(), weight_decay=float(self.options.reg_lambda),
                    anchor={k: v.detach() for k, v in anchor.items()})
 
@@ -105,7 +104,7 @@ class IMAML(GradientBased):
         loss, buffers = model_loss(model, self.fns.loss), self.buffers_dict()
         sx, sy = task[0], task[1]
         return unroll(lambda p, _: loss(p, buffers, sx, sy), params, steps=steps,
-                      rule=self.rule(anchor=params), first_order=True)
+                      rule=self.proximal_rule(params), first_order=True)
 
     def implicit_gradient(self, model: nn.Module, phi: Params, task: TaskTensors) -> tuple[Params, Tensor]:
         """``(I + H / lambda)^{-1} grad L_q(phi)`` by conjugate gradient, with ``H`` the support

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from innerloop.adapt import Params, adapt_trajectory, last, model_loss
-from innerloop.algorithms.base import GradientBased, GradientOptions, check, check_adapt, scores
+from innerloop.algorithms.base import AlgorithmOptions, GradientBased, GradientOptions, check, check_adapt, scores
 from innerloop.algorithms.rates import LR_MODES, LRMode
 from innerloop.execution import TaskTensors, meta_gradient
 from innerloop.tasks import TaskBatch
@@ -55,7 +55,7 @@ class MAML(GradientBased):
     how tasks run: ``execution=`` (:class:`~innerloop.execution.Execution`) or its fields as keywords."""
 
     name = "maml"
-    Options = MAMLOptions
+    Options: ClassVar[type[AlgorithmOptions]] = MAMLOptions
     variants: ClassVar[dict[str, dict[str, Any]]] = {"fomaml": {"first_order": True},
                                                      "metasgd": {"lr_mode": "per_element"}}
 

@@ -131,7 +131,7 @@ class MAMLPlusPlus(GradientBased):
 
     def uses_first_order(self) -> bool:
         """Whether the meta-gradient at the current outer iteration is first order (DA)."""
-        return self.options.first_order or self.iteration < self.options.first_order_iterations
+        return bool(self.options.first_order or self.iteration < self.options.first_order_iterations)
 
     def loss_weights(self) -> list[float]:
         """The MSL weights of the current outer iteration (see :func:`msl_weights`)."""

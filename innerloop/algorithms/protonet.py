@@ -54,7 +54,8 @@ class ProtoNet(Algorithm):
 
     def embed(self, model: nn.Module, params: Params, x: Tensor) -> Tensor:
         """``[n, *input] -> [n, d]`` through ``model`` called with ``params`` and the model's buffers."""
-        return functional_call(model, (params, dict(self.model.named_buffers())), (x,))
+        out: Tensor = functional_call(model, (params, dict(self.model.named_buffers())), (x,))
+        return out
 
     def task_logits(self, model: nn.Module, params: Params, support_x: Tensor, support_y: Tensor,
                     query_x: Tensor) -> Tensor:

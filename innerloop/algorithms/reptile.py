@@ -23,7 +23,7 @@ training loss.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -74,7 +74,7 @@ class Reptile(GradientBased):
     name = "reptile"
     Options = ReptileOptions
 
-    def rule(self, rates: Params | None = None, detach: bool = False) -> UpdateRule:
+    def rule(self, rates: Mapping[str, Tensor] | None = None, detach: bool = False) -> UpdateRule:
         """SGD or Adam (fresh moments per task) with the inner learning rate."""
         lr = self.inner_lr.as_dict()
         o: ReptileOptions = self.options

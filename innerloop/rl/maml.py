@@ -197,7 +197,8 @@ class PolicyMAML(nn.Module):
         tasks = family.tasks(split, indices)
         params = {k: v.detach() for k, v in self.params().items()}
         current, per_task = params, False
-        adapt_data, returns = [], []
+        adapt_data: list[StepData] = []
+        returns: list[Tensor] = []
         for k in range(steps + 1):
             noise = rollout_noise(family.seed, split, indices, f"{tag}step{k}", rollouts, family.horizon,
                                   family.act_dim)

@@ -76,7 +76,7 @@ def meta_train_rl(
 
     def postfix(means: Mapping[str, float]) -> dict[str, str]:
         returns = {f"ret{k[len('return_'):]}": f"{v:.1f}" for k, v in means.items() if k.startswith("return_")}
-        return {**returns, "kl": f"{means['kl']:.4f}"}
+        return {**returns, **({"kl": f"{means['kl']:.4f}"} if "kl" in means else {})}
 
     schedule = Schedule(cfg.iterations, log_every=1, checkpoint_every=cfg.checkpoint_every)
     tr = run_loop(algorithm, outer_step, schedule, run_dir, name=algorithm.name, optimizer=optimizer,

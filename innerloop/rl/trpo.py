@@ -15,7 +15,7 @@ and keeps ``theta_old``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +31,8 @@ CG_TOLERANCE = 1e-10
 """Conjugate gradient stops once the squared residual of the natural-gradient system is below this."""
 
 
-def fisher_vector_product(kl: Tensor, params: list[Tensor], damping: float = 0.0) -> Callable[[Tensor], Tensor]:
+def fisher_vector_product(kl: Tensor, params: Sequence[Tensor],
+                          damping: float = 0.0) -> Callable[[Tensor], Tensor]:
     """``v -> (H + damping I) v`` with ``H`` the Hessian of the scalar ``kl`` w.r.t. ``params`` (the
     Fisher matrix when ``kl`` is the mean KL from the current policy), by double backward."""
     grad_kl = flatten(torch.autograd.grad(kl, params, create_graph=True))
@@ -55,7 +56,7 @@ class TRPOStats:
     """The accepted fraction of the full trust-region step (0: rejected, parameters unchanged)."""
 
 
-def trpo_step(params: dict[str, torch.nn.Parameter], objective: Objective, max_kl: float = 0.01,
+def trpo_step(params: Mapping[str, Tensor], objective: Objective, max_kl: float = 0.01,
               cg_iterations: int = 10, damping: float = 1e-5, backtracks: int = 15,
               backtrack_ratio: float = 0.5, fisher_kl: Callable[[Params], Tensor] | None = None) -> TRPOStats:
     """One TRPO update of ``params`` in place.
@@ -94,8 +95,8 @@ def trpo_step(params: dict[str, torch.nn.Parameter], objective: Objective, max_k
     fraction = 1.0
     for _ in range(backtracks):
         candidate = unflatten(old + fraction * full_step, params)
-        new_loss, new_kl = objective({n: t.detach() for n, t in candidate.items()})
-        new_loss, new_kl = float(new_loss.detach()), float(new_kl.detach())
+        loss_t, kl_t = objective({n: t.detach() for n, t in candidate.items()})
+        new_loss, new_kl = float(loss_t.detach()), float(kl_t.detach())
         if new_loss < loss_before and new_kl <= max_kl:
             with torch.no_grad():
                 for name, p in params.items():

@@ -11,9 +11,9 @@ import dataclasses
 import json
 import sys
 import types
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Mapping
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from innerloop.algorithms.base import AlgorithmOptions
@@ -216,7 +216,8 @@ class Config:
         """The config as the tables of a config file (the algorithm's options flat beside its name)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         return {k: (v.to_dict() if isinstance(v, AlgorithmConfig) else
-                    dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v) for k, v in out.items()}
+                    dataclasses.asdict(v) if dataclasses.is_dataclass(v) and not isinstance(v, type) else v)
+                for k, v in out.items()}
 
     def validate(self) -> Config:
         """Range checks that types alone cannot express; raises :class:`ConfigError`."""
@@ -282,10 +283,10 @@ def _type_name(tp: Any) -> str:
 def _check(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against annotation ``tp``; convert nested dataclasses. Raise ConfigError."""
     origin, args = get_origin(tp), get_args(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a table of settings, got {value!r}.")
-        return _from_dict(tp, value, key)
+        return from_dict(tp, value, key)
     if origin in (Union, types.UnionType):
         errors = []
         for option in args:

@@ -187,12 +187,12 @@ def run_loop(
     bar = tqdm(total=s.iterations, initial=start, desc=desc, disable=not (progress and lead),
                dynamic_ncols=True, leave=True)
     sums: dict[str, float] = {}
-    window, val, last_means = 0, None, {}
+    window, val, last_means, speed_s, steps_run = 0, None, {}, "-", 0
     metrics: Mapping[str, float] = {}
     try:
         for step in range(start, s.iterations):
             metrics = outer_step(step)
-            done = step + 1
+            done, steps_run = step + 1, steps_run + 1
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             window += 1
@@ -200,7 +200,8 @@ def run_loop(
             final = done == s.iterations
             record: dict[str, Any] = {}
             if done % s.log_every == 0 or final:
-                speed = (done - start) * tasks_per_step / max(time.perf_counter() - t0, 1e-9)
+                speed = steps_run * tasks_per_step / max(time.perf_counter() - t0, 1e-9)
+                speed_s = f"{speed:.0f}"
                 last_means = {k: v / window for k, v in sums.items()}
                 record = {"step": done, **last_means, "tasks_per_s": speed}
                 sums, window = {}, 0
@@ -219,10 +220,10 @@ def run_loop(
                 if log is not None:  # the line goes in before the checkpoint that covers it
                     log.write(json.dumps(record) + "\n")
                     log.flush()
-                speed_s = f"{record['tasks_per_s']:.0f}" if "tasks_per_s" in record else "-"
-                bar.set_postfix(**(postfix or show)(last_means),
-                                **({"val": "-" if val is None else f"{val:.3f}"} if validate else {}),
-                                tasks_s=speed_s)
+                shown = (postfix or show)(last_means)
+                if validate is not None:
+                    shown["val"] = "-" if val is None else f"{val:.3f}"
+                bar.set_postfix({**shown, "tasks_s": speed_s})
             periodic = s.checkpoint_every is not None and done % s.checkpoint_every == 0
             if writes and (validated or periodic or final):
                 checkpoint(LAST, done)
@@ -233,7 +234,7 @@ def run_loop(
     barrier("barrier at the end of training")  # the checkpoints are written before anyone reads them
     elapsed = time.perf_counter() - t0
     return TrainResult(s.iterations, best_step, float("nan") if best_val is None else best_val,
-                       elapsed_before + elapsed, (s.iterations - start) * tasks_per_step / max(elapsed, 1e-9),
+                       elapsed_before + elapsed, steps_run * tasks_per_step / max(elapsed, 1e-9),
                        {k: float(v) for k, v in metrics.items()})
 
 

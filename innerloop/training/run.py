@@ -29,7 +29,6 @@ from innerloop.training.evaluate import EvalResult, RunResult, format_table, mac
 from innerloop.training.loop import BEST, TrainResult, clear_run, meta_train
 
 
-
 def _data_root() -> Path | None:
     env = os.environ.get("INNERLOOP_DATA")
     return Path(env) if env else None
@@ -137,7 +136,7 @@ def config_tables_from_identity(ident: Mapping[str, Any]) -> tuple[dict[str, Any
     the keys of options the algorithm does not have must hold their defaults (a 0.1.0 table lists
     them all), else :class:`CheckpointError` names them."""
     flat = dict(ident["algorithm_cfg"])
-    name = flat.get("name", "maml")
+    name = str(flat.get("name", "maml"))
     if name not in ALGORITHMS:
         raise CheckpointError(f"the checkpoint's algorithm {name!r} is not one of {list(ALGORITHMS)}.")
     entry = ALGORITHMS[name]
@@ -151,7 +150,8 @@ def config_tables_from_identity(ident: Mapping[str, Any]) -> tuple[dict[str, Any
         if k == "vectorize":
             execution["vectorize"] = v
         elif k in own:
-            table[aliases.get(k, k) if aliases.get(k, k) in entry.option_names() else k] = v
+            new_name = aliases.get(k, k)
+            table[new_name if new_name in entry.option_names() else k] = v
         elif v != LEGACY_ALGORITHM_DEFAULTS.get(k, v):
             raise CheckpointError(f"the checkpoint sets algorithm.{k} = {v!r}, which {name} no longer has "
                                   f"(its options are {entry.option_names()}); it cannot be rebuilt as trained.")
