@@ -52,7 +52,7 @@ def test_sgd_rules_are_their_arithmetic():
     got = list(unroll(objective, params, steps=3, rule=sgd(rates, weight_decay=0.3)))
     current = params
     for j, rate in enumerate(rates):
-        g = torch.func.grad(lambda p: objective(p, j))(current)
+        g = torch.func.grad(lambda p, j=j: objective(p, j))(current)
         current = {k: current[k] - rate * (g[k] + 0.3 * current[k]) for k in current}
         for k in current:
             torch.testing.assert_close(got[j][k], current[k], **TOL)

@@ -25,7 +25,7 @@ parameter adapts (the proximal term ties all of them to ``theta``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -34,36 +34,8 @@ from torch import Tensor, nn
 from innerloop.adapt import Params, UpdateRule, gradient, hessian_vector_product, last, model_loss, sgd, unroll
 from innerloop.algorithms.base import GradientBased, GradientOptions, check, scores
 from innerloop.execution import TaskTensors, map_tasks
+from innerloop.numerics import conjugate_gradient
 from innerloop.tasks import TaskBatch
-
-
-def _dot(a: Params, b: Params) -> Tensor:
-    return sum((a[k] * b[k]).sum() for k in a)  # type: ignore[return-value]
-
-
-def conjugate_gradient(matvec: Callable[[Params], Params], b: Params, steps: int) -> Params:
-    """Approximately solve ``A x = b`` for symmetric positive definite ``A`` by ``steps``
-    iterations of conjugate gradient from ``x = 0``.
-
-    ``matvec(v) = A v`` on dicts of tensors shaped like ``b``. A fixed number of iterations
-    and no data-dependent branches, so it runs under ``vmap``; once the residual is exactly zero
-    the iterate stops moving (guarded divisions instead of NaNs). In exact arithmetic ``steps``
-    equal to the number of unknowns solves the system exactly.
-    """
-    x = {k: torch.zeros_like(v) for k, v in b.items()}
-    r, p = dict(b), dict(b)
-    rs = _dot(r, r)
-    for _ in range(steps):
-        ap = matvec(p)
-        pap = _dot(p, ap)
-        alpha = rs / torch.where(pap == 0, torch.ones_like(pap), pap)
-        x = {k: x[k] + alpha * p[k] for k in x}
-        r = {k: r[k] - alpha * ap[k] for k in r}
-        rs_new = _dot(r, r)
-        beta = rs_new / torch.where(rs == 0, torch.ones_like(rs), rs)
-        p = {k: r[k] + beta * p[k] for k in p}
-        rs = rs_new
-    return x
 
 
 @dataclass(frozen=True)
