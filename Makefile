@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench bench-speed clean
+.PHONY: setup demo test test-quick lint bench bench-speed clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,9 +20,18 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/innerloop train
 
-test: $(STAMP)
-	$(VENV)/bin/ruff check innerloop tests benchmarks examples
+# Everything: lint, types (mypy), the import layers (import-linter), every test.
+test: lint
 	$(PY) -m pytest
+
+# For development: the same checks, without the slow tests (processes, real data, whole runs).
+test-quick: lint
+	$(PY) -m pytest -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check innerloop tests benchmarks examples
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 bench: $(STAMP)
 	$(PY) benchmarks/sinusoid_table.py

@@ -1,16 +1,82 @@
-"""innerloop: meta-learning ("learning to learn") on PyTorch, built on torch.func."""
+"""innerloop: meta-learning ("learning to learn") on PyTorch, built on torch.func.
 
-from innerloop.adapt import adapt, adapt_trajectory, model_loss, sgd_step
-from innerloop.algorithms import MAML, Algorithm, GradientBased, Pretrain
-from innerloop.algorithms.rates import InnerLR, InnerWeightDecay
-from innerloop.data import LinearRegression, Sinusoid, make_family
+The public API is what this module exports; submodules hold the same names (and their helpers) by
+layer: :mod:`innerloop.tasks`, :mod:`innerloop.adapt` (the one inner loop and its update rules),
+:mod:`innerloop.execution` (how a meta-batch runs), :mod:`innerloop.data`, :mod:`innerloop.models`,
+:mod:`innerloop.algorithms`, :mod:`innerloop.training`, :mod:`innerloop.rl`.
+"""
+
+import importlib.metadata
+
+from innerloop.adapt import Adam, UpdateRule, adam, adapt, adapt_trajectory, model_loss, sgd, sgd_step, unroll
+from innerloop.algorithms import (
+    ALGORITHMS,
+    ANIL,
+    BOIL,
+    IMAML,
+    MAML,
+    Algorithm,
+    AlgorithmOptions,
+    ANILOptions,
+    Baseline,
+    BaselineOptions,
+    BaselinePP,
+    BaselinePPOptions,
+    Capabilities,
+    GradientBased,
+    GradientOptions,
+    IMAMLOptions,
+    InnerLR,
+    InnerWeightDecay,
+    MAMLOptions,
+    MAMLPlusPlus,
+    MAMLPlusPlusOptions,
+    MatchingNet,
+    Pretrain,
+    PretrainOptions,
+    ProtoNet,
+    Reptile,
+    ReptileOptions,
+)
+from innerloop.data import (
+    FewShotClassification,
+    LinearRegression,
+    MiniImageNet,
+    Omniglot,
+    Sinusoid,
+    image_folder_dataset,
+    make_family,
+    task_family,
+)
+from innerloop.execution import Execution
+from innerloop.models import MLP, Conv4
 from innerloop.tasks import Task, TaskBatch, TaskFamily
-from innerloop.training import Config, meta_test, meta_train
+from innerloop.training import (
+    CheckpointError,
+    Config,
+    ConfigError,
+    EvalResult,
+    TrainConfig,
+    TrainResult,
+    config_from_dict,
+    load_checkpoint,
+    load_config,
+    load_for_eval,
+    meta_test,
+    meta_train,
+    run,
+)
 
-__version__ = "0.1.0"
+__version__ = importlib.metadata.version("innerloop")
 
 __all__ = [
-    "MAML", "Algorithm", "Config", "GradientBased", "InnerLR", "InnerWeightDecay", "LinearRegression", "Pretrain",
-    "Sinusoid", "Task", "TaskBatch", "TaskFamily", "adapt", "adapt_trajectory", "make_family",
-    "meta_test", "meta_train", "model_loss", "sgd_step",
+    "ALGORITHMS", "ANIL", "BOIL", "IMAML", "MAML", "MLP", "ANILOptions", "Adam", "Algorithm", "AlgorithmOptions",
+    "Baseline", "BaselineOptions", "BaselinePP", "BaselinePPOptions", "Capabilities", "CheckpointError", "Config",
+    "ConfigError", "Conv4", "EvalResult", "Execution", "FewShotClassification", "GradientBased", "GradientOptions",
+    "IMAMLOptions", "InnerLR", "InnerWeightDecay", "LinearRegression", "MAMLOptions", "MAMLPlusPlus",
+    "MAMLPlusPlusOptions", "MatchingNet", "MiniImageNet", "Omniglot", "Pretrain", "PretrainOptions", "ProtoNet",
+    "Reptile", "ReptileOptions", "Sinusoid", "Task", "TaskBatch", "TaskFamily", "TrainConfig", "TrainResult",
+    "UpdateRule", "adam", "adapt", "adapt_trajectory", "config_from_dict", "image_folder_dataset",
+    "load_checkpoint", "load_config", "load_for_eval", "make_family", "meta_test", "meta_train", "model_loss",
+    "run", "sgd", "sgd_step", "task_family", "unroll",
 ]

@@ -129,13 +129,17 @@ _PROBES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], frozenset[st
 _PROBE_LOCK = threading.Lock()
 
 
-def computed_ops(model: nn.Module, example_x: Tensor) -> frozenset[str] | None:
+def computed_ops(model: nn.Module, example_x: Tensor | torch.Size, dtype: torch.dtype | None = None,
+                 ) -> frozenset[str] | None:
     """The aten operators one forward pass of ``model`` on ``example_x [examples, ...]`` runs (plus
     ``conv2d`` for a convolution of a 4-D input), traced with meta tensors: no arithmetic and no side
     effect (running statistics are not touched). ``None`` when the model cannot run on the meta
-    device (then callers assume the worst). Cached per model, mode, input shape and dtype."""
-    key = (model.training, tuple(example_x.shape), example_x.dtype,
-           tuple((n, tuple(p.shape), p.dtype) for n, p in model.named_parameters()))
+    device (then callers assume the worst). ``example_x`` may be a shape (with ``dtype``). Cached per
+    model object, train/eval mode, input shape and dtype (a model whose layers are replaced after
+    its first meta-batch needs a new algorithm)."""
+    shape = tuple(example_x.shape) if isinstance(example_x, Tensor) else tuple(example_x)
+    dtype = example_x.dtype if isinstance(example_x, Tensor) else (dtype or torch.get_default_dtype())
+    key = (model.training, shape, dtype)
     with _PROBE_LOCK:
         cached = _PROBES.setdefault(model, {})
         if key in cached:
@@ -145,7 +149,7 @@ def computed_ops(model: nn.Module, example_x: Tensor) -> frozenset[str] | None:
     recorder = _OpRecorder()
     try:
         with torch.no_grad(), recorder:
-            functional_call(model, meta, (torch.empty_like(example_x, device="meta"),))
+            functional_call(model, meta, (torch.empty(shape, dtype=dtype, device="meta"),))
         result: frozenset[str] | None = frozenset(recorder.ops)
     except Exception:
         result = None
@@ -194,7 +198,7 @@ def plan(execution: Execution, model: nn.Module, batch: TaskBatch, *, second_ord
          graph: bool = True) -> Plan:
     """Decide how ``batch`` runs (see :class:`Execution`). ``graph``: whether the per-task function
     builds an outer graph (meta-gradients) or runs without one (evaluation, Reptile, iMAML)."""
-    ops = computed_ops(model, batch.support_x[0])
+    ops = computed_ops(model, batch.support_x.shape[1:], batch.support_x.dtype)
     safe = vmap_safe(ops, second_order)
     if execution.vectorize == "vmap":
         if not safe:

@@ -8,6 +8,8 @@ import pytest
 
 from innerloop.cli import main
 
+pytestmark = pytest.mark.slow  # several processes, real data or whole runs: skipped by `make test-quick`
+
 
 def _tiny(tmp_path, **extra):
     text = f"""

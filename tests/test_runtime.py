@@ -41,6 +41,7 @@ def _faults(env: dict[str, str]) -> tuple[bool, int]:
 
 
 @glibc
+@pytest.mark.slow
 def test_freed_blocks_are_reused_instead_of_faulted_in_again():
     tuned, faults = _faults({})
     # glibc's default thresholds (128 KiB) held fixed: its dynamic adjustment makes the default

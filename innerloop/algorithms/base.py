@@ -269,9 +269,10 @@ class GradientBased(Algorithm):
     def buffers_dict(self) -> Params:
         return dict(self.model.named_buffers())
 
-    def predict(self, model: nn.Module, params: Params, x: Tensor) -> Tensor:
-        """``model``'s output on ``x [n, ...]`` with ``params`` and the model's buffers."""
-        out: Tensor = torch.func.functional_call(model, (params, self.buffers_dict()), (x,))
+    def predict(self, model: nn.Module, params: Params, x: Tensor, buffers: Params | None = None) -> Tensor:
+        """``model``'s output on ``x [n, ...]`` with ``params`` and ``buffers`` (default: the model's)."""
+        state = (params, self.buffers_dict() if buffers is None else buffers)
+        out: Tensor = torch.func.functional_call(model, state, (x,))
         return out
 
     def rule(self, rates: Mapping[str, Tensor] | None = None, detach: bool = False) -> UpdateRule:

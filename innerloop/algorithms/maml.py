@@ -16,10 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from innerloop.adapt import Params, adapt_trajectory, last, model_loss
-from innerloop.algorithms.base import AlgorithmOptions, GradientBased, GradientOptions, check, check_adapt, scores
+from innerloop.algorithms.base import AlgorithmOptions, GradientBased, GradientOptions, check, check_adapt
 from innerloop.algorithms.rates import LR_MODES, LRMode
 from innerloop.execution import TaskTensors, meta_gradient
 from innerloop.tasks import TaskBatch
@@ -64,11 +65,13 @@ class MAML(GradientBased):
         """Query loss of one task after adaptation (differentiable in ``params`` and ``rates``) and
         its detached ``[loss, metric]``. ``task``: ``(support_x, support_y, query_x, query_y)``."""
         sx, sy, qx, qy = task
-        trajectory = adapt_trajectory(model_loss(model, self.fns.loss), params, self.buffers_dict(), sx, sy,
+        buffers = self.buffers_dict()
+        trajectory = adapt_trajectory(model_loss(model, self.fns.loss), params, buffers, sx, sy,
                                       steps=self.inner_steps, rule=self.rule(rates),
                                       adapt_names=self.adapt_names, first_order=self.options.first_order)
-        pred = self.predict(model, last(trajectory, params), qx)
-        return self.fns.loss(pred, qy), scores(self.fns, pred, qy)
+        pred = self.predict(model, last(trajectory, params), qx, buffers)
+        loss = self.fns.loss(pred, qy)
+        return loss, torch.stack([loss.detach(), self.fns.metric(pred.detach(), qy)])
 
     def meta_gradient(self, batch: TaskBatch) -> tuple[dict[str, Tensor], dict[str, float]]:
         """Mean over tasks of the query loss after adaptation, differentiated w.r.t. every

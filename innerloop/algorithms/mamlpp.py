@@ -160,15 +160,16 @@ class MAMLPlusPlus(GradientBased):
         trajectory = unroll(lambda p, j: loss({**p, **self._bn(bn, j)}, buffers, sx, sy), params, steps=steps,
                             rule=rule, adapt_names=self.adapt_names, first_order=first_order)
         total: Tensor = torch.zeros((), dtype=qx.dtype if qx.is_floating_point() else torch.float32)
-        out = [] if weights is not None else [scores(self.fns, self.predict(model, params, qx), qy)]
+        out = [] if weights is not None else [scores(self.fns, self.predict(model, params, qx, buffers), qy)]
         for j, current in enumerate(trajectory):
             if weights is None:
-                out.append(scores(self.fns, self.predict(model, {**current, **self._bn(bn, j)}, qx), qy))
+                out.append(scores(self.fns, self.predict(model, {**current, **self._bn(bn, j)}, qx, buffers), qy))
             elif weights[j] != 0 or j == steps - 1:
-                pred = self.predict(model, {**current, **self._bn(bn, j)}, qx)
-                total = total + weights[j] * self.fns.loss(pred, qy)
+                pred = self.predict(model, {**current, **self._bn(bn, j)}, qx, buffers)
+                loss_j = self.fns.loss(pred, qy)
+                total = total + weights[j] * loss_j
                 if j == steps - 1:
-                    out.append(scores(self.fns, pred, qy))
+                    out.append(torch.stack([loss_j.detach(), self.fns.metric(pred.detach(), qy)]))
         return total, out
 
     def meta_gradient(self, batch: TaskBatch) -> tuple[dict[str, Tensor], dict[str, float]]:

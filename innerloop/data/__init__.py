@@ -12,6 +12,8 @@ from innerloop.data.download import (
     safe_members,
     sha256_file,
 )
+from innerloop.data.factory import TASK_FAMILIES, MissingDataError, image_splits, task_family
+from innerloop.data.global_labels import GlobalLabelBatches
 from innerloop.data.images import ImageClassDataset, MiniImageNet, image_folder_dataset
 from innerloop.data.omniglot import Omniglot, load_omniglot_characters
 from innerloop.data.regression import FAMILIES, LinearRegression, Sinusoid, make_family
@@ -19,14 +21,17 @@ from innerloop.data.sampling import FewShotClassification, collate_tasks, task_l
 
 __all__ = [
     "FAMILIES",
+    "TASK_FAMILIES",
     "ChecksumError",
     "CorruptArchiveError",
     "DataError",
     "DownloadError",
     "FewShotClassification",
+    "GlobalLabelBatches",
     "ImageClassDataset",
     "LinearRegression",
     "MiniImageNet",
+    "MissingDataError",
     "Omniglot",
     "Sinusoid",
     "UnsafeArchiveError",
@@ -34,10 +39,12 @@ __all__ = [
     "download",
     "extract_zip",
     "image_folder_dataset",
+    "image_splits",
     "iter_zip",
     "load_omniglot_characters",
     "make_family",
     "safe_members",
     "sha256_file",
+    "task_family",
     "task_loader",
 ]

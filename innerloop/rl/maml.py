@@ -32,9 +32,9 @@ from typing import Literal, Protocol
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, vmap
+from torch.func import vmap
 
-from innerloop.adapt import Params
+from innerloop.adapt import Params, last, sgd, unroll
 from innerloop.rl.envs import EnvFamily
 from innerloop.rl.episodes import Episodes, advantages, policy_distribution, rollout, rollout_noise
 from innerloop.rl.policy import distribution, kl_divergence, log_prob
@@ -161,11 +161,11 @@ class PolicyMAML(nn.Module):
         return -masked_mean(weight * adv, mask)
 
     def inner_step(self, params: Params, obs: Tensor, actions: Tensor, adv: Tensor, mask: Tensor) -> Params:
-        """``params - inner_lr * grad inner_loss`` for one task; differentiable in ``params``."""
-        grads = grad(self.inner_loss)(params, obs, actions, adv, mask)
-        if self.first_order:
-            grads = {k: g.detach() for k, g in grads.items()}
-        return {k: p - self.inner_lr * grads[k] for k, p in params.items()}
+        """``params - inner_lr * grad inner_loss`` for one task (one step of the inner loop's SGD rule);
+        differentiable in ``params`` (second order unless ``first_order``)."""
+        step = unroll(lambda p, _: self.inner_loss(p, obs, actions, adv, mask), params, steps=1,
+                      rule=sgd(float(self.inner_lr)), first_order=self.first_order)
+        return last(step, params)
 
     def step_batch(self, params: Params, data: StepData, per_task: bool) -> Params:
         """One inner step for every task of ``data``: ``[tasks, ...]`` parameters out; ``params``

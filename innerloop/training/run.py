@@ -4,8 +4,6 @@ draws the plots from the returned :class:`~innerloop.training.evaluate.RunResult
 from __future__ import annotations
 
 import dataclasses
-import functools
-import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,8 +14,7 @@ from torch import nn
 
 from innerloop.algorithms.base import Algorithm
 from innerloop.algorithms.registry import ALGORITHMS, head_ways
-from innerloop.data.regression import make_family
-from innerloop.data.sampling import IMAGE_FAMILIES, FewShotClassification
+from innerloop.data.factory import MissingDataError, task_family
 from innerloop.models.conv4 import Conv4
 from innerloop.models.mlp import MLP
 from innerloop.tasks import TaskFamily
@@ -29,42 +26,16 @@ from innerloop.training.evaluate import EvalResult, RunResult, format_table, mac
 from innerloop.training.loop import BEST, TrainResult, clear_run, meta_train
 
 
-def _data_root() -> Path | None:
-    env = os.environ.get("INNERLOOP_DATA")
-    return Path(env) if env else None
-
-
-@functools.lru_cache(maxsize=4)
-def image_splits(family: str, data_root: str | None, split: str, image_size: int | None) -> Mapping:
-    """``{split: ImageClassDataset}`` of an image family, loaded (and cached on disk) once."""
-    from innerloop.data.images import MiniImageNet, image_folder_dataset
-    from innerloop.data.omniglot import Omniglot
-
-    if family == "omniglot":
-        return Omniglot(data_root, split=split, image_size=image_size or 28)  # type: ignore[arg-type]
-    if family == "miniimagenet":
-        base = _data_root()
-        images = data_root or (base / "miniimagenet" / "images" if base else None)
-        if images is None:
-            raise ConfigError("miniImageNet needs its images: set task.data_root or $INNERLOOP_DATA.")
-        splits = (base / "miniimagenet" / "splits" / "ravi") if base else Path(images).parent / "splits" / "ravi"
-        return MiniImageNet(images, splits, size=image_size or 84)
-    if data_root is None:
-        raise ConfigError("task.family = 'image-folder' needs task.data_root (a folder with train/, val/, test/).")
-    return {s: image_folder_dataset(Path(data_root) / s, size=image_size or 84)
-            for s in ("train", "val", "test") if (Path(data_root) / s).is_dir()}
-
-
 def build_family(cfg: Config, shots: int | None = None, queries: int | None = None,
                  ways: int | None = None) -> TaskFamily:
     """The configured task family; ``shots``/``queries``/``ways`` override the training ones."""
     t = cfg.task
-    shots, queries = shots or t.shots, queries or t.queries
-    if t.family not in IMAGE_FAMILIES:
-        return make_family(t.family, shots=shots, queries=queries, seed=t.seed, **t.options)
-    splits = image_splits(t.family, t.data_root, t.split, t.image_size)
-    return FewShotClassification(splits, ways=ways or t.ways, shots=shots, queries=queries, seed=t.seed,
-                                 within_alphabet=t.within_alphabet, **t.options)
+    try:
+        return task_family(t.family, shots=shots or t.shots, queries=queries or t.queries, seed=t.seed,
+                           ways=ways or t.ways, split=t.split, within_alphabet=t.within_alphabet,
+                           image_size=t.image_size, data_root=t.data_root, options=t.options)
+    except MissingDataError as err:
+        raise ConfigError(str(err)) from err
 
 
 def build_model(cfg: Config, family: TaskFamily, name: str | None = None) -> nn.Module:

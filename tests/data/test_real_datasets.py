@@ -13,6 +13,8 @@ import torch
 
 from innerloop.data import FewShotClassification, Omniglot, task_loader
 
+pytestmark = pytest.mark.slow  # several processes, real data or whole runs: skipped by `make test-quick`
+
 
 @pytest.fixture(scope="session")
 def vinyals(real_omniglot_root: Path, real_omniglot_cache: Path) -> Omniglot:

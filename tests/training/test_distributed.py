@@ -26,6 +26,8 @@ from innerloop.training.distributed import DistributedError, reduce_meta_gradien
 from innerloop.training.loop import meta_train
 from innerloop.training.run import build_algorithm, build_family, identity
 
+pytestmark = pytest.mark.slow  # several processes, real data or whole runs: skipped by `make test-quick`
+
 
 def _cfg(meta_batch: int, iterations: int) -> Config:
     cfg = Config()

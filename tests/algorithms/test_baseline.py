@@ -179,6 +179,7 @@ def folder(fewshot_folder):
     return fewshot_folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["baseline", "baselinepp"])
 def test_learns_through_the_command_line(tmp_path, folder, name):
     from innerloop.cli import main

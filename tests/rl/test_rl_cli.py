@@ -13,6 +13,8 @@ from innerloop.rl.train import run_rl
 from innerloop.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from innerloop.training.config import ConfigError
 
+pytestmark = pytest.mark.slow  # several processes, real data or whole runs: skipped by `make test-quick`
+
 TINY = """
 out_dir = "{out}"
 [env]

@@ -64,7 +64,7 @@ def test_unreadable_files(tmp_path):
 def test_every_shipped_config_is_valid():
     from pathlib import Path
 
-    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.toml"))
+    configs = sorted((Path(__file__).parents[2] / "configs").glob("*.toml"))
     assert configs
     for path in configs:
         if path.name.startswith("rl_"):  # meta-RL configs: `innerloop rl train`

@@ -13,6 +13,8 @@ from innerloop.cli import main
 from innerloop.rl import mujoco as rl_mujoco
 from innerloop.rl.families import make_env_family
 
+pytestmark = pytest.mark.slow  # several processes, real data or whole runs: skipped by `make test-quick`
+
 HAVE_MUJOCO = importlib.util.find_spec("mujoco") is not None and importlib.util.find_spec("gymnasium") is not None
 needs_mujoco = pytest.mark.skipif(not HAVE_MUJOCO, reason="needs MuJoCo: pip install 'innerloop[rl]'")
 
