@@ -92,16 +92,8 @@ PAPER_SINUSOID = {  # 5-shot MSE after 10 steps where published for this set-up
 }
 
 
-def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
-    section, key = dotted.split(".")
-    d[section][key] = value
-
-
 def _config(base: Config | Path, overrides: dict[str, Any]) -> Config:
-    d = (load_config(base) if isinstance(base, Path) else base).to_dict()
-    for k, v in overrides.items():
-        _set(d, k, v)
-    return config_from_dict(d)
+    return (load_config(base) if isinstance(base, Path) else base).override(overrides)
 
 
 def seconds_per_iteration(cfg: Config, repeats: int = 2) -> float:
@@ -139,15 +131,15 @@ def cmd_omniglot(args: argparse.Namespace) -> None:
     cfg = config_from_dict(d)
     per_iter = None if args.iterations else seconds_per_iteration(cfg)
     iterations = args.iterations or max(2, int(args.budget_min * 60 / per_iter))
-    cfg.train.iterations = iterations
-    cfg.train.validate_every = max(1, iterations // 2)
-    cfg.train.val_tasks = 50
-    cfg.train.log_every = max(1, iterations // 20)
+    changes: dict[str, Any] = {
+        "train.iterations": iterations, "train.validate_every": max(1, iterations // 2), "train.val_tasks": 50,
+        "train.log_every": max(1, iterations // 20),
+        "eval.report_steps": sorted({0, 1, cfg.eval.steps} & set(range(cfg.eval.steps + 1))),
+        "out_dir": str(Path(args.runs) / f"{args.algorithm}_5w{args.shots}s"),
+    }
     if cfg.algorithm.name == "mamlpp":  # the paper anneals the multi-step loss over the first 10%
-        cfg.algorithm.msl_iterations = max(1, iterations // 10)
-    cfg.eval.report_steps = sorted({0, 1, cfg.eval.steps} & set(range(cfg.eval.steps + 1)))
-    cfg.out_dir = str(Path(args.runs) / f"{args.algorithm}_5w{args.shots}s")
-    cfg.validate()
+        changes["algorithm.msl_iterations"] = max(1, iterations // 10)
+    cfg = cfg.override(changes)
     t0, c0 = time.perf_counter(), time.process_time()
     report = run(cfg, progress=sys.stderr.isatty(), overwrite=not args.resume)
     r = report["runs"][cfg.algorithm.name]
@@ -170,13 +162,11 @@ def cmd_sinusoid(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     rows: dict[str, Any] = {}
     for name in args.algorithms or SINUSOID:
-        cfg = _config(Config(), {"algorithm.name": name, **SINUSOID_OVERRIDES.get(name, {})})
-        cfg.train.iterations = args.iterations
-        cfg.train.validate_every = max(1, args.iterations // 5)
-        cfg.eval.baseline = False
-        cfg.eval.steps, cfg.eval.report_steps = 10, [0, 1, 10]
-        cfg.out_dir = str(Path(args.runs) / f"sinusoid_{name}")
-        cfg.validate()
+        cfg = _config(Config(), {"algorithm.name": name, **SINUSOID_OVERRIDES.get(name, {}),
+                                 "train.iterations": args.iterations,
+                                 "train.validate_every": max(1, args.iterations // 5), "eval.baseline": False,
+                                 "eval.steps": 10, "eval.report_steps": [0, 1, 10],
+                                 "out_dir": str(Path(args.runs) / f"sinusoid_{name}")})
         report = run(cfg, progress=sys.stderr.isatty(), overwrite=True)
         r = report["runs"][name]
         rows[name] = {"iterations": args.iterations, "meta_batch_size": cfg.train.meta_batch_size,

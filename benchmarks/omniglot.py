@@ -42,13 +42,13 @@ PAPER_ITERATIONS = {
 def cmd_run(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = load_config(args.config)
-    if args.iterations:
-        cfg.train.iterations = args.iterations
-    if args.validate_every:
-        cfg.train.validate_every = args.validate_every
     name = Path(args.config).stem
-    cfg.out_dir = str(Path(args.runs) / name)
+    changes: dict[str, object] = {"out_dir": str(Path(args.runs) / name)}
+    if args.iterations:
+        changes["train.iterations"] = args.iterations
+    if args.validate_every:
+        changes["train.validate_every"] = args.validate_every
+    cfg = load_config(args.config).override(changes)
     t0 = time.perf_counter()
     report = run(cfg, progress=sys.stderr.isatty())
     plot_run(report, cfg)

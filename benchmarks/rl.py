@@ -54,18 +54,19 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     cfg = load_rl_config(Path(__file__).parent.parent / "configs" / CONFIGS[args.env])
-    cfg.out_dir = args.out or f"runs/bench-rl-{args.env}" + (f"-{args.tag}" if args.tag else "")
-    cfg.algorithm.first_order = args.first_order or cfg.algorithm.first_order
-    cfg.train.optimizer = args.optimizer or cfg.train.optimizer
-    cfg.eval.pretrain = not args.no_pretrain
-    cfg.train.iterations = args.iterations
-    cfg.eval.pretrain_iterations = args.pretrain_iterations
+    changes = {
+        "out_dir": args.out or f"runs/bench-rl-{args.env}" + (f"-{args.tag}" if args.tag else ""),
+        "algorithm.first_order": args.first_order or cfg.algorithm.first_order,
+        "train.optimizer": args.optimizer or cfg.train.optimizer, "eval.pretrain": not args.no_pretrain,
+        "train.iterations": args.iterations, "eval.pretrain_iterations": args.pretrain_iterations,
+    }
     if args.meta_batch:
-        cfg.train.meta_batch_size = args.meta_batch
+        changes["train.meta_batch_size"] = args.meta_batch
     if args.rollouts:
-        cfg.algorithm.rollouts = args.rollouts
+        changes["algorithm.rollouts"] = args.rollouts
     if args.test_tasks:
-        cfg.eval.test_tasks = args.test_tasks
+        changes["eval.test_tasks"] = args.test_tasks
+    cfg = cfg.override(changes)
     t0 = time.perf_counter()
     report = run_rl(cfg, progress=sys.stderr.isatty())
     plot_rl_run(report, cfg)

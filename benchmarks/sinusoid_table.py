@@ -45,12 +45,9 @@ def main() -> None:
     args.out = args.out or "runs/bench-sinusoid" + suffix.replace("_", "-")
     args.results = args.results or str(Path(__file__).parent / "results" / f"sinusoid_table{suffix}")
 
-    cfg = Config()
-    cfg.task.shots = cfg.task.queries = args.train_shots
-    cfg.out_dir = args.out
-    cfg.train.iterations = args.iterations
-    cfg.train.validate_every = 2000
-    cfg.eval.shots, cfg.eval.queries, cfg.eval.steps = 5, 100, 10
+    cfg = Config().override({"task.shots": args.train_shots, "task.queries": args.train_shots, "out_dir": args.out,
+                             "train.iterations": args.iterations, "train.validate_every": 2000, "eval.shots": 5,
+                             "eval.queries": 100, "eval.steps": 10})
     t0 = time.perf_counter()
     report = run(cfg, progress=sys.stderr.isatty())
     plot_run(report, cfg)

@@ -15,6 +15,7 @@ Writes benchmarks/results/learned_inner_lr.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -33,8 +34,7 @@ def main() -> None:
 
     train_tasks = make_family("sinusoid", shots=10, queries=10, seed=0)
     test_tasks = make_family("sinusoid", shots=10, queries=100, seed=0)
-    cfg = Config().train
-    cfg.iterations, cfg.validate_every = args.iterations, args.iterations
+    cfg = dataclasses.replace(Config().train, iterations=args.iterations, validate_every=args.iterations)
     variants = {  # name: (initial inner lr, lr_mode)
         "fixed lr 0.001": (0.001, "fixed"),
         "fixed lr 0.01 (hand-tuned, paper)": (0.01, "fixed"),

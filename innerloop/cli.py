@@ -97,13 +97,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _train(args: argparse.Namespace) -> None:
-    cfg = load_config(args.config) if args.config else Config()
+def _run_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The config keys that ``--out`` and ``--iterations`` set."""
+    changes: dict[str, Any] = {}
     if args.out:
-        cfg.out_dir = args.out
+        changes["out_dir"] = args.out
     if args.iterations is not None:
-        cfg.train.iterations = args.iterations
-    cfg.validate()
+        changes["train.iterations"] = args.iterations
+    return changes
+
+
+def _train(args: argparse.Namespace) -> None:
+    cfg = (load_config(args.config) if args.config else Config()).override(_run_overrides(args))
     distributed = init_from_env(cfg.train.dist_timeout_s)  # under torchrun: join the process group
     lead = rank() == 0
     try:
@@ -134,12 +139,8 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _rl_train(args: argparse.Namespace) -> None:
-    cfg = load_rl_config(args.config) if args.config else RLConfig()
-    if args.out:
-        cfg.out_dir = args.out
-    if args.iterations is not None:
-        cfg.train.iterations = args.iterations
-    result = run_rl(cfg.validate(), progress=not args.no_progress, overwrite=args.overwrite)
+    cfg = (load_rl_config(args.config) if args.config else RLConfig()).override(_run_overrides(args))
+    result = run_rl(cfg, progress=not args.no_progress, overwrite=args.overwrite)
     plot_rl_run(result, cfg)
     print()
     print(result.table)

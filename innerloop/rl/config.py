@@ -8,15 +8,16 @@ starts, with the same rules and messages as :mod:`innerloop.training.config`.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from innerloop.models.mlp import ACTIVATIONS
-from innerloop.training.config import ConfigError, from_dict, read_config_file
+from innerloop.training.config import ConfigError, apply_overrides, from_dict, read_config_file
 
 
-@dataclass
+@dataclass(frozen=True)
 class EnvConfig:
     """The task family of MDPs."""
 
@@ -32,7 +33,7 @@ class EnvConfig:
     ``goal_radius``; cheetah-vel: ``low``, ``high``)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class PolicyConfig:
     """The Gaussian MLP policy."""
 
@@ -41,7 +42,7 @@ class PolicyConfig:
     init_std: float = 1.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class RLAlgorithmConfig:
     """The inner loop (vanilla policy gradient with a linear feature baseline per task)."""
 
@@ -58,7 +59,7 @@ class RLAlgorithmConfig:
     normalize_advantages: bool = True
 
 
-@dataclass
+@dataclass(frozen=True)
 class RLTrainConfig:
     """The outer loop."""
 
@@ -82,7 +83,7 @@ class RLTrainConfig:
     """Write ``last.pt`` every this many iterations (and at the end)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class RLEvalConfig:
     """Meta-testing: returns after 0..steps policy-gradient steps on fixed test tasks, 95% CIs."""
 
@@ -101,7 +102,7 @@ class RLEvalConfig:
     """nav2d: tasks in the trajectory plot."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class RLConfig:
     """A whole meta-RL run."""
 
@@ -115,7 +116,18 @@ class RLConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def __post_init__(self) -> None:
+        self._check()
+
     def validate(self) -> RLConfig:
+        """The config itself: checked when built and frozen after (valid by construction)."""
+        return self
+
+    def override(self, changes: Mapping[str, Any]) -> RLConfig:
+        """A new config with the dotted keys of ``changes`` set (``"train.iterations"``), checked."""
+        return rl_config_from_dict(apply_overrides(self.to_dict(), changes))
+
+    def _check(self) -> None:
         """Range checks that types alone cannot express; raises :class:`ConfigError`."""
         def need(ok: bool, key: str, value: Any, rule: str) -> None:
             if not ok:
@@ -150,12 +162,12 @@ class RLConfig:
         need(v.pretrain_iterations is None or v.pretrain_iterations >= 1, "eval.pretrain_iterations",
              v.pretrain_iterations, "must be >= 1 or null")
         need(v.plot_tasks >= 0, "eval.plot_tasks", v.plot_tasks, "must be >= 0")
-        return self
 
 
 def rl_config_from_dict(data: dict[str, Any]) -> RLConfig:
     """Build and validate an :class:`RLConfig`; unknown keys and wrong types raise ConfigError."""
-    return from_dict(RLConfig, data).validate()
+    cfg: RLConfig = from_dict(RLConfig, data)
+    return cfg
 
 
 def load_rl_config(path: str | Path) -> RLConfig:

@@ -139,7 +139,6 @@ def run_rl(cfg: RLConfig, *, progress: bool = True, overwrite: bool = False) -> 
         the report (as a mapping: ``result["table"]``, ``result["runs"]``), with the policies and
         the family for the plots (:func:`innerloop.rl.plots.plot_rl_run`).
     """
-    cfg.validate()
     out = Path(cfg.out_dir)
     family = build_env_family(cfg)
     runs = [("maml", out, cfg.algorithm.inner_steps, cfg.train.iterations)]

@@ -33,7 +33,7 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown, of the wrong type or out of range."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class TaskConfig:
     """Which task family to meta-learn on."""
 
@@ -64,7 +64,7 @@ class TaskConfig:
     """Extra keyword arguments of the family (e.g. ``amplitude_range = [0.1, 5.0]``)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     """The network adapted to each task."""
 
@@ -85,7 +85,7 @@ def _default_options() -> AlgorithmOptions:
     return ALGORITHMS["maml"].options()
 
 
-@dataclass
+@dataclass(frozen=True)
 class AlgorithmConfig:
     """The meta-learning algorithm: ``name`` and that algorithm's options.
 
@@ -153,7 +153,7 @@ class AlgorithmConfig:
             raise ConfigError(f"{key}.{err}") from err
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """The outer loop."""
 
@@ -178,7 +178,7 @@ class TrainConfig:
     """Under torchrun: seconds a collective waits for the other ranks before the run stops."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     """Meta-testing: fixed test tasks, metric after 0..steps adaptation steps, with 95% CIs."""
 
@@ -198,7 +198,7 @@ class EvalConfig:
     plot_tasks: int = 3
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     """A whole run."""
 
@@ -219,7 +219,24 @@ class Config:
                     dataclasses.asdict(v) if dataclasses.is_dataclass(v) and not isinstance(v, type) else v)
                 for k, v in out.items()}
 
+    def __post_init__(self) -> None:
+        self._check()
+
     def validate(self) -> Config:
+        """The config itself: a :class:`Config` is checked when it is built (and frozen after), so it
+        is valid by construction. Kept for callers of innerloop 0.1.0."""
+        return self
+
+    def override(self, changes: Mapping[str, Any]) -> Config:
+        """A new config with ``changes`` applied, checked like a config file: keys are dotted paths
+        (``"train.iterations"``, ``"algorithm.inner_lr"``, ``"out_dir"``); a changed
+        ``algorithm.name`` starts that algorithm from its defaults (plus the ``algorithm.*`` given)."""
+        data = self.to_dict()
+        if "algorithm.name" in changes and changes["algorithm.name"] != self.algorithm.name:
+            data["algorithm"] = {}
+        return config_from_dict(apply_overrides(data, changes))
+
+    def _check(self) -> None:
         """Range checks that types alone cannot express; raises :class:`ConfigError`."""
         def need(ok: bool, key: str, value: Any, rule: str) -> None:
             if not ok:
@@ -273,7 +290,6 @@ class Config:
         need(e.baseline_iterations is None or e.baseline_iterations >= 1,
              "eval.baseline_iterations", e.baseline_iterations, "must be >= 1")
         need(e.plot_tasks >= 0, "eval.plot_tasks", e.plot_tasks, "must be >= 0")
-        return self
 
 
 def _type_name(tp: Any) -> str:
@@ -362,6 +378,22 @@ def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
 _from_dict = from_dict
 
 
+def apply_overrides(data: dict[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` (a config as tables) with each dotted key of ``changes`` set (``"train.iterations"``);
+    a path through something that is not a table raises :class:`ConfigError`. Checking the result is
+    the caller's (build the config from it)."""
+    for key, value in changes.items():
+        *path, last = key.split(".")
+        node = data
+        for part in path:
+            if not isinstance(node.get(part), dict):
+                sections = ", ".join(k for k, v in data.items() if isinstance(v, dict))
+                raise ConfigError(f"unknown config key {key!r}: {part!r} is not a section (sections: {sections}).")
+            node = node[part]
+        node[last] = value
+    return data
+
+
 LEGACY_ALGORITHM_KEYS: tuple[str, ...] = ("vectorize",)
 """``[algorithm]`` keys of innerloop 0.1.0 that moved to ``[execution]``."""
 
@@ -383,7 +415,8 @@ def upgrade(data: Mapping[str, Any]) -> dict[str, Any]:
 
 def config_from_dict(data: Mapping[str, Any]) -> Config:
     """Build and validate a :class:`Config`; unknown keys and wrong types raise ConfigError."""
-    return from_dict(Config, upgrade(data)).validate()
+    cfg: Config = from_dict(Config, upgrade(data))
+    return cfg
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -412,5 +445,6 @@ def load_config(path: str | Path) -> Config:
 
 __all__ = [
     "AlgorithmConfig", "Config", "ConfigError", "EvalConfig", "ModelConfig", "TaskConfig",
-    "TrainConfig", "config_from_dict", "from_dict", "load_config", "read_config_file", "upgrade",
+    "TrainConfig", "apply_overrides", "config_from_dict", "from_dict", "load_config", "read_config_file",
+    "upgrade",
 ]

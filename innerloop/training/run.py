@@ -150,7 +150,6 @@ def run(cfg: Config, *, progress: bool = True, overwrite: bool = False) -> RunRe
         the report (as a mapping: ``result["table"]``, ``result["runs"]``), with the trained
         algorithms and the test family for the plots (:func:`innerloop.plotting.plot_run`).
     """
-    cfg.validate()
     out = Path(cfg.out_dir)
     lead = dist_rank() == 0  # under torchrun, one rank writes the files
     if overwrite and lead:

@@ -9,6 +9,7 @@ outer optimiser at ``outer_lr = eps`` (and the linear annealing of ``eps``). All
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -130,11 +131,11 @@ def test_linear_annealing_of_the_outer_step_size():
 def test_schedules_by_hand():
     cfg = TrainConfig(iterations=4, outer_lr=1.0, final_outer_lr=0.2, lr_schedule="linear")
     assert [outer_lr_at(cfg, t) for t in range(4)] == pytest.approx([1.0, 0.8, 0.6, 0.4], abs=1e-15)
-    cfg.lr_schedule = "cosine"
+    cfg = dataclasses.replace(cfg, lr_schedule="cosine")
     expected = [0.2 + 0.8 * (1 + math.cos(math.pi * t / 4)) / 2 for t in range(4)]
     assert [outer_lr_at(cfg, t) for t in range(4)] == pytest.approx(expected, abs=1e-15)
     assert outer_lr_at(cfg, 0) == 1.0
-    cfg.lr_schedule = "constant"
+    cfg = dataclasses.replace(cfg, lr_schedule="constant")
     assert outer_lr_at(cfg, 3) == 1.0
 
 
@@ -147,7 +148,7 @@ def test_a_resumed_annealed_run_is_exact(tmp_path):
         torch.manual_seed(3)
         reptile = Reptile(MLP(1, 1, hidden=(5,)), "regression", inner_lr=0.05, inner_steps=2)
         cfg = _train_cfg(iterations=4, tasks=2, eps=0.5, lr_schedule="cosine", final_outer_lr=0.1)
-        cfg.validate_every = 2
+        cfg = dataclasses.replace(cfg, validate_every=2)
         meta_train(reptile, family, cfg, folder, progress=False, grad_hook=hook)
         return reptile
 

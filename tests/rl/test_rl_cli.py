@@ -67,8 +67,7 @@ def test_train_writes_results_plots_and_checkpoints(tmp_path, capsys):
 def test_a_resumed_run_equals_the_uninterrupted_run(tmp_path, optimizer):
     def run(name, iterations):
         cfg = load_rl_config(write(tmp_path, name, iterations=iterations, optimizer=optimizer))
-        cfg.eval.pretrain = cfg.eval.random_init = False
-        cfg.eval.steps = 0
+        cfg = cfg.override({"eval.pretrain": False, "eval.random_init": False, "eval.steps": 0})
         run_rl(cfg, progress=False)
 
     run("straight", 3)
@@ -87,8 +86,7 @@ def test_a_checkpoint_in_the_0_1_0_layout_still_resumes(tmp_path):
     """innerloop 0.1.0's RL checkpoints held no best-on-validation entries and no RNG state."""
     def run(name, iterations):
         cfg = load_rl_config(write(tmp_path, name, iterations=iterations))
-        cfg.eval.pretrain = cfg.eval.random_init = False
-        cfg.eval.steps = 0
+        cfg = cfg.override({"eval.pretrain": False, "eval.random_init": False, "eval.steps": 0})
         run_rl(cfg, progress=False)
 
     run("straight", 3)
@@ -107,10 +105,9 @@ def test_a_checkpoint_in_the_0_1_0_layout_still_resumes(tmp_path):
 
 def test_a_checkpoint_of_another_config_is_refused(tmp_path):
     path = write(tmp_path, "run", iterations=1)
-    cfg = load_rl_config(path)
-    cfg.eval.pretrain = cfg.eval.random_init = False
+    cfg = load_rl_config(path).override({"eval.pretrain": False, "eval.random_init": False})
     run_rl(cfg, progress=False)
-    cfg.algorithm.inner_lr = 0.5
+    cfg = cfg.override({"algorithm.inner_lr": 0.5})
     with pytest.raises(CheckpointError, match="another configuration"):
         run_rl(cfg, progress=False)
     run_rl(cfg, progress=False, overwrite=True)  # the way out the message names

@@ -30,13 +30,8 @@ pytestmark = pytest.mark.slow  # several processes, real data or whole runs: ski
 
 
 def _cfg(meta_batch: int, iterations: int) -> Config:
-    cfg = Config()
-    cfg.model.hidden = [16, 16]
-    cfg.train.meta_batch_size = meta_batch
-    cfg.train.iterations = iterations
-    cfg.train.validate_every = 2
-    cfg.train.val_tasks = 7
-    return cfg.validate()
+    return Config().override({"model.hidden": [16, 16], "train.meta_batch_size": meta_batch,
+                              "train.iterations": iterations, "train.validate_every": 2, "train.val_tasks": 7})
 
 
 def _free_port() -> int:

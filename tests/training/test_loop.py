@@ -8,29 +8,22 @@ import pytest
 import torch
 
 from innerloop.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from innerloop.training.config import Config, config_from_dict
+from innerloop.training.config import Config
 from innerloop.training.evaluate import meta_test
 from innerloop.training.loop import meta_train
 from innerloop.training.run import build_algorithm, build_family, identity, load_for_eval
 
 
 def _cfg(tmp_path, **train) -> Config:
-    cfg = Config()
-    cfg.model.hidden = [16, 16]
-    cfg.train.meta_batch_size = 5
-    cfg.train.validate_every = 5
-    cfg.train.val_tasks = 10
-    cfg.train.log_every = 5
-    cfg.out_dir = str(tmp_path)
-    for k, v in train.items():
-        setattr(cfg.train, k, v)
-    return cfg.validate()
+    return Config().override({"model.hidden": [16, 16], "train.meta_batch_size": 5, "train.validate_every": 5,
+                              "train.val_tasks": 10, "train.log_every": 5, "out_dir": str(tmp_path),
+                              **{f"train.{k}": v for k, v in train.items()}})
 
 
 def _train(cfg, run_dir, iterations, name="maml"):
     family = build_family(cfg)
     alg = build_algorithm(cfg, family, name)
-    cfg.train.iterations = iterations
+    cfg = cfg.override({"train.iterations": iterations})
     meta_train(alg, family, cfg.train, run_dir, identity=identity(cfg, name), progress=False)
     return alg
 
@@ -59,13 +52,11 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
 
 def test_maml_learns_linear_regression(tmp_path):
     cfg = _cfg(tmp_path, outer_lr=0.01)
-    cfg.task.family = "linear"
-    cfg.algorithm = config_from_dict({"algorithm": {"inner_lr": 0.5}}).algorithm
+    cfg = cfg.override({"task.family": "linear", "algorithm.inner_lr": 0.5})
     family = build_family(cfg)
     alg = build_algorithm(cfg, family)
     before = meta_test(alg, family, "val", 100, steps=1).per_step[1].mean
-    cfg.train.iterations = 200
-    meta_train(alg, family, cfg.train, None, progress=False)
+    meta_train(alg, family, cfg.override({"train.iterations": 200}).train, None, progress=False)
     after = meta_test(alg, family, "val", 100, steps=1).per_step[1].mean
     assert after < 0.5 * before
 
@@ -73,7 +64,7 @@ def test_maml_learns_linear_regression(tmp_path):
 def test_resume_with_another_config_is_refused(tmp_path):
     cfg = _cfg(tmp_path)
     _train(cfg, tmp_path, 5)
-    cfg.model.hidden = [32]
+    cfg = cfg.override({"model.hidden": [32]})
     with pytest.raises(CheckpointError, match="another configuration"):
         _train(cfg, tmp_path, 10)
 
