@@ -63,6 +63,22 @@ def load_state(module: nn.Module, state: dict[str, torch.Tensor], source: str) -
     module.load_state_dict(state)
 
 
+def identity_differences(saved: Any, wanted: Any, prefix: str = "") -> list[str]:
+    """``"key: checkpoint X, this run Y"`` for every setting where two identities differ (dotted keys)."""
+    if isinstance(saved, dict) and isinstance(wanted, dict):
+        out: list[str] = []
+        for key in sorted(set(saved) | set(wanted), key=str):
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if key not in saved:
+                out.append(f"{name}: not in the checkpoint, this run {wanted[key]!r}")
+            elif key not in wanted:
+                out.append(f"{name}: checkpoint {saved[key]!r}, not in this run")
+            else:
+                out += identity_differences(saved[key], wanted[key], name)
+        return out
+    return [] if saved == wanted else [f"{prefix or 'identity'}: checkpoint {saved!r}, this run {wanted!r}"]
+
+
 def resume_into(module: nn.Module, path: str | Path, identity: dict[str, Any] | None) -> dict[str, Any]:
     """Load the checkpoint at ``path`` into ``module`` for resuming a run, and return its payload.
 
@@ -71,9 +87,10 @@ def resume_into(module: nn.Module, path: str | Path, identity: dict[str, Any] | 
     """
     payload = load_checkpoint(path)
     if identity is not None and payload.get("identity") != identity:
+        changed = identity_differences(payload.get("identity"), identity)
         raise CheckpointError(
-            f"{path} belongs to a run with another configuration; resume it with its own config, "
-            "pass --overwrite to start again, or choose a new --out folder."
+            f"{path} belongs to a run with another configuration ({'; '.join(changed[:4])}); resume it with "
+            "its own config, pass --overwrite to start again, or choose a new --out folder."
         )
     load_state(module, payload["state"], str(path))
     return payload
