@@ -4,17 +4,16 @@ A meta-iteration of conv-4 MAML allocates and frees the same large activation te
 again (layer one of a 75-image query set is a 15 MB tensor; its BatchNorm, max-pool and their
 backward passes each allocate one). glibc's malloc hands blocks above its mmap threshold back to the
 operating system as soon as they are freed, and trims the top of its heap, so every new block is
-faulted in page by page (the kernel zeroes each 4 KiB page): on the 2-core benchmark machine,
-tens of thousands of page faults per meta-iteration, and 8% of a second-order and 24% of a
-first-order meta-iteration at meta-batch 32 (``benchmarks/speed``, row ``innerloop-nomalloc``).
-glibc's own thresholds adapt to the allocation history, so how much a process loses varies.
+faulted in page by page (the kernel zeroes each 4 KiB page). glibc's own thresholds adapt to the
+allocation history, so how much a process loses varies. What it costs and saves is measured in
+``benchmarks/results/speed.md`` (rows ``innerloop-nomalloc`` and ``learn2learn-malloc``).
 
 :func:`tune_malloc` raises the mmap threshold to glibc's maximum (32 MiB on 64-bit) and the trim
 threshold to 1 GiB, so freed blocks are reused by the next allocation instead. The cost: up to
-1 GiB of freed memory stays with the process instead of going back to the system (in the benchmark
-max RSS rose from 0.64 to 0.68 GiB). It is process-wide, like ``torch.set_num_threads``; the
-per-task loop on CPU, :func:`innerloop.training.meta_train` and :func:`innerloop.training.meta_test`
-call it, once. ``INNERLOOP_TUNE_MALLOC=0`` in the environment turns it off; glibc's own
+1 GiB of freed memory stays with the process instead of going back to the system. It is
+process-wide, like ``torch.set_num_threads``; the task-execution layer
+(:mod:`innerloop.execution`) calls it once, when it first runs tasks as a loop on CPU.
+``INNERLOOP_TUNE_MALLOC=0`` in the environment turns it off; glibc's own
 ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` variables, when set, win (innerloop then
 leaves malloc alone). Other C libraries (musl, macOS, Windows): nothing is changed.
 """

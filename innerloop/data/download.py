@@ -77,7 +77,7 @@ def sha256_file(path: StrPath) -> str:
     return h.hexdigest()
 
 
-def _remove_quietly(path: StrPath) -> None:
+def remove_quietly(path: StrPath) -> None:
     with suppress(FileNotFoundError):
         os.unlink(path)
 
@@ -148,7 +148,7 @@ def download(
             )
         os.replace(tmp, dest)
     except BaseException:
-        _remove_quietly(tmp)
+        remove_quietly(tmp)
         raise
     return dest
 

@@ -29,7 +29,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from innerloop.data.download import DataError, StrPath, _remove_quietly
+from innerloop.data.download import DataError, StrPath, remove_quietly
 from innerloop.tasks import SPLITS, check_split
 
 __all__ = [
@@ -49,7 +49,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 CACHE_VERSION = 1
 
 
-def _size_pair(size: int | tuple[int, int]) -> tuple[int, int]:
+def size_pair(size: int | tuple[int, int]) -> tuple[int, int]:
     """``size`` as ``(height, width)``; an int means a square."""
     hw = (size, size) if isinstance(size, int) else tuple(size)
     if len(hw) != 2 or not all(isinstance(s, int) and s >= 1 for s in hw):
@@ -268,7 +268,7 @@ def _may_write(folder: Path) -> bool:
     return os.access(folder, os.W_OK)
 
 
-def _writable(folder: Path) -> bool:
+def writable(folder: Path) -> bool:
     """Whether files can be created in ``folder`` (created here if missing)."""
     existing = folder
     while not existing.exists():
@@ -295,7 +295,7 @@ def user_cache_dir() -> Path:
 def default_cache_dir(root: StrPath) -> Path:
     """``<root>/.cache`` when it can be written, else :func:`user_cache_dir` (read-only data folders)."""
     preferred = Path(root) / ".cache"
-    return preferred if _writable(preferred) else user_cache_dir()
+    return preferred if writable(preferred) else user_cache_dir()
 
 
 def save_cache(path: StrPath, dataset: ImageClassDataset, key: str) -> Path:
@@ -326,7 +326,7 @@ def save_cache(path: StrPath, dataset: ImageClassDataset, key: str) -> Path:
         os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a cache may be shared
         os.replace(tmp, path)
     except BaseException:
-        _remove_quietly(tmp)
+        remove_quietly(tmp)
         raise
     return path
 
@@ -397,7 +397,7 @@ def load_image(
         resample: the Pillow resampling filter.
         name: how to call the image in error messages (defaults to the path).
     """
-    h, w = _size_pair(size)
+    h, w = size_pair(size)
     shown = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as f:
@@ -457,7 +457,7 @@ def image_folder_dataset(
         use_cache: False to neither read nor write a cache.
     """
     root = Path(root)
-    hw = _size_pair(size)
+    hw = size_pair(size)
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist; put one sub-folder of images per class there.")
     classes = list(_folder_classes(root))
@@ -541,7 +541,7 @@ class MiniImageNet(Mapping[str, ImageClassDataset]):
         use_cache: bool = True,
     ) -> None:
         self.images_root, self.split_root = Path(images_root), Path(split_root)
-        self.size = _size_pair(size)
+        self.size = size_pair(size)
         self._cache_dir = None if cache_dir is None else Path(cache_dir)
         self.use_cache = use_cache
         self._splits: dict[str, ImageClassDataset] = {}

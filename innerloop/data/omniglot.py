@@ -63,13 +63,13 @@ from PIL import Image
 from innerloop.data.download import DataError, DownloadError, StrPath, download, open_zip, sha256_file
 from innerloop.data.images import (
     ImageClassDataset,
-    _size_pair,
-    _writable,
     cache_key,
     cached,
     default_cache_dir,
     load_image,
+    size_pair,
     user_cache_dir,
+    writable,
 )
 from innerloop.tasks import SPLITS, Split
 
@@ -194,7 +194,7 @@ def load_omniglot_characters(
         named ``Alphabet/characterNN`` with group ``Alphabet``, 20 images ``[20, 1, H, W]``
         each (float32 in [0, 1] when read, ink = 1); background-set characters come first.
     """
-    hw = _size_pair(image_size)
+    hw = size_pair(image_size)
     folder = omniglot_root(root)
     paths = omniglot_archives(folder, download_missing=download)
     digests = {n: sha256_file(p) for n, p in paths.items()}
@@ -230,7 +230,7 @@ def _vinyals_files(folder: Path, splits_root: Path | None, download_missing: boo
     for c in candidates:
         if all((c / f"{s}.txt").is_file() for s in SPLITS):
             return {s: c / f"{s}.txt" for s in SPLITS}
-    target = splits_root or (candidates[-2] if _writable(folder) else candidates[-1])
+    target = splits_root or (candidates[-2] if writable(folder) else candidates[-1])
     where = (
         f"put train.txt, val.txt and test.txt (from {VINYALS_SPLIT_URL.format(split='<split>')}) in "
         f"{target} (or pass splits_root=<folder>)"

@@ -23,12 +23,11 @@ class BatchNorm2d(nn.BatchNorm2d):
     channels-last input as the 2-D ``[N*H*W, C]`` matrix its memory already is, centred first
     when it uses batch statistics only.
 
-    On CPU, torch 2.13's 2-D kernel runs the double backward that second-order MAML takes through
-    the support set 2x faster than its channels-last 4-D kernel, and the centring keeps float32
-    accuracy near the NCHW kernel's (the 4-D channels-last kernel loses digits on uncentred inputs:
-    the float32 meta-gradient after 5 inner steps was 0.46 away from float64 without it, 1.3e-4
-    with it). Measured in ``benchmarks/speed`` (``speed_levers_kernels.md``, ``speed_parity*.md``).
-    Other layouts take the parent's path.
+    Why: on CPU, torch 2.13's 2-D kernel runs the double backward that second-order MAML takes
+    through the support set faster than its channels-last 4-D kernel, and the centring keeps float32
+    accuracy near the NCHW kernel's (the 4-D channels-last kernel loses digits on uncentred inputs).
+    Measured in ``benchmarks/results/speed_levers_kernels.md`` and ``speed_parity*.md``. Other
+    layouts take the parent's path.
 
     Shapes: ``[N, C, H, W] -> [N, C, H, W]``, in the input's memory format.
     """

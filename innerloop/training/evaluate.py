@@ -16,7 +16,6 @@ from torch import nn
 
 from innerloop.algorithms.base import Algorithm
 from innerloop.io import atomic_write_text
-from innerloop.runtime import tune_malloc
 from innerloop.tasks import Split, TaskFamily
 from innerloop.training.distributed import gather_rows, shard
 
@@ -80,7 +79,6 @@ def meta_test(
     ``torch.distributed`` each rank evaluates a disjoint share and every rank gets the result."""
     if tasks < 1:
         raise ValueError(f"meta-test needs >= 1 task, got {tasks}.")
-    tune_malloc()
     mine = shard(range(tasks))  # all tasks in one process; a disjoint share of them per rank
     was_training = algorithm.training
     algorithm.eval()

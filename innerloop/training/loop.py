@@ -33,7 +33,6 @@ from tqdm.auto import tqdm
 
 from innerloop.algorithms.base import Algorithm
 from innerloop.io import truncate_jsonl
-from innerloop.runtime import tune_malloc
 from innerloop.tasks import TaskFamily
 from innerloop.training.checkpoint import resume_into, save_checkpoint
 from innerloop.training.config import TrainConfig
@@ -281,7 +280,6 @@ def meta_train(
         val_family: the family whose ``val`` split validates (default: ``family``), e.g. with the
             test protocol's ways when training uses more.
     """
-    tune_malloc()  # glibc: reuse freed activation memory instead of faulting in new pages
     val_family = val_family or family
     family = algorithm.training_family(family)  # the Baseline pre-trains on global-label batches
     b = cfg.meta_batch_size
