@@ -288,6 +288,14 @@ def grads_of(loss: Tensor, targets: dict[str, Tensor]) -> dict[str, Tensor]:
     return {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(targets.items(), got, strict=True)}
 
 
+def vmap_over_tasks(fn: Callable[..., Any], params: Params, *per_task: Tensor, params_per_task: bool) -> Any:
+    """``fn(params, *task_tensors)`` for every task at once under ``vmap``: ``per_task`` tensors carry a
+    leading ``tasks`` dimension, and so does ``params`` when ``params_per_task`` (one adapted set per
+    task), else it is shared. For meta-RL's policy MLPs (no convolution, no normalisation: vmap is
+    both the fast path and a right one; a policy that normalises would need :func:`meta_gradient`)."""
+    return vmap(fn, in_dims=(0 if params_per_task else None, *(0,) * len(per_task)))(params, *per_task)
+
+
 # -- the two entry points -----------------------------------------------------------------------------------
 def meta_gradient(
     fn: GradTaskFn, model: nn.Module, params: Params, batch: TaskBatch, targets: dict[str, Tensor],

@@ -12,7 +12,7 @@ The models of :mod:`innerloop.models` name their body ``features`` and their las
 any model that does the same works. For a parameter ``theta_f`` that does not adapt, the
 first-order meta-gradient is exactly the gradient of the plain query loss at the adapted
 parameters, ``d L_q(theta_f, phi) / d theta_f``; the second-order one adds the path through the
-adapted parameters ``phi(theta)`` (tested in ``tests/test_anil_boil.py``).
+adapted parameters ``phi(theta)`` (tested in ``tests/algorithms/test_anil.py``).
 """
 
 from __future__ import annotations

@@ -46,6 +46,6 @@ class BatchNorm2d(nn.BatchNorm2d):
             # Batch statistics only: centre each channel first. The result is the same function
             # (normalising with batch statistics ignores a per-channel shift, and so do its
             # derivatives), but torch's channels-last kernel sums sequentially in float32, and on an
-            # uncentred input its mean and variance lose digits (tests/test_layers.py).
+            # uncentred input its mean and variance lose digits (tests/models/test_layers.py).
             flat = flat - flat.detach().mean(0)
         return super().forward(flat).view(n, h, w, c).permute(0, 3, 1, 2)

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.func import vmap
 
 from innerloop.adapt import Params
+from innerloop.execution import vmap_over_tasks
 from innerloop.rl.envs import EnvFamily
 from innerloop.rl.policy import distribution
 from innerloop.tasks import Split, task_seed
@@ -74,7 +74,9 @@ def policy_distribution(policy: nn.Module, params: Params, obs: Tensor, per_task
     """``(mean, log_std)`` at ``obs [tasks, ..., obs_dim]``; with ``per_task`` the parameters carry a
     leading ``tasks`` dimension (one adapted policy per task) and the call is vmapped over it."""
     if per_task:
-        return vmap(lambda p, o: distribution(policy, p, o))(params, obs)
+        out: tuple[Tensor, Tensor] = vmap_over_tasks(lambda p, o: distribution(policy, p, o), params, obs,
+                                                     params_per_task=True)
+        return out
     return distribution(policy, params, obs)
 
 

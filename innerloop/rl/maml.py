@@ -21,7 +21,7 @@ or by PPO's clipped surrogate with Adam.
 low-variance curvature estimator of Rothfuss et al. 2019): the same inner gradient, but its
 derivative w.r.t. ``theta`` is then an unbiased estimate of the Hessian of the expected return
 of a one-step problem; the paper's ``vpg`` drops the ``E[grad log pi grad log pi^T A]`` term
-(``tests/test_rl_gradients.py`` proves both on a Gaussian bandit).
+(``tests/rl/test_rl_gradients.py`` proves both on a Gaussian bandit).
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from typing import Literal, Protocol
 
 import torch
 from torch import Tensor, nn
-from torch.func import vmap
 
 from innerloop.adapt import Params, last, sgd, unroll
+from innerloop.execution import vmap_over_tasks
 from innerloop.rl.envs import EnvFamily
 from innerloop.rl.episodes import Episodes, advantages, policy_distribution, rollout, rollout_noise
 from innerloop.rl.policy import distribution, kl_divergence, log_prob
@@ -170,8 +170,8 @@ class PolicyMAML(nn.Module):
     def step_batch(self, params: Params, data: StepData, per_task: bool) -> Params:
         """One inner step for every task of ``data``: ``[tasks, ...]`` parameters out; ``params``
         are shared (``per_task = False``) or already one set per task."""
-        dims = 0 if per_task else None
-        return vmap(self.inner_step, in_dims=(dims, 0, 0, 0, 0))(params, *data.tensors())
+        out: Params = vmap_over_tasks(self.inner_step, params, *data.tensors(), params_per_task=per_task)
+        return out
 
     def adapted(self, params: Params, steps: Sequence[StepData]) -> tuple[Params, bool]:
         """``(parameters after len(steps) inner steps, per_task)``: the chain of inner steps on the
