@@ -345,9 +345,15 @@ def map_tasks(
     with torch.no_grad():
         if p.vmap:
             chunk = execution.eval_chunk
-            parts = [vmap(lambda *task: fn(model, params, task))(*(t[i : i + chunk] for t in tensors))
-                     for i in range(0, n, chunk)]
-            out = pytree.tree_map(lambda *xs: torch.cat(xs), *parts)
+
+            def one(*task: Tensor) -> Any:
+                return fn(model, params, task)
+
+            if n <= chunk:  # one call: no slicing, no concatenation
+                out = vmap(one)(*tensors)
+            else:
+                parts = [vmap(one)(*(t[i : i + chunk] for t in tensors)) for i in range(0, n, chunk)]
+                out = pytree.tree_map(lambda *xs: torch.cat(xs), *parts)
             return pytree.tree_map(lambda x: x.mean(0), out) if reduce == "mean" else out
 
         def work(module: nn.Module, indices: range) -> list[Any] | Any:
