@@ -92,9 +92,14 @@ class GradientOptions(AlgorithmOptions):
               "steps must be >= 1 (an integer)")
 
 
-def check_adapt(adapt: str | tuple[str, ...]) -> None:
+def check_adapt(options: AlgorithmOptions, key: str = "adapt") -> None:
+    """Check the glob patterns of ``options.<key>`` (a list becomes a tuple: options are frozen)."""
+    adapt = getattr(options, key)
+    if isinstance(adapt, list):
+        adapt = tuple(adapt)
+        object.__setattr__(options, key, adapt)
     check(isinstance(adapt, str) or (isinstance(adapt, tuple) and all(isinstance(a, str) for a in adapt)),
-          "adapt", adapt, "give 'all' or a list of glob patterns such as ['head.*']")
+          key, adapt, "give 'all' or a list of glob patterns such as ['head.*']")
 
 
 @dataclass(frozen=True)

@@ -43,9 +43,7 @@ class MAMLOptions(GradientOptions):
 
     def check(self) -> None:
         super().check()
-        if isinstance(self.adapt, list):
-            object.__setattr__(self, "adapt", tuple(self.adapt))
-        check_adapt(self.adapt)
+        check_adapt(self)
         for key in ("lr_mode", "wd_mode"):
             check(getattr(self, key) in LR_MODES, key, getattr(self, key), f"choose one of {list(LR_MODES)}")
         check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")

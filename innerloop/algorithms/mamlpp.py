@@ -82,9 +82,7 @@ class MAMLPlusPlusOptions(GradientOptions):
 
     def check(self) -> None:
         super().check()
-        if isinstance(self.adapt, list):
-            object.__setattr__(self, "adapt", tuple(self.adapt))
-        check_adapt(self.adapt)
+        check_adapt(self)
         for key in ("msl_iterations", "first_order_iterations"):
             value = getattr(self, key)
             check(isinstance(value, int) and not isinstance(value, bool) and value >= 0, key, value,

@@ -29,9 +29,7 @@ class PretrainOptions(GradientOptions):
 
     def check(self) -> None:
         super().check()
-        if isinstance(self.adapt, list):
-            object.__setattr__(self, "adapt", tuple(self.adapt))
-        check_adapt(self.adapt)
+        check_adapt(self)
 
 
 class Pretrain(GradientBased):

@@ -3,7 +3,6 @@ and its ``variants`` (other names with fixed option values)."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,8 +81,3 @@ def head_ways(name: str, ways: int, family: Any) -> int:
     if head == "train_classes":
         return train_classes(family)
     return ways
-
-
-def replace_options(options: AlgorithmOptions, **changes: Any) -> AlgorithmOptions:
-    """``options`` with ``changes`` (validated again)."""
-    return dataclasses.replace(options, **changes)

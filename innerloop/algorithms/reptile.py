@@ -55,10 +55,9 @@ class ReptileOptions(GradientOptions):
 
     def check(self) -> None:
         super().check()
-        for key in ("adapt", "betas"):
-            if isinstance(getattr(self, key), list):
-                object.__setattr__(self, key, tuple(getattr(self, key)))
-        check_adapt(self.adapt)
+        check_adapt(self)
+        if isinstance(self.betas, list):
+            object.__setattr__(self, "betas", tuple(self.betas))
         check(self.inner_optimizer in INNER_OPTIMIZERS, "inner_optimizer", self.inner_optimizer,
               f"choose one of {list(INNER_OPTIMIZERS)}")
         b = self.betas

@@ -375,8 +375,6 @@ def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
         raise ConfigError(f"{prefix}.{err}" if prefix else str(err)) from err
 
 
-_from_dict = from_dict
-
 
 def apply_overrides(data: dict[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
     """``data`` (a config as tables) with each dotted key of ``changes`` set (``"train.iterations"``);
