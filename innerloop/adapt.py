@@ -252,11 +252,16 @@ def hessian_vector_product(f: Callable[[Params], Tensor], params: Params) -> Cal
         return lambda v: vjp_fn(v)[0]
     with torch.enable_grad():
         inputs = {n: t.detach().requires_grad_() for n, t in params.items()}
-        g = torch.autograd.grad(f(inputs), list(inputs.values()), create_graph=True)
+        first = torch.autograd.grad(f(inputs), list(inputs.values()), create_graph=True, allow_unused=True)
+    # a parameter the loss does not use (or uses linearly) has no second derivative: zeros
+    g = {n: gi for n, gi in zip(inputs, first, strict=True) if gi is not None and gi.requires_grad}
 
     def hvp(v: Params) -> Params:
+        if not g:
+            return {n: torch.zeros_like(t) for n, t in inputs.items()}
         with torch.enable_grad():
-            dot = sum(((gi * v[n]).sum() for n, gi in zip(inputs, g, strict=True)), torch.zeros(()))
+            zero = torch.zeros((), dtype=next(iter(g.values())).dtype)
+            dot = sum(((gi * v[n]).sum() for n, gi in g.items()), zero)
             got = torch.autograd.grad(dot, list(inputs.values()), retain_graph=True, allow_unused=True)
         pairs = zip(inputs.items(), got, strict=True)
         return {n: torch.zeros_like(t) if h is None else h.detach() for (n, t), h in pairs}
@@ -289,7 +294,8 @@ def unroll(
             Hessian of the objective.
 
     Every yielded dict is keyed like ``params``. Differentiable with respect to ``params`` and the
-    tensors of ``rule`` (second order unless ``first_order``) where gradients are enabled.
+    tensors of ``rule`` (second order unless ``first_order``) where gradients are enabled. A generator:
+    the grad mode and the :func:`differentiation` mode are read when the first step is taken.
     """
     if steps < 0:
         raise ValueError(f"inner steps must be >= 0, got {steps}.")

@@ -201,6 +201,12 @@ def plan(execution: Execution, model: nn.Module, batch: TaskBatch, *, second_ord
     ops = computed_ops(model, batch.support_x.shape[1:], batch.support_x.dtype)
     safe = vmap_safe(ops, second_order)
     if execution.vectorize == "vmap":
+        if not safe and ops is None:
+            raise ValueError(
+                "vectorize='vmap' with a second-order meta-gradient needs to know what the model computes "
+                "(vmap over grad through batch_norm or layer_norm is wrong in torch 2.13), but the model does not "
+                "run on the meta device; use vectorize='loop' or 'auto', or first_order=True."
+            )
         if not safe:
             raise ValueError(
                 "vectorize='vmap' with a model that computes batch_norm or layer_norm (a norm module or a "
@@ -220,7 +226,7 @@ def plan(execution: Execution, model: nn.Module, batch: TaskBatch, *, second_ord
         wanted = torch.get_num_threads() if device == "cpu" else 1
     threads = max(1, min(wanted, len(batch)))
     if execution.memory_format == "auto":
-        channels_last = ops is None or "conv2d" in ops
+        channels_last = ops is not None and "conv2d" in ops
     else:
         channels_last = execution.memory_format == "channels_last"
     checkpointed = execution.checkpoint and graph and second_order
@@ -240,10 +246,13 @@ def _tensors(batch: TaskBatch) -> TaskTensors:
     return batch.support_x, batch.support_y, batch.query_x, batch.query_y
 
 
-def _in_threads(threads: int, n: int, model: nn.Module, work: Callable[[nn.Module, range], Any]) -> list[Any]:
+def _in_threads(threads: int, n: int, model: nn.Module, work: Callable[[nn.Module, range], Any],
+                mode: Differentiation) -> list[Any]:
     """Run ``work(model copy, share of range(n))`` in ``threads`` Python threads (interleaved shares),
-    each with one intra-op thread; grad mode and autocast are thread-local, so each thread takes the
-    caller's. Returns the results in thread order; re-raises the first error."""
+    each with one intra-op thread. Grad mode, autocast and the differentiation mode are thread- or
+    context-local (a new thread starts with none of the caller's), so each thread is given the
+    caller's grad mode and autocast and ``mode``. Returns the results in thread order; re-raises the
+    first error."""
     results: list[Any] = [None] * threads
     errors: list[BaseException] = []
     grad_enabled = torch.is_grad_enabled()
@@ -255,7 +264,7 @@ def _in_threads(threads: int, n: int, model: nn.Module, work: Callable[[nn.Modul
         try:
             torch.set_num_threads(1)
             with torch.set_grad_enabled(grad_enabled), \
-                    torch.autocast(device, dtype=autocast_dtype, enabled=autocast):
+                    torch.autocast(device, dtype=autocast_dtype, enabled=autocast), differentiation(mode):
                 results[j] = work(module, range(j, n, threads))
         except BaseException as e:  # re-raised in the caller's thread
             errors.append(e)
@@ -326,7 +335,8 @@ def meta_gradient(
         return grads, aux_sum
 
     with _loop_context(p, batch.support_x.device.type):
-        parts = [work(model, range(n))] if p.threads == 1 else _in_threads(p.threads, n, model, work)
+        parts = ([work(model, range(n))] if p.threads == 1 else
+                 _in_threads(p.threads, n, model, work, p.differentiation))
     grads = {k: sum((part[0][k] for part in parts[1:]), parts[0][0][k]) for k in targets}
     sums = [part[1] for part in parts if part[1] is not None]
     return grads, sum(sums[1:], sums[0]) / n
@@ -367,7 +377,8 @@ def map_tasks(
             return total
 
         with _loop_context(p, batch.support_x.device.type):
-            parts = [work(model, range(n))] if p.threads == 1 else _in_threads(p.threads, n, model, work)
+            parts = ([work(model, range(n))] if p.threads == 1 else
+                     _in_threads(p.threads, n, model, work, p.differentiation))
         if reduce == "mean":
             found = [q for q in parts if q is not None]
             total = found[0]

@@ -9,6 +9,8 @@ layer decides by what the model computes (its aten operators), not by its module
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -166,3 +168,59 @@ def test_bad_execution_settings_are_named():
         Execution(task_threads=0)
     with pytest.raises(ValueError, match="checkpoint=True runs the per-task loop"):
         Execution(vectorize="vmap", checkpoint=True)
+
+
+def test_worker_threads_take_the_plans_differentiation_mode(monkeypatch):
+    """A new Python thread starts with an empty context: the layer hands each worker its mode, so
+    threads differentiate with torch.autograd (thread-safe) and checkpointing really checkpoints."""
+    adapt = importlib.import_module("innerloop.adapt")  # the module (`innerloop.adapt` is also a function)
+
+    seen: list[str] = []
+    checkpointed: list[int] = []
+    real_gradient, real_step = adapt.gradient, adapt._checkpointed_step
+
+    def gradient(*args, **kwargs):
+        seen.append(adapt.differentiation_mode())
+        return real_gradient(*args, **kwargs)
+
+    def checkpointed_step(*args, **kwargs):
+        checkpointed.append(1)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(adapt, "gradient", gradient)
+    monkeypatch.setattr(adapt, "_checkpointed_step", checkpointed_step)
+    threaded = _grads("plain", vectorize="loop", task_threads=2)
+    assert seen and set(seen) == {"autograd"}
+    seen.clear()
+    stored = _grads("plain", vectorize="loop", task_threads=1)
+    assert set(seen) == {"func"}
+    recomputed = _grads("plain", vectorize="loop", task_threads=2, checkpoint=True)
+    assert len(checkpointed) == 4 * 2  # every inner step of every task (4 tasks, 2 steps)
+    assert _rel(threaded, stored) < 1e-12 and _rel(recomputed, stored) < 1e-12
+
+
+class WithUnused(nn.Module):
+    """An MLP with a parameter its loss never uses (no first or second derivative)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Linear(3, 6)
+        self.head = nn.Linear(6, 1)
+        self.unused = nn.Parameter(torch.ones(2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.features(x)))
+
+
+def test_imaml_in_threads_equals_the_loop():
+    """iMAML's Hessian-vector products by autograd (threads) equal torch.func's (one thread)."""
+    from innerloop.algorithms import IMAML
+
+    def grads(**execution: object) -> dict[str, Tensor]:
+        torch.manual_seed(4)
+        imaml = IMAML(WithUnused().double(), "regression", inner_lr=0.1, inner_steps=3, cg_steps=3, **execution)
+        return imaml.meta_gradient(_batch())[0]
+
+    looped, threaded = grads(vectorize="loop", task_threads=1), grads(vectorize="loop", task_threads=2)
+    assert _rel(threaded, looped) < 1e-12
+    assert torch.equal(threaded["model.unused"], torch.zeros(2, dtype=torch.float64))

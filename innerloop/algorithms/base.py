@@ -17,9 +17,11 @@ layout) is :mod:`innerloop.execution`'s business, not the algorithm's.
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin, get_type_hints
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +59,19 @@ def check(ok: bool, key: str, value: Any, rule: str) -> None:
         raise ValueError(f"{key} = {value!r} is invalid: {rule}.")
 
 
+def resolve_aliases(options: type[AlgorithmOptions], values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` keyed by field names (older names translated); a field given twice, under its name
+    and an alias, is refused."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = options.aliases.get(key, key)
+        if name in out:
+            raise ValueError(f"{name} is given twice (as {name!r} and as its older name "
+                             f"{next(k for k, v in options.aliases.items() if v == name)!r}); give it once.")
+        out[name] = value
+    return out
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -70,10 +85,59 @@ class AlgorithmOptions:
     """Older names of fields (config keys and keyword arguments of innerloop 0.1.0) -> field names."""
 
     def __post_init__(self) -> None:
+        hints = get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _typed(getattr(self, f.name), hints[f.name], f.name))
         self.check()
 
     def check(self) -> None:
         """Range checks; raise ``ValueError`` naming the field, its value and what is allowed."""
+
+
+def _typed(value: Any, tp: Any, key: str) -> Any:
+    """``value`` checked against the annotation ``tp`` of an options field (bool, int, float, str,
+    Literal, unions, tuples; a list given for a tuple becomes one, an int for a float a float);
+    ``ValueError`` names the field, the value and the type expected. Floats must be finite."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, types.UnionType):
+        for option in args:
+            try:
+                return _typed(value, option, key)
+            except ValueError:
+                continue
+        raise ValueError(f"{key} = {value!r} has the wrong type: expected {' or '.join(map(_name, args))}.")
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{key} = {value!r} is invalid: choose one of {list(args)}.")
+        return value
+    if origin is tuple:
+        if not isinstance(value, tuple | list):
+            raise ValueError(f"{key} = {value!r} has the wrong type: expected a list.")
+        items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
+        if len(items) != len(value):
+            raise ValueError(f"{key} = {value!r} is invalid: give a list of {len(args)}.")
+        return tuple(_typed(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, items, strict=True)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} = {value!r} has the wrong type: expected true or false.")
+        return value
+    if tp is int:
+        if not _is_int(value):
+            raise ValueError(f"{key} = {value!r} has the wrong type: expected an integer.")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError(f"{key} = {value!r} has the wrong type: expected a finite number.")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{key} = {value!r} has the wrong type: expected a string.")
+        return value
+    return value  # an annotation the options do not use: unchecked
+
+
+def _name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
 @dataclass(frozen=True)
@@ -98,8 +162,9 @@ def check_adapt(options: AlgorithmOptions, key: str = "adapt") -> None:
     if isinstance(adapt, list):
         adapt = tuple(adapt)
         object.__setattr__(options, key, adapt)
-    check(isinstance(adapt, str) or (isinstance(adapt, tuple) and all(isinstance(a, str) for a in adapt)),
-          key, adapt, "give 'all' or a list of glob patterns such as ['head.*']")
+    ok = (isinstance(adapt, str) and adapt != "") or (
+        isinstance(adapt, tuple) and len(adapt) > 0 and all(isinstance(a, str) and a for a in adapt))
+    check(ok, key, adapt, "give 'all' or a non-empty list of glob patterns such as ['head.*']")
 
 
 @dataclass(frozen=True)
@@ -173,7 +238,7 @@ class Algorithm(nn.Module):
         if not isinstance(base, cls.Options):
             raise TypeError(f"{cls.name} takes {cls.Options.__name__}, got {type(base).__name__}.")
         names = cls.option_names()
-        fixed = {cls.Options.aliases.get(k, k): v for k, v in overrides.items()}
+        fixed = resolve_aliases(cls.Options, overrides)
         unknown = [k for k in fixed if k not in names]
         if unknown:
             raise ValueError(f"{cls.name} has no option {unknown[0]!r}; its options are: "

@@ -9,6 +9,7 @@ the prototypes, so the metric after k steps is the same for every k.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -47,8 +48,8 @@ class ProtoNet(Algorithm):
                                 more_train_ways=True)
 
     def __init__(self, model: nn.Module, objective: Objective = "classification",
-                 options: NoOptions | None = None, execution: Execution | None = None) -> None:
-        super().__init__(model, objective, options, execution)
+                 options: NoOptions | None = None, execution: Execution | None = None, **overrides: Any) -> None:
+        super().__init__(model, objective, options, execution, **overrides)
         # prototypes need the number of ways of each task (a data-dependent size): a loop, never vmap
         self.execution = dataclasses.replace(self.execution, vectorize="loop")
 

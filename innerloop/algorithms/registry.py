@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from innerloop.algorithms.anil import ANIL, BOIL
-from innerloop.algorithms.base import Algorithm, AlgorithmOptions, Capabilities
+from innerloop.algorithms.base import Algorithm, AlgorithmOptions, Capabilities, resolve_aliases
 from innerloop.algorithms.baseline import Baseline, BaselinePP, train_classes
 from innerloop.algorithms.imaml import IMAML
 from innerloop.algorithms.maml import MAML
@@ -44,9 +44,7 @@ class Entry:
 
     def options(self, values: Mapping[str, Any] | None = None) -> AlgorithmOptions:
         """The options of this name from ``values`` (validated; unknown and fixed names refused)."""
-        values = dict(values or {})
-        aliases = self.cls.Options.aliases
-        values = {aliases.get(k, k): v for k, v in values.items()}
+        values = resolve_aliases(self.cls.Options, values or {})
         for key in values:
             if key in self.fixed:
                 raise ValueError(f"{key} is fixed to {self.fixed[key]!r} by this algorithm; leave it out.")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from innerloop.models.mlp import ACTIVATIONS
-from innerloop.training.config import ConfigError, apply_overrides, from_dict, read_config_file
+from innerloop.training.config import ConfigError, apply_overrides, check_types, from_dict, read_config_file
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,11 @@ class RLConfig:
         return rl_config_from_dict(apply_overrides(self.to_dict(), changes))
 
     def _check(self) -> None:
-        """Range checks that types alone cannot express; raises :class:`ConfigError`."""
+        """Types (for a config built in Python) and the ranges that types alone cannot express;
+        raises :class:`ConfigError`."""
+        for section in ("env", "policy", "algorithm", "train", "eval"):
+            check_types(getattr(self, section), section)
+
         def need(ok: bool, key: str, value: Any, rule: str) -> None:
             if not ok:
                 raise ConfigError(f"{key} = {value!r} is invalid: {rule}.")

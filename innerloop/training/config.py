@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from innerloop.algorithms.base import AlgorithmOptions
+from innerloop.algorithms.base import AlgorithmOptions, resolve_aliases
 from innerloop.algorithms.registry import ALGORITHMS
 from innerloop.data.regression import FAMILIES
 from innerloop.data.sampling import IMAGE_FAMILIES
@@ -81,6 +81,11 @@ class ModelConfig:
     """conv4: BatchNorm with the statistics of each batch (transductive), or none."""
 
 
+CONFIG_INNER_STEPS = 1
+"""``algorithm.inner_steps`` of a config that does not set it, for every algorithm (0.1.0's default;
+the Python keyword defaults differ: ``Reptile(model)`` takes 5 steps, ``IMAML(model)`` 10)."""
+
+
 def _default_options() -> AlgorithmOptions:
     return ALGORITHMS["maml"].options()
 
@@ -108,6 +113,11 @@ class AlgorithmConfig:
         if not isinstance(self.options, entry.cls.Options):
             raise ConfigError(f"algorithm.options for {self.name} must be {entry.cls.Options.__name__}, "
                               f"got {type(self.options).__name__}.")
+        for key, value in entry.fixed.items():
+            given = getattr(self.options, key)
+            if given != value:
+                raise ConfigError(f"algorithm.{key} = {given!r} is invalid: {self.name} fixes it to {value!r} "
+                                  f"(use name = {entry.cls.name!r} to choose it).")
 
     def __getattr__(self, key: str) -> Any:
         # cfg.algorithm.inner_lr reads the option (the sections of a config read alike)
@@ -134,6 +144,10 @@ class AlgorithmConfig:
         hints = get_type_hints(entry.cls.Options)
         aliases = entry.cls.Options.aliases
         allowed = entry.option_names()
+        try:
+            resolve_aliases(entry.cls.Options, values)
+        except ValueError as err:
+            raise ConfigError(f"{key}.{err}") from err
         checked = {}
         for k, v in values.items():
             field_name = aliases.get(k, k)
@@ -147,6 +161,8 @@ class AlgorithmConfig:
                 raise ConfigError(f"unknown config key {f'{key}.{k}'!r} for {name}{hint}; {name}'s options are: "
                                   f"name, {', '.join(allowed)}.")
             checked[field_name] = _check(v, hints[field_name], f"{key}.{k}")
+        if "inner_steps" in allowed:  # a config's default, as in 0.1.0, whatever the class's keyword default
+            checked.setdefault("inner_steps", CONFIG_INNER_STEPS)
         try:
             return AlgorithmConfig(name, entry.options(checked))
         except ValueError as err:
@@ -234,10 +250,16 @@ class Config:
         data = self.to_dict()
         if "algorithm.name" in changes and changes["algorithm.name"] != self.algorithm.name:
             data["algorithm"] = {}
-        return config_from_dict(apply_overrides(data, changes))
+        moved = {f"algorithm.{k}": f"execution.{k}" for k in LEGACY_ALGORITHM_KEYS}  # 0.1.0's place of them
+        return config_from_dict(apply_overrides(data, {moved.get(k, k): v for k, v in changes.items()}))
 
     def _check(self) -> None:
-        """Range checks that types alone cannot express; raises :class:`ConfigError`."""
+        """Types (for a config built in Python; a file's are checked as it is read) and the ranges
+        that types alone cannot express; raises :class:`ConfigError`."""
+        for section in ("task", "model", "train", "eval"):
+            check_types(getattr(self, section), section)
+        _check(self.out_dir, str, "out_dir")
+
         def need(ok: bool, key: str, value: Any, rule: str) -> None:
             if not ok:
                 raise ConfigError(f"{key} = {value!r} is invalid: {rule}.")
@@ -374,6 +396,14 @@ def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
     except ValueError as err:  # a dataclass's own range checks (innerloop.execution.Execution, ...)
         raise ConfigError(f"{prefix}.{err}" if prefix else str(err)) from err
 
+
+
+def check_types(section: Any, prefix: str) -> None:
+    """Check every field of the dataclass ``section`` against its annotation (as a config file's
+    values are); :class:`ConfigError` names the key."""
+    hints = get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        _check(getattr(section, f.name), hints[f.name], f"{prefix}.{f.name}")
 
 
 def apply_overrides(data: dict[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:

@@ -73,6 +73,7 @@ LEGACY_ALGORITHM_DEFAULTS: dict[str, Any] = {
 }
 """innerloop 0.1.0's one flat ``[algorithm]`` table and its defaults: checkpoint identities are written
 in that layout (one key per option, under its 0.1.0 name), so a 0.1.0 run resumes."""
+_NEW = object()  # an option 0.1.0 did not have: always part of the identity
 _FIRST_ALGORITHM_KEYS = ("name", "inner_lr", "inner_steps", "first_order", "lr_mode", "adapt", "vectorize")
 _ADDED_TRAIN_KEYS = ("lr_schedule", "final_outer_lr")
 _LEGACY_NAMES = {"weight_decay": "inner_weight_decay", "wd_mode": "weight_decay_mode", "betas": "inner_betas"}
@@ -96,7 +97,7 @@ def identity(cfg: Config, algorithm: str) -> dict[str, Any]:
     # Options added after checkpoints were first written join the identity only when they differ
     # from their defaults, so the checkpoints of runs that do not use them still resume.
     algo = {k: v for k, v in legacy_algorithm_table(cfg).items()
-            if k in _FIRST_ALGORITHM_KEYS or v != LEGACY_ALGORITHM_DEFAULTS[k]}
+            if k in _FIRST_ALGORITHM_KEYS or v != LEGACY_ALGORITHM_DEFAULTS.get(k, _NEW)}
     train = {k: tr[k] for k in ("meta_batch_size", "outer_lr", "optimizer", "seed")}
     train.update({k: tr[k] for k in _ADDED_TRAIN_KEYS if tr[k] != default["train"][k]})
     return {"algorithm": algorithm, "task": d["task"], "model": d["model"], "algorithm_cfg": algo, "train": train}

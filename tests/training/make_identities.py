@@ -24,6 +24,10 @@ EXTRA: dict[str, dict[str, Any]] = {
     "fomaml_vmap": {"algorithm": {"name": "fomaml", "vectorize": "vmap"}},
     "imaml": {"algorithm": {"name": "imaml", "inner_steps": 3, "reg_lambda": 1.0, "cg_steps": 3},
               "train": {"lr_schedule": "cosine"}},
+    # no inner_steps: a config's default is 1 for every algorithm, as in 0.1.0
+    "reptile_defaults": {"algorithm": {"name": "reptile"}},
+    "imaml_defaults": {"algorithm": {"name": "imaml"}},
+    "mamlpp_defaults": {"algorithm": {"name": "mamlpp"}},
 }
 
 

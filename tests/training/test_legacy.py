@@ -2,7 +2,7 @@
 it) are reproduced exactly, so its runs resume, and ``innerloop eval`` rebuilds their algorithms.
 
 ``identities_0_1_0.json`` was written once by innerloop 0.1.0 (commit 1d7e620) for every supervised
-config in ``configs/`` and five extra tables (its ``config`` entries), by ``make_identities.py``
+config in ``configs/`` and eight extra tables (its ``config`` entries), by ``make_identities.py``
 (``PYTHONPATH=<a 0.1.0 checkout> python tests/training/make_identities.py OUT.json``); the same
 configs read by this version must give the same identity, key for key.
 """
