@@ -17,11 +17,9 @@ layout) is :mod:`innerloop.execution`'s business, not the algorithm's.
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Literal, get_type_hints
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +29,7 @@ from innerloop.adapt import Params, UpdateRule, model_loss, select, sgd, unroll
 from innerloop.algorithms.rates import InnerLR, InnerWeightDecay
 from innerloop.execution import Execution, TaskTensors, map_tasks
 from innerloop.tasks import Objective, TaskBatch, TaskFamily
+from innerloop.typecheck import typed
 
 
 @dataclass(frozen=True)
@@ -87,57 +86,11 @@ class AlgorithmOptions:
     def __post_init__(self) -> None:
         hints = get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            object.__setattr__(self, f.name, _typed(getattr(self, f.name), hints[f.name], f.name))
+            object.__setattr__(self, f.name, typed(getattr(self, f.name), hints[f.name], f.name))
         self.check()
 
     def check(self) -> None:
         """Range checks; raise ``ValueError`` naming the field, its value and what is allowed."""
-
-
-def _typed(value: Any, tp: Any, key: str) -> Any:
-    """``value`` checked against the annotation ``tp`` of an options field (bool, int, float, str,
-    Literal, unions, tuples; a list given for a tuple becomes one, an int for a float a float);
-    ``ValueError`` names the field, the value and the type expected. Floats must be finite."""
-    origin, args = get_origin(tp), get_args(tp)
-    if origin in (Union, types.UnionType):
-        for option in args:
-            try:
-                return _typed(value, option, key)
-            except ValueError:
-                continue
-        raise ValueError(f"{key} = {value!r} has the wrong type: expected {' or '.join(map(_name, args))}.")
-    if origin is Literal:
-        if value not in args:
-            raise ValueError(f"{key} = {value!r} is invalid: choose one of {list(args)}.")
-        return value
-    if origin is tuple:
-        if not isinstance(value, tuple | list):
-            raise ValueError(f"{key} = {value!r} has the wrong type: expected a list.")
-        items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
-        if len(items) != len(value):
-            raise ValueError(f"{key} = {value!r} is invalid: give a list of {len(args)}.")
-        return tuple(_typed(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, items, strict=True)))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{key} = {value!r} has the wrong type: expected true or false.")
-        return value
-    if tp is int:
-        if not _is_int(value):
-            raise ValueError(f"{key} = {value!r} has the wrong type: expected an integer.")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise ValueError(f"{key} = {value!r} has the wrong type: expected a finite number.")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{key} = {value!r} has the wrong type: expected a string.")
-        return value
-    return value  # an annotation the options do not use: unchecked
-
-
-def _name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
 @dataclass(frozen=True)

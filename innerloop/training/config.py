@@ -10,11 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_type_hints
 
 from innerloop.algorithms.base import AlgorithmOptions, resolve_aliases
 from innerloop.algorithms.registry import ALGORITHMS
@@ -22,6 +21,7 @@ from innerloop.data.regression import FAMILIES
 from innerloop.data.sampling import IMAGE_FAMILIES
 from innerloop.execution import Execution
 from innerloop.models.mlp import ACTIVATIONS
+from innerloop.typecheck import typed
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -314,64 +314,16 @@ class Config:
         need(e.plot_tasks >= 0, "eval.plot_tasks", e.plot_tasks, "must be >= 0")
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
 def _check(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against annotation ``tp``; convert nested dataclasses. Raise ConfigError."""
-    origin, args = get_origin(tp), get_args(tp)
+    """Check ``value`` against annotation ``tp`` (nested dataclasses from tables); raise ConfigError."""
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a table of settings, got {value!r}.")
         return from_dict(tp, value, key)
-    if origin in (Union, types.UnionType):
-        errors = []
-        for option in args:
-            try:
-                return _check(value, option, key)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(f"{key} = {value!r} has the wrong type: expected {' or '.join(map(_type_name, args))}.")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key} = {value!r} is not allowed: choose one of {list(args)}.")
-        return value
-    if tp is type(None):
-        if value is not None:
-            raise ConfigError(f"{key} = {value!r}: expected nothing (null).")
-        return None
-    if origin is list:
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key} = {value!r} has the wrong type: expected a list.")
-        return [_check(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key} = {value!r} has the wrong type: expected a list.")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_check(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"{key} = {value!r} is invalid: give a list of {len(args)}.")
-        return tuple(_check(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} = {value!r} has the wrong type: expected a table.")
-        return dict(value)
-    if tp is Any:
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key} = {value!r} has the wrong type: expected a number.")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} = {value!r} has the wrong type: expected an integer.")
-        return value
-    if tp in (str, bool):
-        if not isinstance(value, tp):
-            raise ConfigError(f"{key} = {value!r} has the wrong type: expected {tp.__name__}.")
-        return value
-    raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug in this module
+    try:
+        return typed(value, tp, key)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
 
 
 def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:

@@ -219,5 +219,5 @@ def test_config_and_errors():
         config_from_dict({"algorithm": {"name": "reptile", "inner_betas": [0.9, 1.0]}})
     with pytest.raises(ConfigError, match=r"final_outer_lr = -1\.0 is invalid"):
         config_from_dict({"train": {"final_outer_lr": -1.0}})
-    with pytest.raises(ValueError, match="inner_optimizer = 'rmsprop' is invalid: choose one of"):
+    with pytest.raises(ValueError, match="inner_optimizer = 'rmsprop' is not allowed: choose one of"):
         Reptile(MLP(), "regression", inner_optimizer="rmsprop")  # type: ignore[arg-type]
