@@ -26,7 +26,7 @@ import fnmatch
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, overload
 
 import torch
 import torch.utils.checkpoint
@@ -229,17 +229,32 @@ def differentiation_mode() -> Differentiation:
     return _DIFFERENTIATION.get()
 
 
-def gradient(f: Callable[[Params], Tensor], params: Params, *, create_graph: bool) -> Params:
+@overload
+def gradient(f: Callable[[Params], Tensor], params: Params, *, create_graph: bool,
+             has_aux: Literal[False] = False) -> Params: ...
+
+
+@overload
+def gradient(f: Callable[[Params], tuple[Tensor, Any]], params: Params, *, create_graph: bool,
+             has_aux: Literal[True]) -> tuple[Params, Any]: ...
+
+
+def gradient(f: Callable[[Params], Any], params: Params, *, create_graph: bool,
+             has_aux: bool = False) -> Params | tuple[Params, Any]:
     """``grad f`` at ``params`` in the current :func:`differentiation` mode. ``create_graph``: keep
-    the graph of the gradient (second order); without it the result is detached."""
+    the graph of the gradient (second order); without it the result is detached. ``has_aux``: ``f``
+    returns ``(value, aux)``, and the result is ``(grad, aux)`` (one call of ``f`` for both)."""
     if differentiation_mode() == "func":
-        g = grad(f)(params)
-        return g if create_graph else {n: t.detach() for n, t in g.items()}
+        out = grad(f, has_aux=has_aux)(params)
+        g, aux = out if has_aux else (out, None)
+        g = g if create_graph else {n: t.detach() for n, t in g.items()}
+        return (g, aux) if has_aux else g
     with torch.enable_grad():
         inputs = {n: t if t.requires_grad else t.detach().requires_grad_() for n, t in params.items()}
-        value = f(inputs)
+        value, aux = f(inputs) if has_aux else (f(inputs), None)
         got = torch.autograd.grad(value, list(inputs.values()), create_graph=create_graph, allow_unused=True)
-    return {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(inputs.items(), got, strict=True)}
+    g = {n: torch.zeros_like(t) if gi is None else gi for (n, t), gi in zip(inputs.items(), got, strict=True)}
+    return (g, aux) if has_aux else g
 
 
 def hessian_vector_product(f: Callable[[Params], Tensor], params: Params) -> Callable[[Params], Params]:
@@ -400,15 +415,9 @@ def adapt(
 ) -> Params:
     """The parameters after ``steps`` inner steps on the support set (arguments as
     :func:`adapt_trajectory`). Differentiable with respect to ``params`` and the rule's tensors."""
-    if steps < 0:
-        raise ValueError(f"inner steps must be >= 0, got {steps}.")
-    result = params
-    for result in adapt_trajectory(  # noqa: B007 - only the last one is returned
-        loss, params, buffers, support_x, support_y, steps=steps, lr=lr, rule=rule,
-        adapt_names=adapt_names, first_order=first_order, weight_decay=weight_decay,
-    ):
-        pass
-    return result
+    return last(adapt_trajectory(loss, params, buffers, support_x, support_y, steps=steps, lr=lr, rule=rule,
+                                 adapt_names=adapt_names, first_order=first_order, weight_decay=weight_decay),
+                params)
 
 
 def last(trajectory: Iterator[Params], start: Params) -> Params:

@@ -275,7 +275,6 @@ class GradientBased(Algorithm):
         o = self.options
         self.inner_lr = InnerLR(adapted, o.inner_lr, getattr(o, "lr_mode", "fixed"))
         self.inner_wd = InnerWeightDecay(adapted, getattr(o, "weight_decay", 0.0), getattr(o, "wd_mode", "fixed"))
-        self._loss = model_loss(model, self.fns.loss)
 
     def chosen(self, names: list[str], which: str | tuple[str, ...]) -> list[str]:
         return select(names, which)

@@ -89,9 +89,11 @@ class IMAML(GradientBased):
             hv = hvp(v)
             return {k: v[k] + hv[k] / lam for k in v}
 
-        g_query = gradient(lambda p: loss(p, buffers, qx, qy), phi, create_graph=False)
-        with torch.no_grad():
-            score = scores(self.fns, self.predict(model, phi, qx), qy)
+        def query(p: Params) -> tuple[Tensor, Tensor]:  # the query loss, and its [loss, metric] as aux
+            pred = self.predict(model, p, qx, buffers)
+            return self.fns.loss(pred, qy), scores(self.fns, pred, qy)
+
+        g_query, score = gradient(query, phi, create_graph=False, has_aux=True)
         return conjugate_gradient(matvec, g_query, self.options.cg_steps), score
 
     def inner_solve(self, params: Params, buffers: Params, support_x: Tensor, support_y: Tensor,

@@ -183,10 +183,10 @@ def test_adapt_selects_parameters():
     maml = MAML(MLP(1, 1, hidden=(8,)), "regression", inner_lr=0.1, adapt=["head.*"])
     assert maml.adapt_names == ["head.weight", "head.bias"]
     task = Sinusoid(seed=0).task("train", 0)
-    from innerloop.adapt import adapt
+    from innerloop.adapt import adapt, model_loss
 
     params = {n: p.detach().double() for n, p in maml.params().items()}
-    out = adapt(maml._loss, params, {}, task.support_x.double(), task.support_y.double(), steps=2,
+    out = adapt(model_loss(maml.model, maml.fns.loss), params, {}, task.support_x.double(), task.support_y.double(), steps=2,
                 lr=0.1, adapt_names=maml.adapt_names)
     assert torch.equal(out["features.0.weight"], params["features.0.weight"])
     assert not torch.equal(out["head.weight"], params["head.weight"])
