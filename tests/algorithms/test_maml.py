@@ -186,7 +186,8 @@ def test_adapt_selects_parameters():
     from innerloop.adapt import adapt, model_loss
 
     params = {n: p.detach().double() for n, p in maml.params().items()}
-    out = adapt(model_loss(maml.model, maml.fns.loss), params, {}, task.support_x.double(), task.support_y.double(), steps=2,
+    loss = model_loss(maml.model, maml.fns.loss)
+    out = adapt(loss, params, {}, task.support_x.double(), task.support_y.double(), steps=2,
                 lr=0.1, adapt_names=maml.adapt_names)
     assert torch.equal(out["features.0.weight"], params["features.0.weight"])
     assert not torch.equal(out["head.weight"], params["head.weight"])
