@@ -32,11 +32,13 @@ from innerloop.algorithms import (
     MAMLPlusPlus,
     MAMLPlusPlusOptions,
     MatchingNet,
+    ObjectiveFns,
     Pretrain,
     PretrainOptions,
     ProtoNet,
     Reptile,
     ReptileOptions,
+    custom_objective,
 )
 from innerloop.data import (
     FewShotClassification,
@@ -70,13 +72,14 @@ from innerloop.training import (
 __version__ = importlib.metadata.version("innerloop")
 
 __all__ = [
-    "ALGORITHMS", "ANIL", "BOIL", "IMAML", "MAML", "MLP", "ANILOptions", "Adam", "Algorithm", "AlgorithmOptions",
-    "Baseline", "BaselineOptions", "BaselinePP", "BaselinePPOptions", "Capabilities", "CheckpointError", "Config",
-    "ConfigError", "Conv4", "EvalResult", "Execution", "FewShotClassification", "GradientBased", "GradientOptions",
-    "IMAMLOptions", "InnerLR", "InnerWeightDecay", "LinearRegression", "MAMLOptions", "MAMLPlusPlus",
-    "MAMLPlusPlusOptions", "MatchingNet", "MiniImageNet", "Omniglot", "Pretrain", "PretrainOptions", "ProtoNet",
-    "Reptile", "ReptileOptions", "Sinusoid", "Task", "TaskBatch", "TaskFamily", "TrainConfig", "TrainResult",
-    "UpdateRule", "adam", "adapt", "adapt_trajectory", "config_from_dict", "image_folder_dataset",
-    "load_checkpoint", "load_config", "load_for_eval", "make_family", "meta_test", "meta_train", "model_loss",
-    "run", "sgd", "sgd_step", "task_family", "unroll",
+    "ALGORITHMS", "ANIL", "BOIL", "IMAML", "MAML", "MLP", "ANILOptions", "Adam", "Algorithm",
+    "AlgorithmOptions", "Baseline", "BaselineOptions", "BaselinePP", "BaselinePPOptions", "Capabilities",
+    "CheckpointError", "Config", "ConfigError", "Conv4", "EvalResult", "Execution", "FewShotClassification",
+    "GradientBased", "GradientOptions", "IMAMLOptions", "InnerLR", "InnerWeightDecay", "LinearRegression",
+    "MAMLOptions", "MAMLPlusPlus", "MAMLPlusPlusOptions", "MatchingNet", "MiniImageNet", "ObjectiveFns",
+    "Omniglot", "Pretrain", "PretrainOptions", "ProtoNet", "Reptile", "ReptileOptions", "Sinusoid", "Task",
+    "TaskBatch", "TaskFamily", "TrainConfig", "TrainResult", "UpdateRule", "adam", "adapt", "adapt_trajectory",
+    "config_from_dict", "custom_objective", "image_folder_dataset", "load_checkpoint", "load_config",
+    "load_for_eval", "make_family", "meta_test", "meta_train", "model_loss", "run", "sgd", "sgd_step",
+    "task_family", "unroll",
 ]

@@ -229,6 +229,32 @@ def differentiation_mode() -> Differentiation:
     return _DIFFERENTIATION.get()
 
 
+_LOSS_SCALE: contextvars.ContextVar[float] = contextvars.ContextVar("innerloop_loss_scale", default=1.0)
+
+
+@contextlib.contextmanager
+def loss_scale(scale: float) -> Iterator[None]:
+    """Within the block, every backward of :func:`innerloop.execution.meta_gradient` and of the inner loop's
+    gradients (:func:`gradient`) runs on
+    ``scale`` times its loss, and the gradients are divided by ``scale`` again (exact for a power of two):
+    small fp16 gradients do not underflow in the backward pass. The values returned are the unscaled
+    gradients; a non-finite one means the scale was too large (the training loop then skips the step and
+    halves it). Context-local, as :func:`differentiation`."""
+    if not (isinstance(scale, int | float) and 0 < scale < float("inf")):
+        raise ValueError(f"loss scale must be a finite number > 0, got {scale!r}.")
+    token = _LOSS_SCALE.set(float(scale))
+    try:
+        yield
+    finally:
+        _LOSS_SCALE.reset(token)
+
+
+def current_loss_scale() -> float:
+    """The scale of the innermost :func:`loss_scale` block (1 outside any)."""
+    return _LOSS_SCALE.get()
+
+
+
 @overload
 def gradient(f: Callable[[Params], Tensor], params: Params, *, create_graph: bool,
              has_aux: Literal[False] = False) -> Params: ...
@@ -244,16 +270,27 @@ def gradient(f: Callable[[Params], Any], params: Params, *, create_graph: bool,
     """``grad f`` at ``params`` in the current :func:`differentiation` mode. ``create_graph``: keep
     the graph of the gradient (second order); without it the result is detached. ``has_aux``: ``f``
     returns ``(value, aux)``, and the result is ``(grad, aux)`` (one call of ``f`` for both)."""
+    scale = current_loss_scale()
+    if scale != 1.0:  # fp16: the backward runs on scale * f (no underflow), the gradient is divided again
+        inner = f
+
+        def f(p: Params) -> Any:
+            out = inner(p)
+            return (out[0] * scale, out[1]) if has_aux else out * scale
+
     if differentiation_mode() == "func":
         out = grad(f, has_aux=has_aux)(params)
         g, aux = out if has_aux else (out, None)
-        g = g if create_graph else {n: t.detach() for n, t in g.items()}
-        return (g, aux) if has_aux else g
-    with torch.enable_grad():
-        inputs = {n: t if t.requires_grad else t.detach().requires_grad_() for n, t in params.items()}
-        value, aux = f(inputs) if has_aux else (f(inputs), None)
-        got = torch.autograd.grad(value, list(inputs.values()), create_graph=create_graph, allow_unused=True)
-    g = {n: torch.zeros_like(t) if gi is None else gi for (n, t), gi in zip(inputs.items(), got, strict=True)}
+    else:
+        with torch.enable_grad():
+            inputs = {n: t if t.requires_grad else t.detach().requires_grad_() for n, t in params.items()}
+            value, aux = f(inputs) if has_aux else (f(inputs), None)
+            got = torch.autograd.grad(value, list(inputs.values()), create_graph=create_graph, allow_unused=True)
+        g = {n: torch.zeros_like(t) if gi is None else gi for (n, t), gi in zip(inputs.items(), got, strict=True)}
+    if scale != 1.0:
+        g = {n: t / scale for n, t in g.items()}
+    if not create_graph:
+        g = {n: t.detach() for n, t in g.items()}
     return (g, aux) if has_aux else g
 
 

@@ -39,7 +39,7 @@ from torch.func import functional_call, vmap
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from innerloop.adapt import Differentiation, Params, differentiation
+from innerloop.adapt import Differentiation, Params, current_loss_scale, differentiation, loss_scale
 from innerloop.runtime import tune_malloc
 from innerloop.tasks import TaskBatch
 
@@ -47,6 +47,9 @@ Vectorize = Literal["auto", "vmap", "loop"]
 VECTORIZE: tuple[str, ...] = ("auto", "vmap", "loop")
 MemoryFormat = Literal["auto", "channels_last", "contiguous"]
 MEMORY_FORMATS: tuple[str, ...] = ("auto", "channels_last", "contiguous")
+Precision = Literal["fp32", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+AUTOCAST_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 TaskTensors = tuple[Tensor, ...]
 """One task: ``(support_x [s, ...], support_y [s, ...], query_x [q, ...], query_y [q, ...])``."""
 GradTaskFn = Callable[[nn.Module, Params, TaskTensors], tuple[Tensor, Tensor]]
@@ -85,6 +88,15 @@ class Execution:
             storing its activations (memory grows by a set of parameters per step, not a set of
             activations; costs one more inner forward and backward per step). Runs as a loop.
         eval_chunk: tasks per ``vmap`` call when evaluating (bounds memory).
+        device: where the model, every batch and every computation live: ``auto`` (CUDA when
+            present, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``. Read by the training loop
+            and the run to place the model; :func:`meta_gradient` and :func:`map_tasks` move a batch
+            that arrives elsewhere to the parameters' device (see :func:`resolve_device`).
+        precision: ``fp32``; ``bf16`` or ``fp16``: the per-task computation runs under
+            :func:`torch.autocast` with that dtype (parameters and meta-gradients stay in their own
+            dtype). ``fp16`` needs a GPU and a loss scale (:func:`loss_scale`, which the training loop
+            keeps dynamically); ``bf16`` on a CPU without native bfloat16 is emulated and several
+            times slower than fp32.
     """
 
     vectorize: Vectorize = "auto"
@@ -92,6 +104,8 @@ class Execution:
     task_threads: int | None = None
     checkpoint: bool = False
     eval_chunk: int = 200
+    device: str = "auto"
+    precision: Precision = "fp32"
 
     def __post_init__(self) -> None:
         if self.vectorize not in VECTORIZE:
@@ -105,9 +119,78 @@ class Execution:
             raise ValueError(f"checkpoint must be true or false, got {self.checkpoint!r}.")
         if isinstance(self.eval_chunk, bool) or not isinstance(self.eval_chunk, int) or self.eval_chunk < 1:
             raise ValueError(f"eval_chunk must be an integer >= 1, got {self.eval_chunk!r}.")
+        check_device_name(self.device)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose one of {PRECISIONS}.")
         if self.checkpoint and self.vectorize == "vmap":
             raise ValueError("checkpoint=True runs the per-task loop (torch.utils.checkpoint does not run under "
                              "vmap); use vectorize='auto' or 'loop', or checkpoint=False.")
+
+
+# -- devices and precision -------------------------------------------------------------------------------
+def check_device_name(name: object) -> None:
+    """Refuse a device name that no machine has (``cpu``, ``cuda``, ``cuda:N``, ``mps``, ``auto``); whether
+    this machine has it is :func:`resolve_device`'s check."""
+    ok = isinstance(name, str) and (name in ("auto", "cpu", "cuda", "mps") or (
+        name.startswith("cuda:") and name[5:].isdigit()))
+    if not ok:
+        raise ValueError(f"device = {name!r} is invalid: choose 'auto', 'cpu', 'cuda', 'cuda:N' (N = 0, 1, ...) "
+                         "or 'mps'.")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """The :class:`torch.device` named by ``name`` (see :class:`Execution`), checked to exist here:
+    ``auto`` is ``cuda`` when CUDA is available, else ``cpu``. A device this machine lacks is refused
+    with what it has."""
+    check_device_name(name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device = {name!r}, but this machine has no CUDA device (torch {torch.__version__}, "
+                             "CUDA build: " + str(torch.version.cuda) + "); use device = 'cpu' or 'auto'.")
+        index = int(name[5:]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device = {name!r}, but this machine has {torch.cuda.device_count()} CUDA device(s) "
+                             f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1}); choose one of those or 'auto'.")
+    if name == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError("device = 'mps', but MPS (Apple GPU) is not available here; use 'cpu' or 'auto'.")
+    return torch.device(name)
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuse a precision the device cannot run: ``fp16`` autocast needs CUDA (or MPS)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}.")
+    if precision == "fp16" and device.type == "cpu":
+        raise ValueError("precision = 'fp16' on the CPU is refused (float16 autocast is slow and poorly supported "
+                         "there); use 'fp32', or 'bf16' (emulated on CPUs without native bfloat16), or a GPU.")
+
+
+@contextlib.contextmanager
+def autocast_for(precision: str, device: torch.device | str) -> Iterator[None]:
+    """:func:`torch.autocast` with ``precision``'s dtype on ``device``'s type; nothing for ``fp32``."""
+    if precision == "fp32":
+        yield
+        return
+    kind = torch.device(device).type
+    check_precision(precision, torch.device(kind))
+    with torch.autocast(kind, dtype=AUTOCAST_DTYPES[precision]):
+        yield
+
+
+def _placed(batch: TaskBatch, params: Params) -> TaskBatch:
+    """``batch`` on the parameters' device, floating tensors in their floating dtype (a float64 model
+    takes float32 data; labels stay int64). The same object when nothing changes."""
+    ref = next((t for t in params.values() if t.is_floating_point()), None)
+    if ref is None:
+        return batch
+    x = batch.support_x
+    moves = x.device != ref.device
+    casts = x.is_floating_point() and x.dtype != ref.dtype
+    if not (moves or casts or (batch.support_y.is_floating_point() and batch.support_y.dtype != ref.dtype)):
+        return batch
+    return batch.to(ref.device, ref.dtype)
 
 
 # -- what a model computes -------------------------------------------------------------------------------
@@ -249,9 +332,9 @@ def _tensors(batch: TaskBatch) -> TaskTensors:
 def _in_threads(threads: int, n: int, model: nn.Module, work: Callable[[nn.Module, range], Any],
                 mode: Differentiation) -> list[Any]:
     """Run ``work(model copy, share of range(n))`` in ``threads`` Python threads (interleaved shares),
-    each with one intra-op thread. Grad mode, autocast and the differentiation mode are thread- or
-    context-local (a new thread starts with none of the caller's), so each thread is given the
-    caller's grad mode and autocast and ``mode``. Returns the results in thread order; re-raises the
+    each with one intra-op thread. Grad mode, autocast, the loss scale and the differentiation mode are
+    thread- or context-local (a new thread starts with none of the caller's), so each thread is given
+    the caller's grad mode, autocast, loss scale and ``mode``. Returns the results in thread order; re-raises the
     first error."""
     results: list[Any] = [None] * threads
     errors: list[BaseException] = []
@@ -260,10 +343,12 @@ def _in_threads(threads: int, n: int, model: nn.Module, work: Callable[[nn.Modul
     autocast = torch.is_autocast_enabled(device)
     autocast_dtype = torch.get_autocast_dtype(device)
 
+    scale = current_loss_scale()
+
     def run(j: int, module: nn.Module) -> None:
         try:
             torch.set_num_threads(1)
-            with torch.set_grad_enabled(grad_enabled), \
+            with torch.set_grad_enabled(grad_enabled), loss_scale(scale), \
                     torch.autocast(device, dtype=autocast_dtype, enabled=autocast), differentiation(mode):
                 results[j] = work(module, range(j, n, threads))
         except BaseException as e:  # re-raised in the caller's thread
@@ -317,11 +402,15 @@ def meta_gradient(
     loop here, differentiably); other meta-parameters (learned rates) reach ``fn`` by closure.
     Returns ``(grads keyed like targets, aux [k])``.
     """
+    batch = _placed(batch, params)
     p = plan(execution, model, batch, second_order=second_order)
     tensors, n = _tensors(batch), len(batch)
+    scale = current_loss_scale()
+    device = batch.support_x.device
     if p.vmap:
-        losses, aux = vmap(lambda *task: fn(model, params, task))(*tensors)
-        return grads_of(losses.mean(), targets), aux.mean(0)
+        with autocast_for(execution.precision, device):
+            losses, aux = vmap(lambda *task: fn(model, params, task))(*tensors)
+        return _unscaled(grads_of(losses.mean() * scale, targets), scale), aux.mean(0)
 
     def work(module: nn.Module, indices: range) -> tuple[dict[str, Tensor], Tensor | None]:
         grads = {k: torch.zeros_like(v) for k, v in targets.items()}
@@ -329,17 +418,21 @@ def meta_gradient(
         laid = to_channels_last(params) if p.channels_last else params
         for i in indices:
             loss, aux = fn(module, laid, _task(tensors, i, p.channels_last))
-            for k, g in grads_of(loss / n, targets).items():
+            for k, g in grads_of(loss * (scale / n), targets).items():
                 grads[k] += g
             aux_sum = aux.detach() if aux_sum is None else aux_sum + aux.detach()
         return grads, aux_sum
 
-    with _loop_context(p, batch.support_x.device.type):
+    with _loop_context(p, device.type), autocast_for(execution.precision, device):
         parts = ([work(model, range(n))] if p.threads == 1 else
                  _in_threads(p.threads, n, model, work, p.differentiation))
     grads = {k: sum((part[0][k] for part in parts[1:]), parts[0][0][k]) for k in targets}
     sums = [part[1] for part in parts if part[1] is not None]
-    return grads, sum(sums[1:], sums[0]) / n
+    return _unscaled(grads, scale), sum(sums[1:], sums[0]) / n
+
+
+def _unscaled(grads: dict[str, Tensor], scale: float) -> dict[str, Tensor]:
+    return grads if scale == 1.0 else {k: g / scale for k, g in grads.items()}
 
 
 def map_tasks(
@@ -350,9 +443,10 @@ def map_tasks(
     a new leading ``tasks`` dimension (``reduce="stack"``) or averaged over tasks (``"mean"``, summed as
     it goes, so the loop keeps one task's outputs at a time). ``second_order``: whether ``fn`` itself
     differentiates twice (iMAML's Hessian-vector products), which rules out ``vmap`` through norms."""
+    batch = _placed(batch, params)
     p = plan(execution, model, batch, second_order=second_order, graph=False)
     tensors, n = _tensors(batch), len(batch)
-    with torch.no_grad():
+    with torch.no_grad(), autocast_for(execution.precision, batch.support_x.device):
         if p.vmap:
             chunk = execution.eval_chunk
 

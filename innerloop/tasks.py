@@ -134,13 +134,22 @@ class TaskBatch:
             self.support_x[index], self.support_y[index], self.query_x[index], self.query_y[index]
         )
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TaskBatch:
-        """Move to a device; ``dtype`` converts floating-point tensors only (labels stay int64)."""
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
+           non_blocking: bool = False) -> TaskBatch:
+        """Move to a device; ``dtype`` converts floating-point tensors only (labels stay int64).
+        ``non_blocking``: an asynchronous copy (from pinned memory, see :meth:`pin_memory`)."""
 
         def conv(t: Tensor) -> Tensor:
-            return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else None, non_blocking=non_blocking)
 
         return TaskBatch(*(conv(t) for t in (self.support_x, self.support_y, self.query_x, self.query_y)))
+
+    def pin_memory(self) -> TaskBatch:
+        """The batch in page-locked host memory, so that ``to(cuda, non_blocking=True)`` overlaps with
+        compute (needs CUDA; returns ``self`` where pinning is not available)."""
+        if not torch.cuda.is_available():
+            return self
+        return TaskBatch(*(t.pin_memory() for t in (self.support_x, self.support_y, self.query_x, self.query_y)))
 
 
 @runtime_checkable

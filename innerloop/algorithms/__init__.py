@@ -2,7 +2,15 @@
 (a frozen dataclass) and capabilities, from which :data:`ALGORITHMS` is derived."""
 
 from innerloop.algorithms.anil import ANIL, BOIL, ANILOptions
-from innerloop.algorithms.base import Algorithm, AlgorithmOptions, Capabilities, GradientBased, GradientOptions
+from innerloop.algorithms.base import (
+    Algorithm,
+    AlgorithmOptions,
+    Capabilities,
+    GradientBased,
+    GradientOptions,
+    ObjectiveFns,
+    custom_objective,
+)
 from innerloop.algorithms.baseline import Baseline, BaselineOptions, BaselinePP, BaselinePPOptions
 from innerloop.algorithms.imaml import IMAML, IMAMLOptions
 from innerloop.algorithms.maml import MAML, MAMLOptions
@@ -18,5 +26,6 @@ __all__ = [
     "ALGORITHMS", "ANIL", "BOIL", "IMAML", "MAML", "ANILOptions", "Algorithm", "AlgorithmOptions", "Baseline",
     "BaselineOptions", "BaselinePP", "BaselinePPOptions", "Capabilities", "GradientBased", "GradientOptions",
     "IMAMLOptions", "InnerLR", "InnerWeightDecay", "MAMLOptions", "MAMLPlusPlus", "MAMLPlusPlusOptions",
-    "MatchingNet", "Pretrain", "PretrainOptions", "ProtoNet", "Reptile", "ReptileOptions",
+    "MatchingNet", "ObjectiveFns", "Pretrain", "PretrainOptions", "ProtoNet", "Reptile", "ReptileOptions",
+    "custom_objective",
 ]

@@ -31,15 +31,93 @@ from innerloop.execution import Execution, TaskTensors, map_tasks
 from innerloop.tasks import Objective, TaskBatch, TaskFamily
 from innerloop.typecheck import typed
 
+Targets = Literal["values", "labels", "any"]
+TARGETS: tuple[str, ...] = ("values", "labels", "any")
+
+
+def check_shapes(targets: str, pred: Tensor, target: Tensor, what: str = "loss") -> None:
+    """Refuse a prediction and target that do not fit ``targets``: ``values`` needs the same shape
+    (regression: a ``[n]`` target against a ``[n, 1]`` prediction would broadcast to ``[n, n]``),
+    ``labels`` needs ``pred [n, classes]`` and integer ``target [n]``; ``any`` checks nothing."""
+    if targets == "values" and pred.shape != target.shape:
+        raise ValueError(
+            f"the {what} got a prediction of shape {tuple(pred.shape)} and a target of shape "
+            f"{tuple(target.shape)}; "
+            "regression needs the same shape (a [n] target against [n, 1] predictions would broadcast). Give "
+            "targets shaped like the model's output (e.g. y.unsqueeze(-1)), or a model with that output.")
+    if targets == "labels" and (pred.dim() != target.dim() + 1 or pred.shape[:-1] != target.shape
+                                or target.is_floating_point()):
+        raise ValueError(
+            f"the {what} got a prediction of shape {tuple(pred.shape)} and a target of shape "
+            f"{tuple(target.shape)} ({target.dtype}); classification needs [n, classes] scores and [n] "
+            "integer labels.")
+
 
 @dataclass(frozen=True)
 class ObjectiveFns:
-    """The loss to train with and the metric to report, for one kind of task."""
+    """The loss to train with and the metric to report, for one kind of task.
+
+    Attributes:
+        loss: ``(pred, target) -> scalar`` to minimise (differentiable, twice for second order).
+        metric: ``(pred, target) -> scalar`` reported after adaptation (need not be differentiable).
+        metric_name: the metric's name in logs and tables.
+        higher_is_better: whether a higher metric is better (it picks the best checkpoint).
+        kind: which task families it fits (``regression`` or ``classification``; algorithms that only
+            classify, such as ProtoNets, refuse ``regression``).
+        targets: shape rule checked on every call (:func:`check_shapes`): ``values``, ``labels`` or ``any``.
+    """
 
     loss: Callable[[Tensor, Tensor], Tensor]
     metric: Callable[[Tensor, Tensor], Tensor]
     metric_name: str
     higher_is_better: bool
+    kind: Objective = "regression"
+    targets: Targets = "any"
+
+    def __post_init__(self) -> None:
+        for key in ("loss", "metric"):
+            if not callable(getattr(self, key)):
+                raise TypeError(f"objective {key} must be a callable (pred, target) -> scalar tensor, "
+                                f"got {getattr(self, key)!r}.")
+        if not isinstance(self.metric_name, str) or not self.metric_name.isidentifier():
+            raise ValueError(f"metric_name = {self.metric_name!r} is invalid: give a name such as 'mae'.")
+        if self.kind not in ("regression", "classification"):
+            raise ValueError(f"objective kind = {self.kind!r} is invalid: choose 'regression' or "
+                             "'classification'.")
+        if self.targets not in TARGETS:
+            raise ValueError(f"objective targets = {self.targets!r} is invalid: choose one of {TARGETS}.")
+        if self.targets != "any":
+            raw_loss, raw_metric, rule = self.loss, self.metric, self.targets
+
+            def loss(pred: Tensor, target: Tensor) -> Tensor:
+                check_shapes(rule, pred, target, "loss")
+                return raw_loss(pred, target)
+
+            def metric(pred: Tensor, target: Tensor) -> Tensor:
+                check_shapes(rule, pred, target, self.metric_name)
+                return raw_metric(pred, target)
+
+            object.__setattr__(self, "loss", loss)
+            object.__setattr__(self, "metric", metric)
+
+
+def custom_objective(
+    loss: Callable[[Tensor, Tensor], Tensor], metric: Callable[[Tensor, Tensor], Tensor] | None = None, *,
+    kind: Objective, metric_name: str | None = None, higher_is_better: bool | None = None,
+    targets: Targets | None = None,
+) -> ObjectiveFns:
+    """A user's loss (and metric) for ``kind`` tasks. Without ``metric`` the loss is the metric
+    (lower is better). ``targets`` defaults to the kind's rule (``values`` for regression, ``labels``
+    for classification); give ``any`` for predictions and targets of other shapes."""
+    if metric is None:
+        if higher_is_better:
+            raise ValueError("higher_is_better=True needs a metric: the loss is minimised.")
+        metric, higher_is_better = loss, False
+    if higher_is_better is None:
+        raise ValueError("say whether the metric is better higher or lower: higher_is_better=True or False.")
+    name = str(metric_name or getattr(metric, "__name__", "metric"))
+    rule: Targets = targets or ("labels" if kind == "classification" else "values")
+    return ObjectiveFns(loss, metric, name, higher_is_better, kind, rule)
 
 
 def _accuracy(logits: Tensor, labels: Tensor) -> Tensor:
@@ -47,8 +125,8 @@ def _accuracy(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 OBJECTIVES: dict[str, ObjectiveFns] = {
-    "regression": ObjectiveFns(F.mse_loss, F.mse_loss, "mse", higher_is_better=False),
-    "classification": ObjectiveFns(F.cross_entropy, _accuracy, "accuracy", higher_is_better=True),
+    "regression": ObjectiveFns(F.mse_loss, F.mse_loss, "mse", False, "regression", "values"),
+    "classification": ObjectiveFns(F.cross_entropy, _accuracy, "accuracy", True, "classification", "labels"),
 }
 
 
@@ -139,7 +217,8 @@ class Algorithm(nn.Module):
 
     Args:
         model: the network that is adapted to each task.
-        objective: ``regression`` (MSE) or ``classification`` (cross-entropy, accuracy).
+        objective: ``regression`` (MSE), ``classification`` (cross-entropy, accuracy), or a user's
+            loss and metric (:func:`custom_objective`).
         options: the algorithm's :attr:`Options` (default: its defaults);
         execution: how meta-batches run (:class:`~innerloop.execution.Execution`);
         **overrides: any field of the options or of the execution by keyword
@@ -153,21 +232,26 @@ class Algorithm(nn.Module):
     """Other registered names for this class with fixed option values (``fomaml`` is MAML with
     ``first_order = True``)."""
 
-    def __init__(self, model: nn.Module, objective: Objective = "classification",
+    def __init__(self, model: nn.Module, objective: Objective | ObjectiveFns = "classification",
                  options: AlgorithmOptions | None = None, execution: Execution | None = None,
                  **overrides: Any) -> None:
         super().__init__()
         exec_names = [f.name for f in dataclasses.fields(Execution)]
         exec_over = {k: overrides.pop(k) for k in list(overrides) if k in exec_names}
         self.execution = dataclasses.replace(execution or Execution(), **exec_over)
-        if objective not in OBJECTIVES:
-            raise ValueError(f"unknown objective {objective!r}; choose one of {list(OBJECTIVES)}.")
-        if objective not in self.capabilities.objectives:
+        if isinstance(objective, ObjectiveFns):
+            fns = objective
+        elif isinstance(objective, str) and objective in OBJECTIVES:
+            fns = OBJECTIVES[objective]
+        else:
+            raise ValueError(f"unknown objective {objective!r}; choose one of {list(OBJECTIVES)}, or give "
+                             "innerloop.custom_objective(loss, metric, kind=...).")
+        if fns.kind not in self.capabilities.objectives:
             raise ValueError(f"{self.name} learns {' or '.join(self.capabilities.objectives)} tasks, "
-                             f"not {objective}.")
+                             f"not {fns.kind}.")
         self.model = model
-        self.objective: Objective = objective
-        self.fns = OBJECTIVES[objective]
+        self.objective: Objective = fns.kind
+        self.fns = fns
         self.options = self.make_options(options, overrides)
 
     def __getattr__(self, key: str) -> Any:
@@ -263,7 +347,7 @@ class GradientBased(Algorithm):
     adapt_pattern: ClassVar[str | tuple[str, ...] | None] = None
     """A fixed choice of the parameters that adapt (ANIL: ``head.*``); ``None``: the ``adapt`` option."""
 
-    def __init__(self, model: nn.Module, objective: Objective = "regression",
+    def __init__(self, model: nn.Module, objective: Objective | ObjectiveFns = "regression",
                  options: AlgorithmOptions | None = None, execution: Execution | None = None,
                  **overrides: Any) -> None:
         super().__init__(model, objective, options, execution, **overrides)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from innerloop.adapt import sgd, unroll
-from innerloop.algorithms.base import Algorithm, AlgorithmOptions, Capabilities, check, scores
+from innerloop.algorithms.base import Algorithm, AlgorithmOptions, Capabilities, ObjectiveFns, check, scores
 from innerloop.data.global_labels import GlobalLabelBatches
 from innerloop.execution import Execution, TaskTensors, map_tasks
 from innerloop.tasks import Objective, TaskBatch, TaskFamily
@@ -95,7 +95,7 @@ class Baseline(Algorithm):
     capabilities = Capabilities(objectives=("classification",), head="train_classes", any_test_ways=True)
     head_kind: ClassVar[Head] = "linear"
 
-    def __init__(self, model: nn.Module, objective: Objective = "classification",
+    def __init__(self, model: nn.Module, objective: Objective | ObjectiveFns = "classification",
                  options: BaselineOptions | None = None, execution: Execution | None = None,
                  **overrides: Any) -> None:
         super().__init__(model, objective, options, execution, **overrides)
@@ -159,7 +159,7 @@ class Baseline(Algorithm):
             raise ValueError(f"label {int(y.max())} but the head has {classes} classes; size the head to the "
                              "training split's number of classes (the batches must come from training_family).")
         logits = self.logits(x)
-        loss = F.cross_entropy(logits, y)
+        loss = self.fns.loss(logits, y)
         targets = dict(self.named_parameters())  # Baseline++ leaves the head's bias unused: zero gradient
         grads = torch.autograd.grad(loss, list(targets.values()), allow_unused=True)
         out = {n: torch.zeros_like(t) if g is None else g
@@ -190,7 +190,7 @@ class Baseline(Algorithm):
         z = model.get_submodule("features")(torch.cat([sx, qx]))
         zs, zq = z[: len(sx)], z[len(sx) :]
         head = self.initial_head(int(sy.max()) + 1, z.shape[-1], z)
-        fitted = unroll(lambda h, _: F.cross_entropy(self.head_logits(h, zs), sy), head, steps=steps,
+        fitted = unroll(lambda h, _: self.fns.loss(self.head_logits(h, zs), sy), head, steps=steps,
                         rule=sgd(self.fit_lr), first_order=True)
         return torch.stack([scores(self.fns, self.head_logits(h, zq), qy) for h in [head, *fitted]], dim=-1)
 

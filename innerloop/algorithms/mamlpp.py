@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from innerloop.adapt import Params, model_loss, sgd, unroll
-from innerloop.algorithms.base import GradientBased, GradientOptions, check, check_adapt, scores
+from innerloop.algorithms.base import GradientBased, GradientOptions, ObjectiveFns, check, check_adapt, scores
 from innerloop.execution import Execution, TaskTensors, meta_gradient
 from innerloop.tasks import Objective, TaskBatch
 
@@ -96,7 +96,7 @@ class MAMLPlusPlus(GradientBased):
     name = "mamlpp"
     Options = MAMLPlusPlusOptions
 
-    def __init__(self, model: nn.Module, objective: Objective = "regression",
+    def __init__(self, model: nn.Module, objective: Objective | ObjectiveFns = "regression",
                  options: MAMLPlusPlusOptions | None = None, execution: Execution | None = None,
                  **overrides: Any) -> None:
         super().__init__(model, objective, options, execution, **overrides)

@@ -12,12 +12,11 @@ import dataclasses
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from innerloop.adapt import Params
-from innerloop.algorithms.base import Algorithm, Capabilities, NoOptions, scores
+from innerloop.algorithms.base import Algorithm, Capabilities, NoOptions, ObjectiveFns, scores
 from innerloop.execution import Execution, TaskTensors, map_tasks, meta_gradient
 from innerloop.tasks import Objective, TaskBatch
 
@@ -47,7 +46,7 @@ class ProtoNet(Algorithm):
     capabilities = Capabilities(objectives=("classification",), head="none", any_test_ways=True,
                                 more_train_ways=True)
 
-    def __init__(self, model: nn.Module, objective: Objective = "classification",
+    def __init__(self, model: nn.Module, objective: Objective | ObjectiveFns = "classification",
                  options: NoOptions | None = None, execution: Execution | None = None, **overrides: Any) -> None:
         super().__init__(model, objective, options, execution, **overrides)
         # prototypes need the number of ways of each task (a data-dependent size): a loop, never vmap
@@ -71,7 +70,7 @@ class ProtoNet(Algorithm):
         """Query cross-entropy of one task and its detached ``[loss, accuracy]``."""
         sx, sy, qx, qy = task
         logits = self.task_logits(model, params, sx, sy, qx)
-        return F.cross_entropy(logits, qy), scores(self.fns, logits, qy)
+        return self.fns.loss(logits, qy), scores(self.fns, logits, qy)
 
     def meta_gradient(self, batch: TaskBatch) -> tuple[dict[str, Tensor], dict[str, float]]:
         """Mean query cross-entropy over tasks, differentiated w.r.t. the embedding's parameters."""
