@@ -179,7 +179,7 @@ def autocast_for(precision: str, device: torch.device | str) -> Iterator[None]:
         yield
 
 
-def _placed(batch: TaskBatch, params: Params) -> TaskBatch:
+def place_batch(batch: TaskBatch, params: Params) -> TaskBatch:
     """``batch`` on the parameters' device, floating tensors in their floating dtype (a float64 model
     takes float32 data; labels stay int64). The same object when nothing changes."""
     ref = next((t for t in params.values() if t.is_floating_point()), None)
@@ -402,7 +402,7 @@ def meta_gradient(
     loop here, differentiably); other meta-parameters (learned rates) reach ``fn`` by closure.
     Returns ``(grads keyed like targets, aux [k])``.
     """
-    batch = _placed(batch, params)
+    batch = place_batch(batch, params)
     p = plan(execution, model, batch, second_order=second_order)
     tensors, n = _tensors(batch), len(batch)
     scale = current_loss_scale()
@@ -435,6 +435,21 @@ def _unscaled(grads: dict[str, Tensor], scale: float) -> dict[str, Tensor]:
     return grads if scale == 1.0 else {k: g / scale for k, g in grads.items()}
 
 
+def pooled_gradient(
+    fn: Callable[[TaskBatch], tuple[Tensor, Tensor]], params: Params, batch: TaskBatch, targets: dict[str, Tensor],
+    execution: Execution,
+) -> tuple[dict[str, Tensor], Tensor]:
+    """The gradient of ``loss`` with respect to ``targets`` and the detached ``aux``, with
+    ``(loss, aux) = fn(batch)`` for learners that train on a pooled batch rather than per task (the
+    Baseline's pre-training): ``batch`` placed like ``params``, the precision's autocast and the loss
+    scale applied as in :func:`meta_gradient`."""
+    batch = place_batch(batch, params)
+    scale = current_loss_scale()
+    with autocast_for(execution.precision, batch.support_x.device):
+        loss, aux = fn(batch)
+    return _unscaled(grads_of(loss * scale, targets), scale), aux.detach()
+
+
 def map_tasks(
     fn: MapTaskFn, model: nn.Module, params: Params, batch: TaskBatch, execution: Execution, *,
     reduce: Literal["stack", "mean"] = "stack", second_order: bool = False,
@@ -443,7 +458,7 @@ def map_tasks(
     a new leading ``tasks`` dimension (``reduce="stack"``) or averaged over tasks (``"mean"``, summed as
     it goes, so the loop keeps one task's outputs at a time). ``second_order``: whether ``fn`` itself
     differentiates twice (iMAML's Hessian-vector products), which rules out ``vmap`` through norms."""
-    batch = _placed(batch, params)
+    batch = place_batch(batch, params)
     p = plan(execution, model, batch, second_order=second_order, graph=False)
     tensors, n = _tensors(batch), len(batch)
     with torch.no_grad(), autocast_for(execution.precision, batch.support_x.device):

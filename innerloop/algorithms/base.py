@@ -295,9 +295,14 @@ class Algorithm(nn.Module):
         """Adaptation steps before scoring validation tasks (the options' ``inner_steps``, else 1)."""
         return int(getattr(self.options, "inner_steps", 1))
 
+    def trainable(self) -> dict[str, Tensor]:
+        """The meta-parameters: ``named_parameters()`` that require grad (a frozen parameter, with
+        ``requires_grad=False``, is neither meta-learned nor adapted and gets no gradient)."""
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
     def meta_gradient(self, batch: TaskBatch) -> tuple[dict[str, Tensor], dict[str, float]]:
-        """The gradient of the outer objective on ``batch``, keyed like ``named_parameters()``,
-        and scalar training metrics (``loss`` and the objective's metric)."""
+        """The gradient of the outer objective on ``batch``, keyed like :meth:`trainable` (the
+        parameters that require grad), and scalar training metrics (``loss`` and the objective's metric)."""
         raise NotImplementedError
 
     def evaluate(self, batch: TaskBatch, steps: int) -> dict[str, Tensor]:
@@ -329,6 +334,22 @@ class Algorithm(nn.Module):
         return repr(self.options)
 
 
+def trainable_only(model: nn.Module, names: list[str], which: Any = "all") -> list[str]:
+    """``names`` without the model's frozen parameters (``requires_grad=False``: they never adapt).
+    Refused when nothing trainable is left, naming the frozen ones."""
+    params = dict(model.named_parameters())
+    kept = [n for n in names if params[n].requires_grad]
+    if not kept:
+        frozen = [n for n in names if not params[n].requires_grad]
+        if not params or not frozen:
+            raise ValueError("the model has no parameters to adapt.")
+        raise ValueError(
+            f"adapt = {which!r} matches only frozen parameters (requires_grad=False): {frozen[:8]}"
+            f"{' ...' if len(frozen) > 8 else ''}. Frozen parameters never adapt; unfreeze the ones to adapt "
+            "(p.requires_grad_(True)) or choose trainable ones with adapt=[<glob patterns>].")
+    return kept
+
+
 def scores(fns: ObjectiveFns, pred: Tensor, target: Tensor) -> Tensor:
     """``[2]``: the query (loss, metric), detached."""
     return torch.stack([fns.loss(pred, target), fns.metric(pred, target)]).detach()
@@ -353,7 +374,7 @@ class GradientBased(Algorithm):
         super().__init__(model, objective, options, execution, **overrides)
         names = [n for n, _ in model.named_parameters()]
         which: str | tuple[str, ...] = self.adapt_pattern or getattr(self.options, "adapt", None) or "all"
-        self.adapt_names = self.chosen(names, which)
+        self.adapt_names = trainable_only(model, self.chosen(names, which), which)
         params = dict(model.named_parameters())
         adapted = {n: params[n] for n in self.adapt_names}
         o = self.options

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from innerloop.adapt import sgd, unroll
 from innerloop.algorithms.base import Algorithm, AlgorithmOptions, Capabilities, ObjectiveFns, check, scores
 from innerloop.data.global_labels import GlobalLabelBatches
-from innerloop.execution import Execution, TaskTensors, map_tasks
+from innerloop.execution import Execution, TaskTensors, map_tasks, pooled_gradient
 from innerloop.tasks import Objective, TaskBatch, TaskFamily
 
 Head = Literal["linear", "cosine"]
@@ -152,19 +152,23 @@ class Baseline(Algorithm):
     def meta_gradient(self, batch: TaskBatch) -> tuple[dict[str, Tensor], dict[str, float]]:
         """Gradient of the cross-entropy of every image of ``batch`` (support and query pooled:
         ``[tasks, examples, ...]`` -> ``[tasks * examples, ...]``) against its global label."""
-        x = torch.cat([batch.support_x, batch.query_x], dim=1).flatten(0, 1)
-        y = torch.cat([batch.support_y, batch.query_y], dim=1).flatten(0, 1)
         classes = self.head.out_features
-        if int(y.max()) >= classes:
-            raise ValueError(f"label {int(y.max())} but the head has {classes} classes; size the head to the "
+        if int(batch.support_y.max()) >= classes or int(batch.query_y.max()) >= classes:
+            top = max(int(batch.support_y.max()), int(batch.query_y.max()))
+            raise ValueError(f"label {top} but the head has {classes} classes; size the head to the "
                              "training split's number of classes (the batches must come from training_family).")
-        logits = self.logits(x)
-        loss = self.fns.loss(logits, y)
-        targets = dict(self.named_parameters())  # Baseline++ leaves the head's bias unused: zero gradient
-        grads = torch.autograd.grad(loss, list(targets.values()), allow_unused=True)
-        out = {n: torch.zeros_like(t) if g is None else g
-               for (n, t), g in zip(targets.items(), grads, strict=True)}
-        return out, {"loss": float(loss.detach()), "accuracy": float(self.fns.metric(logits.detach(), y))}
+
+        def pooled(b: TaskBatch) -> tuple[Tensor, Tensor]:
+            x = torch.cat([b.support_x, b.query_x], dim=1).flatten(0, 1)
+            y = torch.cat([b.support_y, b.query_y], dim=1).flatten(0, 1)
+            logits = self.logits(x)
+            loss = self.fns.loss(logits, y)
+            return loss, torch.stack([loss.detach(), self.fns.metric(logits.detach(), y)])
+
+        # Baseline++ leaves the head's bias unused: zero gradient (grads_of)
+        grads, aux = pooled_gradient(pooled, dict(self.model.named_parameters()), batch, self.trainable(),
+                                     self.execution)
+        return grads, {"loss": float(aux[0]), "accuracy": float(aux[1])}
 
     # -- test time -------------------------------------------------------------------------------
     def initial_head(self, ways: int, dim: int, like: Tensor) -> dict[str, Tensor]:

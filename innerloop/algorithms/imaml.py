@@ -59,7 +59,7 @@ class IMAMLOptions(GradientOptions):
 
 class IMAML(GradientBased):
     """Implicit MAML with a proximal inner problem and a conjugate-gradient implicit gradient.
-    Options: :class:`IMAMLOptions`. Every parameter adapts (the proximal term ties all of them to
+    Options: :class:`IMAMLOptions`. Every trainable parameter adapts (the proximal term ties all of them to
     ``theta``); the Hessian-vector products are second order, so BatchNorm models run as a loop."""
 
     name = "imaml"
@@ -76,24 +76,26 @@ class IMAML(GradientBased):
         loss, buffers = model_loss(model, self.fns.loss), self.buffers_dict()
         sx, sy = task[0], task[1]
         return unroll(lambda p, _: loss(p, buffers, sx, sy), params, steps=steps,
-                      rule=self.proximal_rule(params), first_order=True)
+                      rule=self.proximal_rule({n: params[n] for n in self.adapt_names}),
+                      adapt_names=self.adapt_names, first_order=True)
 
     def implicit_gradient(self, model: nn.Module, phi: Params, task: TaskTensors) -> tuple[Params, Tensor]:
         """``(I + H / lambda)^{-1} grad L_q(phi)`` by conjugate gradient, with ``H`` the support
         Hessian at ``phi``, and the query ``[loss, metric]`` at ``phi`` (shape ``[2]``)."""
         sx, sy, qx, qy = task
         loss, buffers, lam = model_loss(model, self.fns.loss), self.buffers_dict(), float(self.options.reg_lambda)
-        hvp = hessian_vector_product(lambda p: loss(p, buffers, sx, sy), phi)
+        adapted = {n: phi[n] for n in self.adapt_names}  # frozen parameters are constants
+        hvp = hessian_vector_product(lambda p: loss({**phi, **p}, buffers, sx, sy), adapted)
 
         def matvec(v: Params) -> Params:
             hv = hvp(v)
             return {k: v[k] + hv[k] / lam for k in v}
 
         def query(p: Params) -> tuple[Tensor, Tensor]:  # the query loss, and its [loss, metric] as aux
-            pred = self.predict(model, p, qx, buffers)
+            pred = self.predict(model, {**phi, **p}, qx, buffers)
             return self.fns.loss(pred, qy), scores(self.fns, pred, qy)
 
-        g_query, score = gradient(query, phi, create_graph=False, has_aux=True)
+        g_query, score = gradient(query, adapted, create_graph=False, has_aux=True)
         return conjugate_gradient(matvec, g_query, self.options.cg_steps), score
 
     def inner_solve(self, params: Params, buffers: Params, support_x: Tensor, support_y: Tensor,
@@ -117,7 +119,7 @@ class IMAML(GradientBased):
         params = {k: v.detach() for k, v in self.params().items()}
         total, score = map_tasks(self._task, self.model, params, batch, self.execution, reduce="mean",
                                  second_order=True)
-        grads = {k: torch.zeros_like(v) for k, v in self.named_parameters()}
+        grads = {k: torch.zeros_like(v) for k, v in self.trainable().items()}
         grads.update({f"model.{k}": v for k, v in total.items()})
         return grads, {"loss": float(score[0]), self.metric_name: float(score[1])}
 

@@ -76,6 +76,6 @@ class MAML(GradientBased):
         meta-parameter (initial weights and learned inner rates)."""
         rates = dict(self.inner_lr.rates)
         grads, aux = meta_gradient(lambda m, p, task: self.task_loss(m, p, rates, task), self.model, self.params(),
-                                   batch, dict(self.named_parameters()), self.execution,
+                                   batch, self.trainable(), self.execution,
                                    second_order=not self.options.first_order)
         return grads, {"loss": float(aux[0]), self.metric_name: float(aux[1])}

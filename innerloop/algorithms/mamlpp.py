@@ -106,7 +106,8 @@ class MAMLPlusPlus(GradientBased):
         if o.per_step_bn:
             for prefix, module in model.named_modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
-                    self.bn_names += [f"{prefix}.{w}" if prefix else w for w in ("weight", "bias")]
+                    self.bn_names += [f"{prefix}.{w}" if prefix else w for w in ("weight", "bias")
+                                      if getattr(module, w).requires_grad]  # frozen: one set for every step
             self.adapt_names = [n for n in self.adapt_names if n not in self.bn_names]
             if not self.adapt_names:
                 raise ValueError("with per_step_bn the BatchNorm weights do not adapt, and nothing else was "
@@ -181,7 +182,7 @@ class MAMLPlusPlus(GradientBased):
             total, out = self.unroll_task(model, params, step_lr, bn, task, self.inner_steps, first_order, weights)
             return total, out[-1]
 
-        grads, final = meta_gradient(one, self.model, self.params(), batch, dict(self.named_parameters()),
+        grads, final = meta_gradient(one, self.model, self.params(), batch, self.trainable(),
                                      self.execution, second_order=not first_order)
         return grads, {"loss": float(final[0]), self.metric_name: float(final[1])}
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from innerloop.algorithms.base import GradientBased, GradientOptions, check_adapt
-from innerloop.execution import grads_of
+from innerloop.execution import pooled_gradient
 from innerloop.tasks import TaskBatch
 
 
@@ -47,9 +47,12 @@ class Pretrain(GradientBased):
 
         Shapes: ``[tasks, examples, ...]`` are flattened to ``[tasks * examples, ...]``.
         """
-        x = torch.cat([batch.support_x, batch.query_x], dim=1).flatten(0, 1)
-        y = torch.cat([batch.support_y, batch.query_y], dim=1).flatten(0, 1)
-        pred = self.model(x)
-        loss = self.fns.loss(pred, y)
-        grads = grads_of(loss, dict(self.named_parameters()))
-        return grads, {"loss": float(loss.detach()), self.metric_name: float(self.fns.metric(pred.detach(), y))}
+        def pooled(b: TaskBatch) -> tuple[Tensor, Tensor]:
+            x = torch.cat([b.support_x, b.query_x], dim=1).flatten(0, 1)
+            y = torch.cat([b.support_y, b.query_y], dim=1).flatten(0, 1)
+            pred = self.model(x)
+            loss = self.fns.loss(pred, y)
+            return loss, torch.stack([loss.detach(), self.fns.metric(pred.detach(), y)])
+
+        grads, aux = pooled_gradient(pooled, self.params(), batch, self.trainable(), self.execution)
+        return grads, {"loss": float(aux[0]), self.metric_name: float(aux[1])}

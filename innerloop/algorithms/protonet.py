@@ -75,7 +75,7 @@ class ProtoNet(Algorithm):
     def meta_gradient(self, batch: TaskBatch) -> tuple[dict[str, Tensor], dict[str, float]]:
         """Mean query cross-entropy over tasks, differentiated w.r.t. the embedding's parameters."""
         grads, aux = meta_gradient(self.task_loss, self.model, dict(self.model.named_parameters()), batch,
-                                   dict(self.named_parameters()), self.execution, second_order=False)
+                                   self.trainable(), self.execution, second_order=False)
         return grads, {"loss": float(aux[0]), self.metric_name: float(aux[1])}
 
     def evaluate(self, batch: TaskBatch, steps: int) -> dict[str, Tensor]:

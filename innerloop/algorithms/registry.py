@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from innerloop.algorithms.anil import ANIL, BOIL
-from innerloop.algorithms.base import Algorithm, AlgorithmOptions, Capabilities, resolve_aliases
+from innerloop.algorithms.base import Algorithm, AlgorithmOptions, Capabilities, ObjectiveFns, resolve_aliases
 from innerloop.algorithms.baseline import Baseline, BaselinePP, train_classes
 from innerloop.algorithms.imaml import IMAML
 from innerloop.algorithms.maml import MAML
@@ -51,7 +51,7 @@ class Entry:
         options: AlgorithmOptions = self.cls.make_options(None, {**values, **self.fixed})
         return options
 
-    def build(self, model: nn.Module, objective: Objective, options: AlgorithmOptions | None = None,
+    def build(self, model: nn.Module, objective: Objective | ObjectiveFns, options: AlgorithmOptions | None = None,
               execution: Execution | None = None) -> Algorithm:
         """The algorithm around ``model`` (``options`` default: this name's defaults)."""
         return self.cls(model, objective, self.options() if options is None else options, execution)

@@ -96,7 +96,7 @@ class Reptile(GradientBased):
         query loss and metric at ``phi_i``. Inputs ``[tasks, examples, ...]``."""
         params = {n: p.detach() for n, p in self.params().items()}
         mean_phi, score = map_tasks(self.adapt_task, self.model, params, batch, self.execution, reduce="mean")
-        grads = {k: torch.zeros_like(v) for k, v in self.named_parameters()}
+        grads = {k: torch.zeros_like(v) for k, v in self.trainable().items()}
         for k, phi in mean_phi.items():
             grads[f"model.{k}"] = params[k] - phi
         return grads, {"loss": float(score[0]), self.metric_name: float(score[1])}

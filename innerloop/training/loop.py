@@ -239,9 +239,9 @@ def run_loop(
 
 def make_optimizer(algorithm: Algorithm, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(algorithm.parameters(), lr=cfg.outer_lr)
+        return torch.optim.Adam(algorithm.trainable().values(), lr=cfg.outer_lr)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(algorithm.parameters(), lr=cfg.outer_lr)
+        return torch.optim.SGD(algorithm.trainable().values(), lr=cfg.outer_lr)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose 'adam' or 'sgd'.")
 
 
@@ -287,7 +287,7 @@ def meta_train(
         raise ValueError(f"meta_batch_size {b} is smaller than the {world_size()} ranks; "
                          "every rank needs at least one task per meta-batch.")
     optimizer = make_optimizer(algorithm, cfg)
-    params = dict(algorithm.named_parameters())
+    params = algorithm.trainable()  # frozen parameters (requires_grad=False) get no gradient
     metric = algorithm.metric_name
 
     def outer_step(step: int) -> dict[str, float]:
