@@ -312,7 +312,7 @@ def hessian_vector_product(f: Callable[[Params], Tensor], params: Params) -> Cal
         if not g:
             return {n: torch.zeros_like(t) for n, t in inputs.items()}
         with torch.enable_grad():
-            zero = torch.zeros((), dtype=next(iter(g.values())).dtype)
+            zero = next(iter(g.values())).new_zeros(())
             dot = sum(((gi * v[n]).sum() for n, gi in g.items()), zero)
             got = torch.autograd.grad(dot, list(inputs.values()), retain_graph=True, allow_unused=True)
         pairs = zip(inputs.items(), got, strict=True)

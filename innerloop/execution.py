@@ -278,12 +278,19 @@ class Plan:
 
 
 def plan(execution: Execution, model: nn.Module, batch: TaskBatch, *, second_order: bool,
-         graph: bool = True) -> Plan:
+         graph: bool = True, stateful: bool = False) -> Plan:
     """Decide how ``batch`` runs (see :class:`Execution`). ``graph``: whether the per-task function
-    builds an outer graph (meta-gradients) or runs without one (evaluation, Reptile, iMAML)."""
+    builds an outer graph (meta-gradients) or runs without one (evaluation, Reptile, iMAML).
+    ``stateful``: the per-task function records running statistics (:mod:`innerloop.norm`), which
+    ``vmap`` cannot (it would write a shared tensor from batched values): a loop."""
     ops = computed_ops(model, batch.support_x.shape[1:], batch.support_x.dtype)
     safe = vmap_safe(ops, second_order)
-    if execution.vectorize == "vmap":
+    if stateful and execution.vectorize == "vmap":
+        raise ValueError("vectorize='vmap' cannot accumulate BatchNorm running statistics (batch_norm='running' "
+                         "or 'per_step' in meta-training); use vectorize='auto' or 'loop', or batch_norm='batch'.")
+    if stateful:
+        use_vmap = False
+    elif execution.vectorize == "vmap":
         if not safe and ops is None:
             raise ValueError(
                 "vectorize='vmap' with a second-order meta-gradient needs to know what the model computes "
@@ -393,17 +400,18 @@ def vmap_over_tasks(fn: Callable[..., Any], params: Params, *per_task: Tensor, p
 # -- the two entry points -----------------------------------------------------------------------------------
 def meta_gradient(
     fn: GradTaskFn, model: nn.Module, params: Params, batch: TaskBatch, targets: dict[str, Tensor],
-    execution: Execution, *, second_order: bool,
+    execution: Execution, *, second_order: bool, stateful: bool = False,
 ) -> tuple[dict[str, Tensor], Tensor]:
     """The gradient of ``mean_i loss_i`` with respect to ``targets`` and ``mean_i aux_i``, with
     ``(loss_i, aux_i) = fn(model, params, task_i)`` over the tasks of ``batch``.
 
     ``params`` are what ``fn`` adapts from (usually the model's live parameters; laid out for the
     loop here, differentiably); other meta-parameters (learned rates) reach ``fn`` by closure.
+    ``stateful``: ``fn`` records running statistics (see :func:`plan`).
     Returns ``(grads keyed like targets, aux [k])``.
     """
     batch = place_batch(batch, params)
-    p = plan(execution, model, batch, second_order=second_order)
+    p = plan(execution, model, batch, second_order=second_order, stateful=stateful)
     tensors, n = _tensors(batch), len(batch)
     scale = current_loss_scale()
     device = batch.support_x.device
@@ -452,14 +460,14 @@ def pooled_gradient(
 
 def map_tasks(
     fn: MapTaskFn, model: nn.Module, params: Params, batch: TaskBatch, execution: Execution, *,
-    reduce: Literal["stack", "mean"] = "stack", second_order: bool = False,
+    reduce: Literal["stack", "mean"] = "stack", second_order: bool = False, stateful: bool = False,
 ) -> Any:
     """``fn(model, params, task_i)`` for every task of ``batch``, without an outer graph, stacked along
     a new leading ``tasks`` dimension (``reduce="stack"``) or averaged over tasks (``"mean"``, summed as
     it goes, so the loop keeps one task's outputs at a time). ``second_order``: whether ``fn`` itself
     differentiates twice (iMAML's Hessian-vector products), which rules out ``vmap`` through norms."""
     batch = place_batch(batch, params)
-    p = plan(execution, model, batch, second_order=second_order, graph=False)
+    p = plan(execution, model, batch, second_order=second_order, graph=False, stateful=stateful)
     tensors, n = _tensors(batch), len(batch)
     with torch.no_grad(), autocast_for(execution.precision, batch.support_x.device):
         if p.vmap:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, get_type_hints
+from typing import Any, ClassVar, Literal, cast, get_type_hints
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from innerloop.adapt import Params, UpdateRule, model_loss, select, sgd, unroll
 from innerloop.algorithms.rates import InnerLR, InnerWeightDecay
 from innerloop.execution import Execution, TaskTensors, map_tasks
+from innerloop.norm import BATCH_NORM_POLICIES, BatchNormPolicy, NormState
 from innerloop.tasks import Objective, TaskBatch, TaskFamily
 from innerloop.typecheck import typed
 
@@ -161,6 +162,11 @@ class AlgorithmOptions:
     aliases: ClassVar[dict[str, str]] = {}
     """Older names of fields (config keys and keyword arguments of innerloop 0.1.0) -> field names."""
 
+    batch_norm: BatchNormPolicy = "batch"
+    """What BatchNorm layers normalise with (:mod:`innerloop.norm`): ``batch`` statistics (the MAML
+    protocol, transductive at test time), ``running`` statistics accumulated in meta-training and used
+    at test time (non-transductive), or ``per_step`` statistics (MAML++ only)."""
+
     def __post_init__(self) -> None:
         hints = get_type_hints(type(self))
         for f in dataclasses.fields(self):
@@ -169,6 +175,8 @@ class AlgorithmOptions:
 
     def check(self) -> None:
         """Range checks; raise ``ValueError`` naming the field, its value and what is allowed."""
+        check(self.batch_norm in BATCH_NORM_POLICIES, "batch_norm", self.batch_norm,
+              f"choose one of {list(BATCH_NORM_POLICIES)}")
 
 
 @dataclass(frozen=True)
@@ -181,6 +189,7 @@ class GradientOptions(AlgorithmOptions):
     """Inner steps per task in meta-training and validation."""
 
     def check(self) -> None:
+        super().check()
         check(isinstance(self.inner_lr, int | float) and 0 < self.inner_lr < float("inf"), "inner_lr",
               self.inner_lr, "must be > 0 (and finite)")
         check(_is_int(self.inner_steps) and self.inner_steps >= 1, "inner_steps", self.inner_steps,
@@ -227,6 +236,8 @@ class Algorithm(nn.Module):
 
     name: ClassVar[str] = "algorithm"
     Options: ClassVar[type[AlgorithmOptions]] = AlgorithmOptions
+    per_step_statistics: ClassVar[bool] = False
+    """Whether ``batch_norm = 'per_step'`` is supported (MAML++)."""
     capabilities: ClassVar[Capabilities] = Capabilities()
     variants: ClassVar[dict[str, dict[str, Any]]] = {}
     """Other registered names for this class with fixed option values (``fomaml`` is MAML with
@@ -253,6 +264,11 @@ class Algorithm(nn.Module):
         self.objective: Objective = fns.kind
         self.fns = fns
         self.options = self.make_options(options, overrides)
+        policy = self.options.batch_norm
+        if policy == "per_step" and not self.per_step_statistics:
+            raise ValueError(f"batch_norm = 'per_step' is MAML++'s per-step statistics, which {self.name} does "
+                             "not have; use 'batch' or 'running', or the algorithm 'mamlpp'.")
+        self.norm = NormState(model, policy, self.statistics_sets())
 
     def __getattr__(self, key: str) -> Any:
         """Options read as attributes (``maml.first_order``), after the module's own attributes."""
@@ -294,6 +310,26 @@ class Algorithm(nn.Module):
     def validation_steps(self) -> int:
         """Adaptation steps before scoring validation tasks (the options' ``inner_steps``, else 1)."""
         return int(getattr(self.options, "inner_steps", 1))
+
+    def statistics_sets(self) -> int:
+        """Sets of running statistics the BatchNorm policy keeps (MAML++'s ``per_step``: one per step)."""
+        return 1
+
+    def buffers_dict(self) -> Params:
+        """The buffers a functional forward of the model gets under the BatchNorm policy: the model's,
+        with the running statistics as ``None`` where batch statistics are used (:class:`NormState`)."""
+        return cast(Params, self.norm.buffers(self.model))
+
+    @property
+    def stateful(self) -> bool:
+        """Whether this meta-gradient accumulates running statistics (the execution layer then runs
+        the tasks as a loop)."""
+        return self.norm.keeps_statistics and self.model.training
+
+    def commit_statistics(self) -> None:
+        """Write the running statistics recorded by the last meta-batch's tasks into the model."""
+        if self.norm.pending():
+            self.norm.commit([dict(self.model.named_buffers())])
 
     def trainable(self) -> dict[str, Tensor]:
         """The meta-parameters: ``named_parameters()`` that require grad (a frozen parameter, with
@@ -392,9 +428,6 @@ class GradientBased(Algorithm):
     def params(self) -> Params:
         """The model's parameters as a name -> tensor dict (the live meta-parameters)."""
         return dict(self.model.named_parameters())
-
-    def buffers_dict(self) -> Params:
-        return dict(self.model.named_buffers())
 
     def predict(self, model: nn.Module, params: Params, x: Tensor, buffers: Params | None = None) -> Tensor:
         """``model``'s output on ``x [n, ...]`` with ``params`` and ``buffers`` (default: the model's)."""

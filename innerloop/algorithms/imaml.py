@@ -111,14 +111,17 @@ class IMAML(GradientBased):
         return {k: v.detach() for k, v in phi.items()}
 
     def _task(self, model: nn.Module, params: Params, task: TaskTensors) -> tuple[Params, Tensor]:
-        return self.implicit_gradient(model, self.inner_solve(params, {}, task[0], task[1], model=model), task)
+        phi = self.inner_solve(params, {}, task[0], task[1], model=model)
+        self.norm.record(model, phi, task[2])  # batch_norm="running": the adapted network's query statistics
+        return self.implicit_gradient(model, phi, task)
 
     def meta_gradient(self, batch: TaskBatch) -> tuple[dict[str, Tensor], dict[str, float]]:
         """Mean implicit gradient over tasks (keyed ``model.<name>``) and the mean query loss and
         metric at the adapted parameters. Inputs ``[tasks, examples, ...]``."""
         params = {k: v.detach() for k, v in self.params().items()}
         total, score = map_tasks(self._task, self.model, params, batch, self.execution, reduce="mean",
-                                 second_order=True)
+                                 second_order=True, stateful=self.stateful)
+        self.commit_statistics()
         grads = {k: torch.zeros_like(v) for k, v in self.trainable().items()}
         grads.update({f"model.{k}": v for k, v in total.items()})
         return grads, {"loss": float(score[0]), self.metric_name: float(score[1])}

@@ -67,7 +67,9 @@ class MAML(GradientBased):
         trajectory = adapt_trajectory(model_loss(model, self.fns.loss), params, buffers, sx, sy,
                                       steps=self.inner_steps, rule=self.rule(rates),
                                       adapt_names=self.adapt_names, first_order=self.options.first_order)
-        pred = self.predict(model, last(trajectory, params), qx, buffers)
+        adapted = last(trajectory, params)
+        pred = self.predict(model, adapted, qx, buffers)
+        self.norm.record(model, adapted, qx)  # batch_norm="running": the adapted network's query statistics
         loss = self.fns.loss(pred, qy)
         return loss, torch.stack([loss.detach(), self.fns.metric(pred.detach(), qy)])
 
@@ -77,5 +79,6 @@ class MAML(GradientBased):
         rates = dict(self.inner_lr.rates)
         grads, aux = meta_gradient(lambda m, p, task: self.task_loss(m, p, rates, task), self.model, self.params(),
                                    batch, self.trainable(), self.execution,
-                                   second_order=not self.options.first_order)
+                                   second_order=not self.options.first_order, stateful=self.stateful)
+        self.commit_statistics()
         return grads, {"loss": float(aux[0]), self.metric_name: float(aux[1])}

@@ -16,9 +16,12 @@ MAML with the paper's fixes, each an option here:
   (step 0 uses the model's own; steps 1..N-1 extra meta-parameters), used by the forward passes
   of that step and not adapted in the inner loop. The query loss after step ``j`` uses the set of
   step ``j`` (0-based), as in the paper's code.
-* BNRS (per-step running statistics) is not implemented: innerloop's Conv4 normalises with the
-  statistics of each batch (``track_running_stats=False``, the transductive MAML protocol), so
-  there are no running statistics to keep per step.
+* BNRS: per-step running statistics, ``batch_norm = "per_step"`` (:mod:`innerloop.norm`): one set
+  of running statistics per inner step (buffers ``step_stats.<j>``, checkpointed with the model),
+  accumulated in meta-training from the query forward after step ``j`` and used at test time by the
+  forwards of step ``j``. It needs BatchNorm layers that track running statistics
+  (``Conv4(track_running_stats=True)`` or stock ``nn.BatchNorm2d``); the default ``batch`` uses the
+  statistics of each batch (the transductive MAML protocol), ``running`` one set for every step.
 
 The outer iteration reaches the algorithm through :meth:`set_progress`, which the training loop
 calls before every iteration (and with the true step on resume), so the annealing needs no
@@ -28,7 +31,7 @@ checkpointed state. Called outside the loop, the algorithm is at iteration 0 unl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -95,6 +98,7 @@ class MAMLPlusPlus(GradientBased):
 
     name = "mamlpp"
     Options = MAMLPlusPlusOptions
+    per_step_statistics = True
 
     def __init__(self, model: nn.Module, objective: Objective | ObjectiveFns = "regression",
                  options: MAMLPlusPlusOptions | None = None, execution: Execution | None = None,
@@ -122,7 +126,39 @@ class MAMLPlusPlus(GradientBased):
             _key(n): nn.Parameter(torch.stack([params[n].detach().clone() for _ in range(o.inner_steps - 1)]))
             for n in self.bn_names if o.inner_steps > 1
         })
+        # BNRS: running statistics of inner steps 0..N-1 (batch_norm = "per_step")
+        self.step_stats = nn.ModuleList()
+        if self.norm.policy == "per_step":
+            own = dict(model.named_buffers())
+            for _ in range(o.inner_steps):
+                holder = nn.Module()
+                for n in self.norm.names:
+                    holder.register_buffer(_key(n), own[n].detach().clone())
+                self.step_stats.append(holder)
         self.iteration = 0
+
+    def statistics_sets(self) -> int:
+        return int(self.options.inner_steps)
+
+    def _stats(self, step: int) -> Params | None:
+        """The running statistics of inner step ``step`` (clamped to the last), keyed like the model's
+        buffers; ``None`` unless ``batch_norm = "per_step"``."""
+        if not len(self.step_stats):
+            return None
+        holder = self.step_stats[min(step, self.inner_steps - 1)]
+        return {n: holder.get_buffer(_key(n)) for n in self.norm.names}
+
+    def _step_buffers(self, step: int) -> Params:
+        """The buffers of the forwards of inner step ``step`` under the BatchNorm policy."""
+        return cast(Params, self.norm.buffers(self.model, self._stats(step)))
+
+    def commit_statistics(self) -> None:
+        if not self.norm.pending():
+            return
+        if self.norm.policy == "per_step":
+            self.norm.commit([cast(dict[str, Tensor], self._stats(j)) for j in range(self.inner_steps)])
+        else:
+            super().commit_statistics()
 
     def set_progress(self, step: int, total: int) -> None:
         """Remember the outer iteration: it sets the MSL weights and the derivative order."""
@@ -153,18 +189,25 @@ class MAMLPlusPlus(GradientBased):
         ``weights`` is ``None``, else after the final step only.
         """
         sx, sy, qx, qy = task
-        loss, buffers = model_loss(model, self.fns.loss), self.buffers_dict()
+        loss = model_loss(model, self.fns.loss)
         last_step = self.inner_steps - 1
         rule = sgd([{n: step_lr[_key(n)][min(j, last_step)] for n in self.adapt_names} for j in range(steps)])
-        trajectory = unroll(lambda p, j: loss({**p, **self._bn(bn, j)}, buffers, sx, sy), params, steps=steps,
-                            rule=rule, adapt_names=self.adapt_names, first_order=first_order)
-        total: Tensor = torch.zeros((), dtype=qx.dtype if qx.is_floating_point() else torch.float32)
-        out = [] if weights is not None else [scores(self.fns, self.predict(model, params, qx, buffers), qy)]
+        trajectory = unroll(lambda p, j: loss({**p, **self._bn(bn, j)}, self._step_buffers(j), sx, sy), params,
+                            steps=steps, rule=rule, adapt_names=self.adapt_names, first_order=first_order)
+        total: Tensor = params[self.adapt_names[0]].new_zeros(())
+        out = [] if weights is not None else [
+            scores(self.fns, self.predict(model, params, qx, self._step_buffers(0)), qy)]
+        per_step = self.norm.policy == "per_step"
         for j, current in enumerate(trajectory):
+            now = {**current, **self._bn(bn, j)}
+            if per_step:  # BNRS: the query statistics after step j feed set j
+                self.norm.record(model, now, qx, which=min(j, last_step), start=self._stats(j))
+            elif j == steps - 1:
+                self.norm.record(model, now, qx)  # batch_norm="running": one set
             if weights is None:
-                out.append(scores(self.fns, self.predict(model, {**current, **self._bn(bn, j)}, qx, buffers), qy))
+                out.append(scores(self.fns, self.predict(model, now, qx, self._step_buffers(j)), qy))
             elif weights[j] != 0 or j == steps - 1:
-                pred = self.predict(model, {**current, **self._bn(bn, j)}, qx, buffers)
+                pred = self.predict(model, now, qx, self._step_buffers(j))
                 loss_j = self.fns.loss(pred, qy)
                 total = total + weights[j] * loss_j
                 if j == steps - 1:
@@ -183,7 +226,8 @@ class MAMLPlusPlus(GradientBased):
             return total, out[-1]
 
         grads, final = meta_gradient(one, self.model, self.params(), batch, self.trainable(),
-                                     self.execution, second_order=not first_order)
+                                     self.execution, second_order=not first_order, stateful=self.stateful)
+        self.commit_statistics()
         return grads, {"loss": float(final[0]), self.metric_name: float(final[1])}
 
     def trajectory_scores(self, model: nn.Module, params: Params, task: TaskTensors, steps: int) -> Tensor:

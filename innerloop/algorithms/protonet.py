@@ -54,7 +54,7 @@ class ProtoNet(Algorithm):
 
     def embed(self, model: nn.Module, params: Params, x: Tensor) -> Tensor:
         """``[n, *input] -> [n, d]`` through ``model`` called with ``params`` and the model's buffers."""
-        out: Tensor = functional_call(model, (params, dict(self.model.named_buffers())), (x,))
+        out: Tensor = functional_call(model, (params, self.buffers_dict()), (x,))
         return out
 
     def task_logits(self, model: nn.Module, params: Params, support_x: Tensor, support_y: Tensor,
@@ -70,12 +70,14 @@ class ProtoNet(Algorithm):
         """Query cross-entropy of one task and its detached ``[loss, accuracy]``."""
         sx, sy, qx, qy = task
         logits = self.task_logits(model, params, sx, sy, qx)
+        self.norm.record(model, params, torch.cat([sx, qx]))  # batch_norm="running": the episode's statistics
         return self.fns.loss(logits, qy), scores(self.fns, logits, qy)
 
     def meta_gradient(self, batch: TaskBatch) -> tuple[dict[str, Tensor], dict[str, float]]:
         """Mean query cross-entropy over tasks, differentiated w.r.t. the embedding's parameters."""
         grads, aux = meta_gradient(self.task_loss, self.model, dict(self.model.named_parameters()), batch,
-                                   self.trainable(), self.execution, second_order=False)
+                                   self.trainable(), self.execution, second_order=False, stateful=self.stateful)
+        self.commit_statistics()
         return grads, {"loss": float(aux[0]), self.metric_name: float(aux[1])}
 
     def evaluate(self, batch: TaskBatch, steps: int) -> dict[str, Tensor]:

@@ -89,13 +89,16 @@ class Reptile(GradientBased):
     def adapt_task(self, model: nn.Module, params: Params, task: TaskTensors) -> tuple[Params, Tensor]:
         """``phi`` of one task (the adapted names only) and its query ``[loss, metric]`` (shape ``[2]``)."""
         phi = last(self.eval_trajectory(model, params, task, self.inner_steps), params)
+        self.norm.record(model, phi, task[2])  # batch_norm="running": the adapted network's query statistics
         return {n: phi[n] for n in self.adapt_names}, scores(self.fns, self.predict(model, phi, task[2]), task[3])
 
     def meta_gradient(self, batch: TaskBatch) -> tuple[dict[str, Tensor], dict[str, float]]:
         """``theta - mean_i phi_i`` for the adapted parameters (zero for the others), and the mean
         query loss and metric at ``phi_i``. Inputs ``[tasks, examples, ...]``."""
         params = {n: p.detach() for n, p in self.params().items()}
-        mean_phi, score = map_tasks(self.adapt_task, self.model, params, batch, self.execution, reduce="mean")
+        mean_phi, score = map_tasks(self.adapt_task, self.model, params, batch, self.execution, reduce="mean",
+                                    stateful=self.stateful)
+        self.commit_statistics()
         grads = {k: torch.zeros_like(v) for k, v in self.trainable().items()}
         for k, phi in mean_phi.items():
             grads[f"model.{k}"] = params[k] - phi

@@ -8,11 +8,13 @@ With max-pool, a block applies the pool before the ReLU: ``relu(maxpool(x)) == m
 exactly (ReLU is monotone), gradients included, and the ReLU then runs on a quarter of the
 elements (measured in ``benchmarks/speed``). The parameter names are those of the usual order.
 
-BatchNorm policy: the layers are built with ``track_running_stats=False``, so every forward
+BatchNorm: by default the layers are built with ``track_running_stats=False``, so every forward
 pass normalises with the statistics of the batch it is given. This is the MAML protocol
 ("transductive"): at test time the query set of a task is normalised with its own statistics.
-``norm="none"`` removes BatchNorm altogether: the option for non-transductive evaluation.
-Every reported number says which it used.
+``track_running_stats=True`` gives the layers running statistics, for the algorithms'
+non-transductive policies (``batch_norm = "running"`` or MAML++'s ``"per_step"``,
+:mod:`innerloop.norm`); ``norm="none"`` removes BatchNorm altogether. Every reported number says
+which it used.
 """
 
 from __future__ import annotations
@@ -27,11 +29,11 @@ Pool = Literal["max", "stride"]
 Norm = Literal["batch", "none"]
 
 
-def _block(cin: int, cout: int, pool: Pool, norm: Norm) -> nn.Sequential:
+def _block(cin: int, cout: int, pool: Pool, norm: Norm, track: bool) -> nn.Sequential:
     stride = 2 if pool == "stride" else 1
     layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, stride=stride, padding=1)]
     if norm == "batch":
-        layers.append(BatchNorm2d(cout, track_running_stats=False))
+        layers.append(BatchNorm2d(cout, track_running_stats=track))
     # Max-pool first: the same function as ReLU then max-pool, with 4x less ReLU work.
     layers += [nn.MaxPool2d(2), nn.ReLU()] if pool == "max" else [nn.ReLU()]
     return nn.Sequential(*layers)
@@ -46,7 +48,9 @@ class Conv4(nn.Module):
         hidden: filters per block: 64 (Omniglot), 32 (MAML's miniImageNet model).
         image_size: input height = width, to size the head (28 Omniglot, 84 miniImageNet).
         pool: ``max`` (2x2 max-pool after each block) or ``stride`` (stride-2 convolutions).
-        norm: ``batch`` (BatchNorm with batch statistics) or ``none``.
+        norm: ``batch`` (BatchNorm) or ``none``.
+        track_running_stats: give the BatchNorm layers running statistics (for the ``running`` and
+            ``per_step`` policies); without them every forward uses batch statistics.
     """
 
     def __init__(
@@ -57,6 +61,7 @@ class Conv4(nn.Module):
         image_size: int = 28,
         pool: Pool = "max",
         norm: Norm = "batch",
+        track_running_stats: bool = False,
     ) -> None:
         super().__init__()
         if pool not in ("max", "stride"):
@@ -68,7 +73,8 @@ class Conv4(nn.Module):
                 f"need ways >= 0, hidden >= 1, in_channels >= 1; got {ways}, {hidden}, {in_channels}."
             )
         self.features = nn.Sequential(
-            *[_block(in_channels if i == 0 else hidden, hidden, pool, norm) for i in range(4)],
+            *[_block(in_channels if i == 0 else hidden, hidden, pool, norm, track_running_stats)
+              for i in range(4)],
             nn.Flatten(),
         )
         size = image_size
