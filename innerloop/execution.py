@@ -97,6 +97,10 @@ class Execution:
             dtype). ``fp16`` needs a GPU and a loss scale (:func:`loss_scale`, which the training loop
             keeps dynamically); ``bf16`` on a CPU without native bfloat16 is emulated and several
             times slower than fp32.
+        reuse_features: when only one submodule's parameters adapt (a head: ANIL, a linear probe on
+            a frozen body), run the body once per task and split and the inner loop on the head alone
+            (:mod:`innerloop.split`; the same meta-gradient, checked on every task). ``False``: full
+            forwards at every inner step.
     """
 
     vectorize: Vectorize = "auto"
@@ -106,6 +110,7 @@ class Execution:
     eval_chunk: int = 200
     device: str = "auto"
     precision: Precision = "fp32"
+    reuse_features: bool = True
 
     def __post_init__(self) -> None:
         if self.vectorize not in VECTORIZE:
@@ -115,6 +120,8 @@ class Execution:
         threads = self.task_threads
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise ValueError(f"task_threads must be None or an integer >= 1, got {threads!r}.")
+        if not isinstance(self.reuse_features, bool):
+            raise ValueError(f"reuse_features must be true or false, got {self.reuse_features!r}.")
         if not isinstance(self.checkpoint, bool):
             raise ValueError(f"checkpoint must be true or false, got {self.checkpoint!r}.")
         if isinstance(self.eval_chunk, bool) or not isinstance(self.eval_chunk, int) or self.eval_chunk < 1:

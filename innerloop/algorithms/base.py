@@ -25,10 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from innerloop.adapt import Params, UpdateRule, model_loss, select, sgd, unroll
+from innerloop.adapt import Params, UpdateRule, select, sgd, unroll
 from innerloop.algorithms.rates import InnerLR, InnerWeightDecay
 from innerloop.execution import Execution, TaskTensors, map_tasks
 from innerloop.norm import BATCH_NORM_POLICIES, BatchNormPolicy, NormState
+from innerloop.split import TaskView, head_split
 from innerloop.tasks import Objective, TaskBatch, TaskFamily
 from innerloop.typecheck import typed
 
@@ -411,6 +412,7 @@ class GradientBased(Algorithm):
         names = [n for n, _ in model.named_parameters()]
         which: str | tuple[str, ...] = self.adapt_pattern or getattr(self.options, "adapt", None) or "all"
         self.adapt_names = trainable_only(model, self.chosen(names, which), which)
+        self.split = head_split(model, self.adapt_names) if self.execution.reuse_features else None
         params = dict(model.named_parameters())
         adapted = {n: params[n] for n in self.adapt_names}
         o = self.options
@@ -442,19 +444,25 @@ class GradientBased(Algorithm):
         wd = {k: v.detach() for k, v in self.inner_wd.rates.items()} if detach else None
         return sgd(self.inner_lr.as_dict(rates), self.inner_wd.as_dict(wd))
 
-    def eval_trajectory(self, model: nn.Module, params: Params, task: TaskTensors, steps: int) -> Iterator[Params]:
+    def view(self, model: nn.Module, params: Params, task: TaskTensors) -> TaskView:
+        """One task's predictions at any parameters (the head alone on features captured once where
+        only a head adapts, :mod:`innerloop.split`), under the BatchNorm policy's buffers."""
+        return TaskView(model, params, self.buffers_dict(), task[0], task[2], self.split)
+
+    def eval_trajectory(self, model: nn.Module, params: Params, task: TaskTensors, steps: int,
+                        view: TaskView | None = None) -> Iterator[Params]:
         """The test-time inner loop of one task: parameters after 1..``steps`` steps, no outer graph.
         Algorithms with another inner loop (Reptile's Adam, iMAML's proximal steps) override this."""
-        loss, buffers = model_loss(model, self.fns.loss), self.buffers_dict()
-        sx, sy = task[0], task[1]
-        return unroll(lambda p, _: loss(p, buffers, sx, sy), params, steps=steps, rule=self.rule(detach=True),
-                      adapt_names=self.adapt_names, first_order=True)
+        view = view or self.view(model, params, task)
+        sy = task[1]
+        return unroll(lambda p, _: self.fns.loss(view.support(p), sy), params, steps=steps,
+                      rule=self.rule(detach=True), adapt_names=self.adapt_names, first_order=True)
 
     def trajectory_scores(self, model: nn.Module, params: Params, task: TaskTensors, steps: int) -> Tensor:
         """``[2, steps + 1]``: query (loss, metric) of one task after 0..steps inner steps."""
-        qx, qy = task[2], task[3]
-        trajectory = [params, *self.eval_trajectory(model, params, task, steps)]
-        return torch.stack([scores(self.fns, self.predict(model, p, qx), qy) for p in trajectory], dim=-1)
+        view, qy = self.view(model, params, task), task[3]
+        trajectory = [params, *self.eval_trajectory(model, params, task, steps, view)]
+        return torch.stack([scores(self.fns, view.query(p), qy) for p in trajectory], dim=-1)
 
     def evaluate(self, batch: TaskBatch, steps: int) -> dict[str, Tensor]:
         """Fine-tune on each task's support set with the inner update rule (no meta-graph) and

@@ -35,6 +35,7 @@ from innerloop.adapt import Params, UpdateRule, gradient, hessian_vector_product
 from innerloop.algorithms.base import GradientBased, GradientOptions, check, scores
 from innerloop.execution import TaskTensors, map_tasks
 from innerloop.numerics import conjugate_gradient
+from innerloop.split import TaskView
 from innerloop.tasks import TaskBatch
 
 
@@ -71,11 +72,12 @@ class IMAML(GradientBased):
         return sgd(self.inner_lr.as_dict(), weight_decay=float(self.options.reg_lambda),
                    anchor={k: v.detach() for k, v in anchor.items()})
 
-    def eval_trajectory(self, model: nn.Module, params: Params, task: TaskTensors, steps: int) -> Iterator[Params]:
+    def eval_trajectory(self, model: nn.Module, params: Params, task: TaskTensors, steps: int,
+                        view: TaskView | None = None) -> Iterator[Params]:
         """Proximal steps anchored at ``params`` (iMAML's inner loop, at training and test time)."""
-        loss, buffers = model_loss(model, self.fns.loss), self.buffers_dict()
-        sx, sy = task[0], task[1]
-        return unroll(lambda p, _: loss(p, buffers, sx, sy), params, steps=steps,
+        view = view or self.view(model, params, task)
+        sy = task[1]
+        return unroll(lambda p, _: self.fns.loss(view.support(p), sy), params, steps=steps,
                       rule=self.proximal_rule({n: params[n] for n in self.adapt_names}),
                       adapt_names=self.adapt_names, first_order=True)
 

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from innerloop.adapt import Params, adapt_trajectory, last, model_loss
+from innerloop.adapt import Params, last, unroll
 from innerloop.algorithms.base import AlgorithmOptions, GradientBased, GradientOptions, check, check_adapt
 from innerloop.algorithms.rates import LR_MODES, LRMode
 from innerloop.execution import TaskTensors, meta_gradient
@@ -62,13 +62,13 @@ class MAML(GradientBased):
                   task: TaskTensors) -> tuple[Tensor, Tensor]:
         """Query loss of one task after adaptation (differentiable in ``params`` and ``rates``) and
         its detached ``[loss, metric]``. ``task``: ``(support_x, support_y, query_x, query_y)``."""
-        sx, sy, qx, qy = task
-        buffers = self.buffers_dict()
-        trajectory = adapt_trajectory(model_loss(model, self.fns.loss), params, buffers, sx, sy,
-                                      steps=self.inner_steps, rule=self.rule(rates),
-                                      adapt_names=self.adapt_names, first_order=self.options.first_order)
+        sy, qx, qy = task[1], task[2], task[3]
+        view = self.view(model, params, task)  # the head alone on captured features where only a head adapts
+        trajectory = unroll(lambda p, _: self.fns.loss(view.support(p), sy), params, steps=self.inner_steps,
+                            rule=self.rule(rates), adapt_names=self.adapt_names,
+                            first_order=self.options.first_order)
         adapted = last(trajectory, params)
-        pred = self.predict(model, adapted, qx, buffers)
+        pred = view.query(adapted)
         self.norm.record(model, adapted, qx)  # batch_norm="running": the adapted network's query statistics
         loss = self.fns.loss(pred, qy)
         return loss, torch.stack([loss.detach(), self.fns.metric(pred.detach(), qy)])

@@ -30,9 +30,10 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from innerloop.adapt import Params, UpdateRule, adam, last, model_loss, sgd, unroll
+from innerloop.adapt import Params, UpdateRule, adam, last, sgd, unroll
 from innerloop.algorithms.base import GradientBased, GradientOptions, check, check_adapt, scores
 from innerloop.execution import TaskTensors, map_tasks
+from innerloop.split import TaskView
 from innerloop.tasks import TaskBatch
 
 InnerOptimizer = Literal["sgd", "adam"]
@@ -79,18 +80,20 @@ class Reptile(GradientBased):
         o: ReptileOptions = self.options
         return sgd(lr) if o.inner_optimizer == "sgd" else adam(lr, o.betas)
 
-    def eval_trajectory(self, model: nn.Module, params: Params, task: TaskTensors, steps: int) -> Iterator[Params]:
+    def eval_trajectory(self, model: nn.Module, params: Params, task: TaskTensors, steps: int,
+                        view: TaskView | None = None) -> Iterator[Params]:
         """The inner loop of one task (training and test time alike): parameters after 1..``steps``."""
-        loss, buffers = model_loss(model, self.fns.loss), self.buffers_dict()
-        sx, sy = task[0], task[1]
-        return unroll(lambda p, _: loss(p, buffers, sx, sy), params, steps=steps, rule=self.rule(),
+        view = view or self.view(model, params, task)
+        sy = task[1]
+        return unroll(lambda p, _: self.fns.loss(view.support(p), sy), params, steps=steps, rule=self.rule(),
                       adapt_names=self.adapt_names, first_order=True)
 
     def adapt_task(self, model: nn.Module, params: Params, task: TaskTensors) -> tuple[Params, Tensor]:
         """``phi`` of one task (the adapted names only) and its query ``[loss, metric]`` (shape ``[2]``)."""
-        phi = last(self.eval_trajectory(model, params, task, self.inner_steps), params)
+        view = self.view(model, params, task)
+        phi = last(self.eval_trajectory(model, params, task, self.inner_steps, view), params)
         self.norm.record(model, phi, task[2])  # batch_norm="running": the adapted network's query statistics
-        return {n: phi[n] for n in self.adapt_names}, scores(self.fns, self.predict(model, phi, task[2]), task[3])
+        return {n: phi[n] for n in self.adapt_names}, scores(self.fns, view.query(phi), task[3])
 
     def meta_gradient(self, batch: TaskBatch) -> tuple[dict[str, Tensor], dict[str, float]]:
         """``theta - mean_i phi_i`` for the adapted parameters (zero for the others), and the mean

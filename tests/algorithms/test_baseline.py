@@ -165,7 +165,8 @@ def test_errors_name_the_way_out():
         Baseline(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)))
     with pytest.raises(ValueError, match="exposes no `splits\\['train'\\]` dataset"):
         Baseline(TinyNet(3)).training_family(Sinusoid())
-    with pytest.raises(ValueError, match="baseline has no option 'head'; its options are: batch_norm, inner_lr, inner_steps"):
+    with pytest.raises(ValueError,
+                       match="baseline has no option 'head'; its options are: batch_norm, inner_lr, inner_steps"):
         Baseline(TinyNet(3), head="rbf")
     with pytest.raises(ConfigError, match="baseline needs a classification family"):
         config_from_dict({"algorithm": {"name": "baseline"}})
