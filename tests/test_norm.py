@@ -210,3 +210,16 @@ def test_norm_state_copies_start_empty():
     state = NormState(StockConv4(), "running")
     twin = copy.deepcopy(state)
     assert not twin.pending() and twin.names == state.names
+
+
+def test_the_baseline_follows_the_policy():
+    from innerloop.algorithms import Baseline
+
+    _, stock = _pair()
+    before = _buffers(stock)
+    labels = TaskBatch(_batch().support_x, _batch().support_y, _batch().query_x, _batch().query_y)
+    Baseline(stock, "classification").meta_gradient(labels)
+    for k, v in _buffers(stock).items():
+        assert torch.equal(v, before[k]), k
+    Baseline(stock, "classification", batch_norm="running").meta_gradient(labels)
+    assert int(stock.features[0][1].num_batches_tracked) == 1

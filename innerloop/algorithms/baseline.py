@@ -107,9 +107,13 @@ class Baseline(Algorithm):
                 f"classes; this model's children are {names}. Use innerloop.models.Conv4(ways=<training classes>)."
             )
 
-    def body(self, x: Tensor) -> Tensor:
-        """The frozen features ``[batch, *input] -> [batch, d]``."""
-        out: Tensor = self.model.get_submodule("features")(x)
+    def body(self, x: Tensor, model: nn.Module | None = None) -> Tensor:
+        """The features ``[batch, *input] -> [batch, d]`` of ``model`` (default: this one's), a
+        functional call under the BatchNorm policy."""
+        model = model or self.model
+        params: dict[str, Tensor] = {k[9:]: v for k, v in model.named_parameters() if k.startswith("features.")}
+        buffers = {k[9:]: v for k, v in self.buffers_dict().items() if k.startswith("features.")}
+        out: Tensor = torch.func.functional_call(model.get_submodule("features"), (params, buffers), (x,))
         return out
 
     @property
@@ -162,12 +166,14 @@ class Baseline(Algorithm):
             x = torch.cat([b.support_x, b.query_x], dim=1).flatten(0, 1)
             y = torch.cat([b.support_y, b.query_y], dim=1).flatten(0, 1)
             logits = self.logits(x)
+            self.norm.record(self.model, dict(self.model.named_parameters()), x)  # batch_norm="running"
             loss = self.fns.loss(logits, y)
             return loss, torch.stack([loss.detach(), self.fns.metric(logits.detach(), y)])
 
         # Baseline++ leaves the head's bias unused: zero gradient (grads_of)
         grads, aux = pooled_gradient(pooled, dict(self.model.named_parameters()), batch, self.trainable(),
                                      self.execution)
+        self.commit_statistics()
         return grads, {"loss": float(aux[0]), "accuracy": float(aux[1])}
 
     # -- test time -------------------------------------------------------------------------------
@@ -191,7 +197,7 @@ class Baseline(Algorithm):
         """``[2, steps + 1]``: query (loss, accuracy) of one task after 0..``steps`` steps of fitting
         a new head on the frozen support features (full-batch gradient steps of ``inner_lr``)."""
         sx, sy, qx, qy = task
-        z = model.get_submodule("features")(torch.cat([sx, qx]))
+        z = self.body(torch.cat([sx, qx]), model)
         zs, zq = z[: len(sx)], z[len(sx) :]
         head = self.initial_head(int(sy.max()) + 1, z.shape[-1], z)
         fitted = unroll(lambda h, _: self.fns.loss(self.head_logits(h, zs), sy), head, steps=steps,

@@ -50,9 +50,11 @@ class Pretrain(GradientBased):
         def pooled(b: TaskBatch) -> tuple[Tensor, Tensor]:
             x = torch.cat([b.support_x, b.query_x], dim=1).flatten(0, 1)
             y = torch.cat([b.support_y, b.query_y], dim=1).flatten(0, 1)
-            pred = self.model(x)
+            pred = self.predict(self.model, self.params(), x)
+            self.norm.record(self.model, self.params(), x)  # batch_norm="running"
             loss = self.fns.loss(pred, y)
             return loss, torch.stack([loss.detach(), self.fns.metric(pred.detach(), y)])
 
         grads, aux = pooled_gradient(pooled, self.params(), batch, self.trainable(), self.execution)
+        self.commit_statistics()
         return grads, {"loss": float(aux[0]), self.metric_name: float(aux[1])}
