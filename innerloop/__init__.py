@@ -69,7 +69,10 @@ from innerloop.training import (
     run,
 )
 
-__version__ = importlib.metadata.version("innerloop")
+try:
+    __version__ = importlib.metadata.version("innerloop")
+except importlib.metadata.PackageNotFoundError:  # on PYTHONPATH without being installed
+    __version__ = "0.0.0+unknown"
 
 __all__ = [
     "ALGORITHMS", "ANIL", "BOIL", "IMAML", "MAML", "MLP", "ANILOptions", "Adam", "Algorithm",

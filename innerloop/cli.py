@@ -14,6 +14,7 @@ from typing import Any
 import torch.distributed
 
 from innerloop.data.download import DataError
+from innerloop.execution import PRECISIONS
 from innerloop.plotting import plot_run
 from innerloop.rl.config import RLConfig, RLEvalConfig, load_rl_config
 from innerloop.rl.mujoco import MissingMuJoCoError
@@ -21,9 +22,10 @@ from innerloop.rl.plots import plot_rl_run
 from innerloop.rl.train import load_rl_checkpoint, meta_test_rl, run_rl
 from innerloop.training.checkpoint import CheckpointError
 from innerloop.training.config import Config, ConfigError, load_config
+from innerloop.training.device import place
 from innerloop.training.distributed import DistributedError, barrier, init_from_env, rank
-from innerloop.training.evaluate import format_table, meta_test
-from innerloop.training.run import build_family, load_for_eval, run
+from innerloop.training.evaluate import format_table, meta_test, run_note
+from innerloop.training.run import batch_norm_of, build_family, load_for_eval, run
 
 DESCRIPTION = """\
 innerloop: meta-learning on PyTorch.
@@ -50,11 +52,20 @@ Meta-reinforcement learning: MAML with a vanilla policy-gradient inner step and 
 """
 
 
-def add_run_arguments(t: argparse.ArgumentParser, config_kind: str = "config") -> None:
+def add_device_arguments(t: argparse.ArgumentParser, precision: bool = True) -> None:
+    """``--device`` (and ``--precision``): overrides of ``execution.device`` / ``execution.precision``."""
+    t.add_argument("--device", help="override execution.device: auto (CUDA when present), cpu, cuda, cuda:N, mps")
+    if precision:
+        t.add_argument("--precision", choices=PRECISIONS,
+                       help="override execution.precision (fp16 needs a GPU; bf16 is slow on most CPUs)")
+
+
+def add_run_arguments(t: argparse.ArgumentParser, config_kind: str = "config", precision: bool = True) -> None:
     """The options of every training command (``innerloop train``, ``innerloop rl train``)."""
     t.add_argument("--config", type=Path, help=f"a .toml or .json {config_kind}; omitted keys keep defaults")
     t.add_argument("--out", help="run folder (default: the config's out_dir)")
     t.add_argument("--iterations", type=int, help="override train.iterations")
+    add_device_arguments(t, precision)
     t.add_argument("--overwrite", action="store_true", help="discard checkpoints in the run folder")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -67,9 +78,10 @@ def _add_rl_parser(sub: Any) -> None:
     t = rsub.add_parser("train", help="meta-train, then test MAML, the pre-trained policy and a random init",
                         description="Meta-train, then report returns after 0..k adaptation steps with 95% CIs. "
                         "A run resumes from OUT/last.pt when it exists and matches the config.")
-    add_run_arguments(t, "RL config")
+    add_run_arguments(t, "RL config", precision=False)
     e = rsub.add_parser("eval", help="test a checkpoint on fixed test tasks")
     e.add_argument("checkpoint", type=Path, help="a last.pt written by `innerloop rl train`")
+    add_device_arguments(e, precision=False)
     defaults = RLEvalConfig()
     e.add_argument("--tasks", type=int, default=defaults.test_tasks, help="test tasks (default %(default)s)")
     e.add_argument("--steps", type=int, default=defaults.steps, help="adaptation steps (default %(default)s)")
@@ -93,23 +105,35 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=int, default=defaults.steps, help="adaptation steps (default %(default)s)")
     e.add_argument("--shots", type=int, default=defaults.shots, help="support size (default %(default)s)")
     e.add_argument("--queries", type=int, default=defaults.queries, help="query size (default %(default)s)")
+    add_device_arguments(e)
     _add_rl_parser(sub)
     return p
 
 
+def _device_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The config keys that ``--device`` and ``--precision`` set."""
+    changes: dict[str, Any] = {}
+    if args.device is not None:
+        changes["execution.device"] = args.device
+    if getattr(args, "precision", None) is not None:
+        changes["execution.precision"] = args.precision
+    return changes
+
+
 def _run_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The config keys that ``--out`` and ``--iterations`` set."""
+    """The config keys that ``--out``, ``--iterations``, ``--device`` and ``--precision`` set."""
     changes: dict[str, Any] = {}
     if args.out:
         changes["out_dir"] = args.out
     if args.iterations is not None:
         changes["train.iterations"] = args.iterations
-    return changes
+    return {**changes, **_device_overrides(args)}
 
 
 def _train(args: argparse.Namespace) -> None:
     cfg = (load_config(args.config) if args.config else Config()).override(_run_overrides(args))
-    distributed = init_from_env(cfg.train.dist_timeout_s)  # under torchrun: join the process group
+    # under torchrun: join the process group (NCCL on GPUs, gloo for a CPU run)
+    distributed = init_from_env(cfg.train.dist_timeout_s, cfg.execution.device)
     lead = rank() == 0
     try:
         result = run(cfg, progress=not args.no_progress, overwrite=args.overwrite)
@@ -131,11 +155,17 @@ def _eval(args: argparse.Namespace) -> None:
     if args.tasks < 1 or args.steps < 0 or args.shots < 1 or args.queries < 1:
         raise ConfigError(f"--tasks ({args.tasks}), --shots ({args.shots}) and --queries "
                           f"({args.queries}) must be >= 1 and --steps ({args.steps}) >= 0.")
-    cfg, algorithm = load_for_eval(args.checkpoint)
-    res = meta_test(algorithm, build_family(cfg, args.shots, args.queries), "test", args.tasks, args.steps)
+    cfg, algorithm = load_for_eval(args.checkpoint, _device_overrides(args))
+    try:  # a device this machine lacks, or fp16 on a CPU: refused before the test starts
+        device = place(algorithm, cfg.execution.device, cfg.execution.precision)
+    except ValueError as err:
+        raise ConfigError(f"execution.{err}") from err
+    res = meta_test(algorithm, build_family(cfg, args.shots, args.queries), "test", args.tasks, args.steps,
+                    device=device)
     steps = sorted({0, min(1, args.steps), min(5, args.steps), args.steps})
     print(format_table({algorithm.name: res}, steps,
-                       f"{cfg.task.family}: {args.shots}-shot {res.metric}, {args.tasks} test tasks"))
+                       f"{cfg.task.family}: {args.shots}-shot {res.metric}, {args.tasks} test tasks",
+                       run_note(device, cfg.execution.precision, batch_norm_of(cfg))))
 
 
 def _rl_train(args: argparse.Namespace) -> None:
@@ -151,8 +181,12 @@ def _rl_eval(args: argparse.Namespace) -> None:
     if args.tasks < 2 or args.steps < 0 or args.rollouts < 2:
         raise ConfigError(f"--tasks ({args.tasks}) and --rollouts ({args.rollouts}) must be >= 2 and --steps "
                           f"({args.steps}) >= 0.")
-    cfg, algorithm, family = load_rl_checkpoint(args.checkpoint)
-    res = meta_test_rl(algorithm, family, args.tasks, args.steps, args.rollouts)
+    cfg, algorithm, family = load_rl_checkpoint(args.checkpoint, _device_overrides(args))
+    try:  # a device this machine lacks: refused before the test starts
+        place(algorithm, cfg.execution.device)
+    except ValueError as err:
+        raise ConfigError(f"execution.{err}") from err
+    res = meta_test_rl(algorithm, family, args.tasks, args.steps, args.rollouts, device=cfg.execution.device)
     print(format_table({str(args.checkpoint): res}, list(range(args.steps + 1)),
                        f"{cfg.env.name}: return, {args.tasks} test tasks (mean ± 95% CI)"))
 

@@ -182,9 +182,9 @@ class Baseline(Algorithm):
         ``linear``) drawn as ``nn.Linear`` does, U(-1/sqrt(dim), 1/sqrt(dim)), from a fixed seed."""
         g = torch.Generator().manual_seed(0)
         bound = 1 / math.sqrt(dim)
-        head = {"weight": (torch.rand(ways, dim, generator=g, dtype=torch.float64) * 2 - 1) * bound}
+        head = {"weight": (torch.rand(ways, dim, generator=g, dtype=torch.float64, device="cpu") * 2 - 1) * bound}
         if self.head_kind == "linear":
-            head["bias"] = (torch.rand(ways, generator=g, dtype=torch.float64) * 2 - 1) * bound
+            head["bias"] = (torch.rand(ways, generator=g, dtype=torch.float64, device="cpu") * 2 - 1) * bound
         return {k: v.to(like) for k, v in head.items()}
 
     def head_logits(self, head: Mapping[str, Tensor], z: Tensor) -> Tensor:

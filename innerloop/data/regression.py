@@ -113,10 +113,10 @@ class LinearRegression(_RegressionFamily):
 
     def _draw(self, g: torch.Generator, n: int) -> tuple[Tensor, Tensor]:
         d = self.dim
-        u = torch.rand(d + 1 + n * d, generator=g, dtype=torch.float64)
+        u = torch.rand(d + 1 + n * d, generator=g, dtype=torch.float64, device="cpu")
         w, b = _scale(u[:d], self.slope_range), _scale(u[d : d + 1], self.intercept_range)
         x = _scale(u[d + 1 :], self.x_range).view(n, d)
-        noise = self.noise_std * torch.randn(n, 1, generator=g, dtype=torch.float64)
+        noise = self.noise_std * torch.randn(n, 1, generator=g, dtype=torch.float64, device="cpu")
         return x, x @ w[:, None] + b + noise
 
 
@@ -156,7 +156,7 @@ class Sinusoid(_RegressionFamily):
         """(amplitudes, phases) ``[components]`` of task ``index``, e.g. to plot the true curve."""
         check_split(split)
         g = torch.Generator().manual_seed(task_seed(self.seed, split, index, type(self).__name__))
-        u = torch.rand(2 * self.components, generator=g, dtype=torch.float64)
+        u = torch.rand(2 * self.components, generator=g, dtype=torch.float64, device="cpu")
         return self._params(u)
 
     def _params(self, u: Tensor) -> tuple[Tensor, Tensor]:
@@ -170,7 +170,7 @@ class Sinusoid(_RegressionFamily):
 
     def _draw(self, g: torch.Generator, n: int) -> tuple[Tensor, Tensor]:
         # one draw per task: the function's parameters first, so they do not depend on n
-        u = torch.rand(2 * self.components + n, generator=g, dtype=torch.float64)
+        u = torch.rand(2 * self.components + n, generator=g, dtype=torch.float64, device="cpu")
         amp, phase = self._params(u)
         x = _scale(u[2 * self.components :], self.x_range).unsqueeze(-1)
         return x, self.curve(x, amp, phase)

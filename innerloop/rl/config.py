@@ -1,8 +1,8 @@
 """Typed configuration of a meta-RL run (``innerloop rl train --config FILE``).
 
-Sections ``env``, ``policy``, ``algorithm``, ``train`` and ``eval``; a file sets only what it
-changes, and the defaults are the MAML paper's 2D navigation set-up. Validated before any work
-starts, with the same rules and messages as :mod:`innerloop.training.config`.
+Sections ``env``, ``policy``, ``algorithm``, ``train``, ``eval`` and ``execution`` (the device); a
+file sets only what it changes, and the defaults are the MAML paper's 2D navigation set-up.
+Validated before any work starts, with the same rules and messages as :mod:`innerloop.training.config`.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from innerloop.execution import check_device_name
 from innerloop.models.mlp import ACTIVATIONS
 from innerloop.training.config import ConfigError, apply_overrides, check_types, from_dict, read_config_file
 
@@ -103,6 +104,19 @@ class RLEvalConfig:
 
 
 @dataclass(frozen=True)
+class RLExecutionConfig:
+    """Where the policy computes (the environments step on the CPU; observations and actions cross)."""
+
+    device: str = "auto"
+    """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``: the policy, the
+    episodes' tensors, the inner steps and the outer (TRPO / PPO) step live there. Checked to exist when
+    the run starts. Meta-RL runs in float32."""
+
+    def __post_init__(self) -> None:
+        check_device_name(self.device)
+
+
+@dataclass(frozen=True)
 class RLConfig:
     """A whole meta-RL run."""
 
@@ -111,6 +125,7 @@ class RLConfig:
     algorithm: RLAlgorithmConfig = field(default_factory=RLAlgorithmConfig)
     train: RLTrainConfig = field(default_factory=RLTrainConfig)
     eval: RLEvalConfig = field(default_factory=RLEvalConfig)
+    execution: RLExecutionConfig = field(default_factory=RLExecutionConfig)
     out_dir: str = "runs/rl-nav2d"
 
     def to_dict(self) -> dict[str, Any]:
@@ -130,7 +145,7 @@ class RLConfig:
     def _check(self) -> None:
         """Types (for a config built in Python) and the ranges that types alone cannot express;
         raises :class:`ConfigError`."""
-        for section in ("env", "policy", "algorithm", "train", "eval"):
+        for section in ("env", "policy", "algorithm", "train", "eval", "execution"):
             check_types(getattr(self, section), section)
 
         def need(ok: bool, key: str, value: Any, rule: str) -> None:

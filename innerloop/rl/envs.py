@@ -68,9 +68,10 @@ def uniform_tasks(seed: int, split: Split, indices: Sequence[int], low: Tensor, 
     rows = []
     for i in indices:
         g = torch.Generator().manual_seed(task_seed(seed, split, int(i), salt))
-        rows.append(low + (high - low) * torch.rand(low.shape, generator=g, dtype=torch.float64))
+        u = torch.rand(low.shape, generator=g, dtype=torch.float64, device=low.device)
+        rows.append(low + (high - low) * u)
     dtype = torch.get_default_dtype()
-    return torch.stack(rows).to(dtype) if rows else torch.empty(0, low.numel(), dtype=dtype)
+    return torch.stack(rows).to(dtype) if rows else torch.empty(0, low.numel(), dtype=dtype, device=low.device)
 
 
 class Navigation2DEnv:
@@ -98,13 +99,13 @@ class Navigation2DEnv:
         self.num_envs = goals.shape[0]
         self.horizon, self.action_bound, self.goal_radius = horizon, action_bound, goal_radius
         self.position = torch.zeros_like(self.goals)
-        self.done = torch.zeros(self.num_envs, dtype=torch.bool)
+        self.done = torch.zeros(self.num_envs, dtype=torch.bool, device=goals.device)
         self.t = 0
 
     def reset(self, seed: Sequence[int] | None = None) -> tuple[Tensor, dict[str, Any]]:
         """Every copy back to the origin (deterministic: ``seed`` is accepted and unused)."""
         self.position = torch.zeros_like(self.goals)
-        self.done = torch.zeros(self.num_envs, dtype=torch.bool)
+        self.done = torch.zeros_like(self.done)
         self.t = 0
         return self.position.clone(), {}
 
@@ -119,7 +120,7 @@ class Navigation2DEnv:
         reward = torch.where(live, -distance, torch.zeros_like(distance))
         self.done = self.done | (live & (distance < self.goal_radius))
         self.t += 1
-        truncated = torch.full((self.num_envs,), self.t >= self.horizon)
+        truncated = torch.full((self.num_envs,), self.t >= self.horizon, device=self.goals.device)
         return self.position.clone(), reward, self.done.clone(), truncated, {}
 
 
@@ -147,8 +148,8 @@ class Navigation2D:
 
     def tasks(self, split: Split, indices: Sequence[int]) -> Tensor:
         """``[n, 2]`` goal positions."""
-        low, high = torch.full((2,), self.goal_low, dtype=torch.float64), torch.full((2,), self.goal_high,
-                                                                                        dtype=torch.float64)
+        low = torch.full((2,), self.goal_low, dtype=torch.float64, device="cpu")
+        high = torch.full((2,), self.goal_high, dtype=torch.float64, device="cpu")
         return uniform_tasks(self.seed, split, indices, low, high, "nav2d")
 
     def make(self, tasks: Tensor) -> Navigation2DEnv:

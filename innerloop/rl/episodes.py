@@ -61,12 +61,13 @@ class Noise:
 def rollout_noise(seed: int, split: Split, indices: Sequence[int], tag: str, rollouts: int, horizon: int,
                   act_dim: int) -> Noise:
     """The randomness of rolling out tasks ``indices`` of ``split``; ``tag`` names the phase (e.g.
-    ``"adapt0"``, ``"valid"``) so that different phases draw independent noise."""
+    ``"adapt0"``, ``"valid"``) so that different phases draw independent noise. Drawn on the CPU (the
+    same numbers whatever the device; :func:`rollout` moves the action noise to the policy)."""
     acts, seeds = [], []
     for i in indices:
         g = torch.Generator().manual_seed(task_seed(seed, split, int(i), f"rollout/{tag}"))
-        seeds.append(torch.randint(0, 2**31 - 1, (rollouts,), generator=g))
-        acts.append(torch.randn(rollouts, horizon, act_dim, generator=g))
+        seeds.append(torch.randint(0, 2**31 - 1, (rollouts,), generator=g, device="cpu"))
+        acts.append(torch.randn(rollouts, horizon, act_dim, generator=g, device="cpu"))
     return Noise(torch.stack(acts), torch.stack(seeds))
 
 
@@ -94,25 +95,30 @@ def rollout(family: EnvFamily, policy: nn.Module, params: Params, tasks: Tensor,
         per_task: whether ``params`` holds one policy per task.
 
     Returns:
-        :class:`Episodes` of shape ``[tasks, rollouts, horizon, ...]``.
+        :class:`Episodes` of shape ``[tasks, rollouts, horizon, ...]``, on the policy's device (the
+        environments step where ``tasks`` are, the CPU: observations and actions cross each step).
     """
     B, R, T, _ = noise.actions.shape
     if tasks.shape[0] != B:
         raise ValueError(f"{tasks.shape[0]} tasks but noise for {B}.")
+    device = next(iter(params.values())).device
+    host = tasks.device
     env = family.make(tasks.repeat_interleave(R, dim=0))
     obs, _ = env.reset(seed=noise.reset_seeds.reshape(-1).tolist())
-    alive = torch.ones(B * R)
+    action_noise = noise.actions.to(device)
+    alive = torch.ones(B * R, device=device)
     all_obs, all_act, all_rew, all_mask = [], [], [], []
     for t in range(T):
-        o = obs.reshape(B, R, -1)
+        o = obs.reshape(B, R, -1).to(device)
         mean, log_std = policy_distribution(policy, params, o, per_task)
-        action = mean + torch.exp(log_std) * noise.actions[:, :, t]
-        obs, reward, terminated, _, _ = env.step(action.reshape(B * R, -1))
+        action = mean + torch.exp(log_std) * action_noise[:, :, t]
+        obs, reward, terminated, _, _ = env.step(action.reshape(B * R, -1).to(host))
+        reward, terminated = reward.to(device), terminated.to(device)
         all_obs.append(o)
         all_act.append(action)
         all_rew.append((reward * alive).reshape(B, R))
         all_mask.append(alive.reshape(B, R))
-        alive = alive * (~terminated).float()
+        alive = alive * (~terminated).to(alive.dtype)
     return Episodes(torch.stack(all_obs, 2), torch.stack(all_act, 2), torch.stack(all_rew, 2),
                     torch.stack(all_mask, 2))
 
@@ -131,7 +137,7 @@ def baseline_features(obs: Tensor) -> Tensor:
     """``[tasks, rollouts, horizon, 2 obs_dim + 4]``: rllab's ``LinearFeatureBaseline`` features
     ``[o, o^2, t/100, (t/100)^2, (t/100)^3, 1]`` with ``o`` the observation clipped to [-10, 10]."""
     o = obs.clamp(-10, 10)
-    t = torch.arange(obs.shape[-2], dtype=obs.dtype) / 100.0
+    t = torch.arange(obs.shape[-2], dtype=obs.dtype, device=obs.device) / 100.0
     t = t.view(*(1,) * (obs.dim() - 2), -1, 1).expand(*obs.shape[:-1], 1)
     return torch.cat([o, o * o, t, t * t, t * t * t, torch.ones_like(t)], dim=-1)
 
@@ -155,7 +161,7 @@ def fit_linear_baseline(obs: Tensor, returns: Tensor, mask: Tensor, reg: float =
     w = mask.double().flatten(1, 2).unsqueeze(-1)
     y = returns.double().flatten(1, 2).unsqueeze(-1)
     XtX, Xty = X.transpose(1, 2) @ (w * X), X.transpose(1, 2) @ (w * y)
-    eye = torch.eye(X.shape[-1], dtype=X.dtype)
+    eye = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)
     for _ in range(5):
         beta = torch.linalg.solve(XtX + reg * eye, Xty)
         if torch.isfinite(beta).all():

@@ -87,7 +87,7 @@ class HalfCheetahVectorEnv:
             raise ValueError(f"give one seed per environment ({self.num_envs}), got {len(seed)}.")
         obs = [env.reset(seed=None if seed is None else int(seed[j]))[0] for j, env in enumerate(self.envs)]
         self.t = 0
-        return torch.as_tensor(np.stack(obs), dtype=torch.get_default_dtype()), {}
+        return torch.as_tensor(np.stack(obs), dtype=torch.get_default_dtype(), device="cpu"), {}
 
     def forward_velocity(self, action: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Step every copy with ``action [n, 6]`` (clipped); returns ``(obs [n, 17], x velocity [n])``."""
@@ -109,11 +109,12 @@ class HalfCheetahVectorEnv:
         ctrl = CTRL_COST * np.square(a).sum(-1)
         forward = -np.abs(vel - self.tasks) if self.mode == "velocity" else self.tasks * vel
         self.t += 1
-        n = self.num_envs
+        n, cpu = self.num_envs, torch.device("cpu")  # the simulator's tensors live on the host
         dtype = torch.get_default_dtype()
-        return (torch.as_tensor(obs, dtype=dtype), torch.as_tensor(forward - ctrl, dtype=dtype),
-                torch.zeros(n, dtype=torch.bool), torch.full((n,), self.t >= self.horizon),
-                {"x_velocity": torch.as_tensor(vel), "ctrl_cost": torch.as_tensor(ctrl)})
+        return (torch.as_tensor(obs, dtype=dtype, device=cpu),
+                torch.as_tensor(forward - ctrl, dtype=dtype, device=cpu),
+                torch.zeros(n, dtype=torch.bool, device=cpu), torch.full((n,), self.t >= self.horizon, device=cpu),
+                {"x_velocity": torch.as_tensor(vel, device=cpu), "ctrl_cost": torch.as_tensor(ctrl, device=cpu)})
 
 
 class HalfCheetahVel:
@@ -130,9 +131,9 @@ class HalfCheetahVel:
 
     def tasks(self, split: Split, indices: Sequence[int]) -> Tensor:
         """``[n, 1]`` goal velocities."""
-        low = torch.tensor([self.low], dtype=torch.float64)
-        return uniform_tasks(self.seed, split, indices, low, torch.tensor([self.high], dtype=torch.float64),
-                             "cheetah-vel")
+        low = torch.tensor([self.low], dtype=torch.float64, device="cpu")
+        high = torch.tensor([self.high], dtype=torch.float64, device="cpu")
+        return uniform_tasks(self.seed, split, indices, low, high, "cheetah-vel")
 
     def make(self, tasks: Tensor) -> HalfCheetahVectorEnv:
         return HalfCheetahVectorEnv(tasks, "velocity", self.horizon)
@@ -154,7 +155,7 @@ class HalfCheetahDir:
         """``[n, 1]`` directions, +1 or -1."""
         check_split(split)
         signs = [1.0 if task_seed(self.seed, split, int(i), "cheetah-dir") % 2 == 0 else -1.0 for i in indices]
-        return torch.tensor(signs).reshape(-1, 1)
+        return torch.tensor(signs, device="cpu").reshape(-1, 1)
 
     def make(self, tasks: Tensor) -> HalfCheetahVectorEnv:
         return HalfCheetahVectorEnv(tasks, "direction", self.horizon)

@@ -25,8 +25,17 @@ from innerloop.rl.families import make_env_family
 from innerloop.rl.maml import PolicyMAML
 from innerloop.rl.policy import GaussianMLP
 from innerloop.training.checkpoint import CheckpointError, load_checkpoint, load_state
-from innerloop.training.config import ConfigError
-from innerloop.training.evaluate import EvalResult, RunResult, format_table, machine, mean_ci95, write_results
+from innerloop.training.config import ConfigError, apply_overrides
+from innerloop.training.device import place, run_device
+from innerloop.training.evaluate import (
+    EvalResult,
+    RunResult,
+    format_table,
+    machine,
+    mean_ci95,
+    run_note,
+    write_results,
+)
 from innerloop.training.loop import Schedule, clear_run, run_loop
 
 
@@ -52,6 +61,7 @@ def meta_train_rl(
     resume: bool = True,
     progress: bool = True,
     desc: str = "meta-train",
+    device: str = "auto",
 ) -> RLTrainResult:
     """Meta-train ``algorithm`` on ``family``'s train split with TRPO (or PPO) in the outer loop.
 
@@ -65,7 +75,10 @@ def meta_train_rl(
         identity: what must match for a checkpoint to be resumed; stored and compared.
         resume: continue from ``run_dir/last.pt`` when it exists.
         progress: a progress bar with the returns before and after adaptation and the speed.
+        device: where the policy computes (``execution.device``), resolved before any work; the policy
+            is moved there before the optimiser is built.
     """
+    place(algorithm, device)
     optimizer = torch.optim.Adam(algorithm.parameters(), lr=cfg.ppo_lr) if cfg.optimizer == "ppo" else None
     B = cfg.meta_batch_size
 
@@ -87,14 +100,17 @@ def meta_train_rl(
 
 
 def meta_test_rl(algorithm: PolicyMAML, family: EnvFamily, tasks: int, steps: int, rollouts: int,
-                 lr: float | None = None, chunk: int = 20, split: str = "test") -> EvalResult:
+                 lr: float | None = None, chunk: int = 20, split: str = "test", *,
+                 device: str = "auto") -> EvalResult:
     """Mean return after 0..``steps`` policy-gradient steps on tasks ``0..tasks-1`` of ``split``
-    (fixed tasks and fixed rollout noise, the same for every policy), with 95% CIs over tasks."""
+    (fixed tasks and fixed rollout noise, the same for every policy), with 95% CIs over tasks; computed
+    on ``device`` (the policy moved there), the statistics on the CPU."""
+    place(algorithm, device)
     rows = []
     for begin in range(0, tasks, chunk):
         scores, _ = algorithm.evaluate(family, split, range(begin, min(tasks, begin + chunk)), steps,  # type: ignore[arg-type]
                                        rollouts, lr)
-        rows.append(scores)
+        rows.append(scores.to("cpu", torch.float64))
     r = torch.cat(rows)
     per_step = [mean_ci95(r[:, k]) for k in range(steps + 1)]
     return EvalResult("return", tasks, per_step, per_step)
@@ -140,6 +156,10 @@ def run_rl(cfg: RLConfig, *, progress: bool = True, overwrite: bool = False) -> 
         the family for the plots (:func:`innerloop.rl.plots.plot_rl_run`).
     """
     out = Path(cfg.out_dir)
+    try:  # a device this machine lacks fails here, before anything is touched
+        device = run_device(cfg.execution.device)
+    except ValueError as err:
+        raise ConfigError(f"execution.{err}") from err
     family = build_env_family(cfg)
     runs = [("maml", out, cfg.algorithm.inner_steps, cfg.train.iterations)]
     if cfg.eval.pretrain:
@@ -150,36 +170,40 @@ def run_rl(cfg: RLConfig, *, progress: bool = True, overwrite: bool = False) -> 
     out.mkdir(parents=True, exist_ok=True)
     e = cfg.eval
     lr = e.inner_lr or cfg.algorithm.inner_lr
-    report: dict[str, Any] = {"config": cfg.to_dict(), "machine": machine(), "runs": {}}
+    report: dict[str, Any] = {"config": cfg.to_dict(), "machine": machine(device), "runs": {},
+                              "execution": {"device": str(device), "precision": "fp32", "batch_norm": "none"}}
     trained: dict[str, PolicyMAML] = {}
     results: dict[str, EvalResult] = {}
     for name, folder, inner_steps, iterations in runs:
         algorithm = build_algorithm(cfg, family, inner_steps)
         train_cfg = dataclasses.replace(cfg.train, iterations=iterations)
         tr = meta_train_rl(algorithm, family, train_cfg, cfg.algorithm.rollouts, folder,
-                           identity=rl_identity(cfg, name), progress=progress, desc=name)
+                           identity=rl_identity(cfg, name), progress=progress, desc=name, device=str(device))
         t0 = time.perf_counter()
-        res = meta_test_rl(algorithm, family, e.test_tasks, e.steps, e.rollouts, lr)
+        res = meta_test_rl(algorithm, family, e.test_tasks, e.steps, e.rollouts, lr, device=str(device))
         trained[name], results[name] = algorithm, res
         report["runs"][name] = {"iterations": iterations, "train_wall_s": tr.wall_time_s,
                                 "eval_wall_s": time.perf_counter() - t0, "test": res.to_dict()}
     if e.random_init:
         algorithm = build_algorithm(cfg, family)
         t0 = time.perf_counter()
-        res = meta_test_rl(algorithm, family, e.test_tasks, e.steps, e.rollouts, lr)
+        res = meta_test_rl(algorithm, family, e.test_tasks, e.steps, e.rollouts, lr, device=str(device))
         trained["random init"], results["random init"] = algorithm, res
         report["runs"]["random init"] = {"iterations": 0, "train_wall_s": 0.0,
                                          "eval_wall_s": time.perf_counter() - t0, "test": res.to_dict()}
     title = (f"{cfg.env.name}: return after 0..{e.steps} policy-gradient steps (lr {lr}, {e.rollouts} episodes "
              f"per step), {e.test_tasks} fixed test tasks (mean ± 95% CI)")
-    report["table"] = format_table(results, list(range(e.steps + 1)), title)
+    report["table"] = format_table(results, list(range(e.steps + 1)), title,
+                                   run_note(device, "fp32", "none (MLP policy)"))
     result = RunResult(report, results, trained, family, title, out)
     write_results(result)
     return result
 
 
-def load_rl_checkpoint(checkpoint: str | Path) -> tuple[RLConfig, PolicyMAML, EnvFamily]:
-    """Rebuild the policy a checkpoint of :func:`run_rl` holds, with its config and family."""
+def load_rl_checkpoint(checkpoint: str | Path, overrides: Mapping[str, Any] | None = None,
+                       ) -> tuple[RLConfig, PolicyMAML, EnvFamily]:
+    """Rebuild the policy a checkpoint of :func:`run_rl` holds (written on any device; built on the CPU),
+    with its config and family. ``overrides``: dotted config keys to change (``{"execution.device": "cuda"}``)."""
     payload = load_checkpoint(checkpoint)
     ident = payload.get("identity")
     if not ident or "env" not in ident:
@@ -187,7 +211,7 @@ def load_rl_checkpoint(checkpoint: str | Path) -> tuple[RLConfig, PolicyMAML, En
     d = RLConfig().to_dict()
     d.update(env=ident["env"], policy=ident["policy"], algorithm=ident["algorithm_cfg"])
     d["train"].update(ident["train"])
-    cfg = rl_config_from_dict(d)
+    cfg = rl_config_from_dict(apply_overrides(d, dict(overrides or {})))
     family = build_env_family(cfg)
     algorithm = build_algorithm(cfg, family, 0 if ident["algorithm"] == "pretrained" else None)
     load_state(algorithm, payload["state"], str(checkpoint))

@@ -22,13 +22,15 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     atomic_write_bytes(Path(path), lambda f: torch.save({"format": FORMAT, **payload}, f))
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint`."""
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`, its tensors on ``map_location`` (default
+    the CPU: a checkpoint written on a GPU loads on a machine without one, and ``load_state_dict``
+    copies the weights to wherever the model lives)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {str(path)!r}.")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as err:  # corrupt or not a torch file
         raise CheckpointError(f"{str(path)!r} is not a readable checkpoint: {err}") from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

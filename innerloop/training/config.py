@@ -8,14 +8,15 @@ file only overrides what it names.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_type_hints
 
-from innerloop.algorithms.base import AlgorithmOptions, resolve_aliases
+from innerloop.algorithms.base import AlgorithmOptions, ObjectiveFns, custom_objective, resolve_aliases
 from innerloop.algorithms.registry import ALGORITHMS
 from innerloop.data.regression import FAMILIES
 from innerloop.data.sampling import IMAGE_FAMILIES
@@ -215,6 +216,72 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class ObjectiveConfig:
+    """A loss (and metric) of your own instead of the family's (MSE for regression; cross-entropy and
+    accuracy for classification), given by import path: ``loss = "mypackage.losses:l1"`` names a
+    function ``(pred, target) -> scalar tensor`` (differentiable, twice for second-order algorithms).
+    The paths are imported when the config is checked, so a wrong one fails before any work."""
+
+    loss: str = ""
+    """``"package.module:function"``: the loss to train and adapt with; empty: the family's default
+    (and then no other key of this section may be set)."""
+    metric: str = ""
+    """``"package.module:function"``: the metric reported after adaptation; empty: the loss itself
+    (lower is better)."""
+    metric_name: str = ""
+    """The metric's name in logs and tables (empty: the function's name)."""
+    higher_is_better: bool | None = None
+    """Whether a higher metric is better (it picks the best checkpoint); needed with a ``metric``."""
+    targets: Literal["", "values", "labels", "any"] = ""
+    """The shape rule checked on every call: ``values`` (prediction and target of the same shape),
+    ``labels`` (``[n, classes]`` scores and ``[n]`` integer labels) or ``any``; empty: the family's
+    (``values`` for regression, ``labels`` for classification)."""
+
+
+def load_callable(path: str, key: str) -> Callable[..., Any]:
+    """The callable that the import path ``"package.module:name"`` (``name`` may be dotted) names;
+    :class:`ConfigError` naming ``key`` and ``path`` when it does not import or is not callable."""
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"{key} = {path!r} is invalid: give an import path 'package.module:function' "
+                          "(e.g. 'torch.nn.functional:l1_loss').")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as err:  # ImportError, or the module's own error while importing
+        why = f"{type(err).__name__}: {err}"
+        raise ConfigError(f"{key} = {path!r}: module {module_name!r} does not import ({why}); check the "
+                          "spelling and that the package is installed or on PYTHONPATH.") from err
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"{key} = {path!r}: {module_name!r} has no {attr!r}; name a function defined there.")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ConfigError(f"{key} = {path!r} names {type(obj).__name__} {obj!r}, not a function; name a function "
+                          "(pred, target) -> scalar tensor.")
+    fn: Callable[..., Any] = obj
+    return fn
+
+
+def build_objective(o: ObjectiveConfig, kind: Literal["regression", "classification"]) -> ObjectiveFns | None:
+    """The :class:`~innerloop.algorithms.base.ObjectiveFns` of an ``[objective]`` section for tasks of
+    ``kind``; ``None`` when it sets no loss (the family's default). Raises :class:`ConfigError`."""
+    if not o.loss:
+        given = [f.name for f in dataclasses.fields(o) if getattr(o, f.name) != f.default]
+        if given:
+            raise ConfigError(f"objective.{given[0]} = {getattr(o, given[0])!r} is set without objective.loss; "
+                              "set objective.loss too (a metric goes with a loss of your own), or leave the "
+                              "section out.")
+        return None
+    loss = load_callable(o.loss, "objective.loss")
+    metric = load_callable(o.metric, "objective.metric") if o.metric else None
+    try:
+        return custom_objective(loss, metric, kind=kind, metric_name=o.metric_name or None,
+                                higher_is_better=o.higher_is_better, targets=o.targets or None)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"objective: {err}") from err
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole run."""
 
@@ -222,10 +289,14 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     execution: Execution = field(default_factory=Execution)
-    """How meta-batches run (vmap, loop, task threads, memory layout, checkpointed inner steps): the
-    fields of :class:`innerloop.execution.Execution`. The same results on every setting."""
+    """How meta-batches run (vmap, loop, task threads, memory layout, checkpointed inner steps) and where
+    (``device``: ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``; ``precision``: ``fp32``, ``bf16``,
+    ``fp16``): the fields of :class:`innerloop.execution.Execution`. The same results on every setting
+    of the first five; the device is checked to exist when the run starts."""
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    """A loss and metric of your own (import paths), instead of the family's."""
     out_dir: str = "runs/sinusoid-maml"
 
     def to_dict(self) -> dict[str, Any]:
@@ -256,7 +327,7 @@ class Config:
     def _check(self) -> None:
         """Types (for a config built in Python; a file's are checked as it is read) and the ranges
         that types alone cannot express; raises :class:`ConfigError`."""
-        for section in ("task", "model", "train", "eval"):
+        for section in ("task", "model", "train", "eval", "objective"):
             check_types(getattr(self, section), section)
         _check(self.out_dir, str, "out_dir")
 
@@ -312,6 +383,12 @@ class Config:
         need(e.baseline_iterations is None or e.baseline_iterations >= 1,
              "eval.baseline_iterations", e.baseline_iterations, "must be >= 1")
         need(e.plot_tasks >= 0, "eval.plot_tasks", e.plot_tasks, "must be >= 0")
+        build_objective(self.objective, self.objective_kind)  # imports the paths: a wrong one fails here
+
+    @property
+    def objective_kind(self) -> Literal["regression", "classification"]:
+        """``classification`` for the image families, ``regression`` for the rest."""
+        return "classification" if self.task.family in IMAGE_FAMILIES else "regression"
 
 
 def _check(value: Any, tp: Any, key: str) -> Any:
@@ -424,7 +501,7 @@ def load_config(path: str | Path) -> Config:
 
 
 __all__ = [
-    "AlgorithmConfig", "Config", "ConfigError", "EvalConfig", "ModelConfig", "TaskConfig",
-    "TrainConfig", "apply_overrides", "config_from_dict", "from_dict", "load_config", "read_config_file",
-    "upgrade",
+    "AlgorithmConfig", "Config", "ConfigError", "EvalConfig", "ModelConfig", "ObjectiveConfig", "TaskConfig",
+    "TrainConfig", "apply_overrides", "build_objective", "config_from_dict", "from_dict", "load_callable",
+    "load_config", "read_config_file", "upgrade",
 ]

@@ -45,17 +45,33 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
-def init_from_env(timeout_s: float = 300.0) -> bool:
+def local_rank() -> int:
+    """This process's index on its machine (``LOCAL_RANK`` of ``torchrun``; 0 without it)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def backend() -> str:
+    """The process group's backend (``nccl`` or ``gloo``); ``""`` in one process."""
+    return str(dist.get_backend()) if is_distributed() else ""
+
+
+def init_from_env(timeout_s: float = 300.0, device: str = "auto") -> bool:
     """Join the process group that ``torchrun`` describes in the environment (``WORLD_SIZE``,
-    ``RANK``, ``MASTER_ADDR``, ``MASTER_PORT``). gloo on CPU, NCCL when CUDA is available.
-    Returns whether this is a multi-process run."""
+    ``RANK``, ``MASTER_ADDR``, ``MASTER_PORT``): NCCL when CUDA is available and the run's ``device``
+    (``execution.device``) is not the CPU, each rank then on its own GPU ``cuda:LOCAL_RANK``; gloo
+    otherwise. Returns whether this is a multi-process run."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return is_distributed()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    nccl = torch.cuda.is_available() and device not in ("cpu", "mps")
+    dist.init_process_group("nccl" if nccl else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    if nccl:
+        torch.cuda.set_device(local_rank())
     return is_distributed()
+
+
+def _comm_device() -> torch.device:
+    """Where a collective on ``t`` runs: NCCL on this rank's GPU, gloo on the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if backend() == "nccl" else torch.device("cpu")
 
 
 def shard(indices: Sequence[int]) -> list[int]:
@@ -88,15 +104,37 @@ def reduce_meta_gradient(
         return grads, metrics
     weight = shard_size / batch_size
     names, keys = list(grads), list(metrics)
-    flat = torch.cat([grads[n].reshape(-1) for n in names]
-                     + [torch.tensor([metrics[k] for k in keys], dtype=grads[names[0]].dtype)]) * weight
+    first = grads[names[0]]
+    comm = _comm_device()  # NCCL needs CUDA tensors, gloo takes CPU ones
+    flat = torch.cat([grads[n].reshape(-1).to(comm) for n in names]
+                     + [torch.tensor([metrics[k] for k in keys], dtype=first.dtype, device=comm)]) * weight
     _collective("all-reduce of the meta-gradient", step, dist.all_reduce, flat)
     out, offset = {}, 0
     for n in names:
         size = grads[n].numel()
-        out[n] = flat[offset : offset + size].view_as(grads[n])
+        out[n] = flat[offset : offset + size].view_as(grads[n]).to(grads[n].device)
         offset += size
     return out, {k: float(v) for k, v in zip(keys, flat[offset:].tolist(), strict=True)}
+
+
+def reduce_statistics(module: torch.nn.Module, shard_size: int, batch_size: int, step: int) -> None:
+    """Make the floating-point buffers of ``module`` (BatchNorm running statistics, which each rank
+    accumulated from its own shard: ``batch_norm = "running"`` or ``"per_step"``) the shard-size
+    weighted mean over the ranks, as one process would have them; integer buffers (the counts) are the
+    same on every rank. Nothing without ranks or without floating buffers."""
+    if not is_distributed():
+        return
+    bufs = [b for b in module.buffers() if b.is_floating_point()]
+    if not bufs:
+        return
+    comm = _comm_device()
+    flat = torch.cat([b.reshape(-1).to(comm, torch.float64) for b in bufs]) * (shard_size / batch_size)
+    _collective("all-reduce of the running statistics", step, dist.all_reduce, flat)
+    offset = 0
+    with torch.no_grad():
+        for b in bufs:
+            b.copy_(flat[offset : offset + b.numel()].view_as(b))
+            offset += b.numel()
 
 
 def broadcast_parameters(module: torch.nn.Module) -> None:
@@ -104,11 +142,18 @@ def broadcast_parameters(module: torch.nn.Module) -> None:
     if not is_distributed():
         return
     for t in [*module.parameters(), *module.buffers()]:
-        _collective("broadcast of the initial parameters", None, dist.broadcast, t.data, 0)
+        comm = _comm_device()
+        if t.device == comm:
+            _collective("broadcast of the initial parameters", None, dist.broadcast, t.data, 0)
+        else:  # e.g. CUDA parameters over gloo: through a copy on the CPU
+            buf = t.data.to(comm)
+            _collective("broadcast of the initial parameters", None, dist.broadcast, buf, 0)
+            t.data.copy_(buf)
 
 
 def gather_rows(rows: Tensor, step: int | None = None) -> Tensor:
-    """Concatenate each rank's ``rows [n_r, ...]`` in rank order (every rank gets the result)."""
+    """Concatenate each rank's ``rows [n_r, ...]`` in rank order (every rank gets the result, on the
+    CPU: the rows travel as pickled CPU tensors, whatever the backend)."""
     if not is_distributed():
         return rows
     parts: list[Any] = [None] * world_size()

@@ -17,6 +17,7 @@ from torch import nn
 from innerloop.algorithms.base import Algorithm
 from innerloop.io import atomic_write_text
 from innerloop.tasks import Split, TaskFamily
+from innerloop.training.device import place, to_device
 from innerloop.training.distributed import gather_rows, shard
 
 
@@ -73,20 +74,31 @@ def meta_test(
     tasks: int = 600,
     steps: int = 10,
     chunk: int = 100,
+    *,
+    device: torch.device | None = None,
 ) -> EvalResult:
     """Evaluate on tasks ``0..tasks-1`` of ``split`` (a fixed set: every algorithm and run sees
     the same tasks). Tasks are processed ``chunk`` at a time to bound memory. Under
-    ``torch.distributed`` each rank evaluates a disjoint share and every rank gets the result."""
+    ``torch.distributed`` each rank evaluates a disjoint share and every rank gets the result.
+
+    It runs on the algorithm's ``execution.device`` (resolved before any work, the algorithm moved
+    there; ``device``: already resolved, as by :func:`~innerloop.training.loop.meta_train`) in its
+    ``execution.precision``; each batch follows it, and the statistics come back on the CPU (per-task
+    scores in float64, whatever the model's dtype)."""
     if tasks < 1:
         raise ValueError(f"meta-test needs >= 1 task, got {tasks}.")
+    if device is None:
+        device = place(algorithm, algorithm.execution.device, algorithm.execution.precision)
     mine = shard(range(tasks))  # all tasks in one process; a disjoint share of them per rank
     was_training = algorithm.training
     algorithm.eval()
     try:
-        rows = [torch.empty(0, 2, steps + 1)]
+        rows = [torch.empty(0, 2, steps + 1, dtype=torch.float64, device="cpu")]
         for start in range(0, len(mine), chunk):
-            scores = algorithm.evaluate(family.batch(split, mine[start : start + chunk]), steps)
-            rows.append(torch.stack([scores["loss"], scores[algorithm.metric_name]], dim=1).float().cpu())
+            batch = to_device(family.batch(split, mine[start : start + chunk]), device)
+            scores = algorithm.evaluate(batch, steps)
+            both = torch.stack([scores["loss"], scores[algorithm.metric_name]], dim=1)
+            rows.append(both.to("cpu", torch.float64))
     finally:
         algorithm.train(was_training)
     both = gather_rows(torch.cat(rows))
@@ -98,20 +110,47 @@ def meta_test(
     )
 
 
-def format_table(rows: Mapping[str, EvalResult], steps: list[int], title: str) -> str:
-    """A Markdown table: one row per algorithm, one column per number of adaptation steps."""
+def format_table(rows: Mapping[str, EvalResult], steps: list[int], title: str, note: str = "") -> str:
+    """A Markdown table: one row per algorithm, one column per number of adaptation steps; ``note``
+    (e.g. :func:`run_note`: device, precision, BatchNorm policy) is a line between title and table."""
     metric = next(iter(rows.values())).metric
     head = "| algorithm | " + " | ".join(f"{metric} after {k} step{'s' * (k != 1)}" for k in steps) + " |"
-    lines = [title, "", head, "|---" * (len(steps) + 1) + "|"]
+    lines = [title, "", *([note, ""] if note else []), head, "|---" * (len(steps) + 1) + "|"]
     for name, res in rows.items():
         lines.append(f"| {name} | " + " | ".join(str(res.per_step[k]) for k in steps) + " |")
     return "\n".join(lines)
 
 
-def machine() -> dict[str, Any]:
-    """The software and processor a run was measured on (for its report)."""
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+def machine(device: torch.device | str | None = None) -> dict[str, Any]:
+    """The software and processor a run was measured on (for its report); with a CUDA ``device``,
+    also the GPU's name and CUDA's version."""
+    out: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                           "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    if device is not None and torch.device(device).type == "cuda":
+        out.update(gpu=torch.cuda.get_device_name(torch.device(device)), cuda=torch.version.cuda)
+    return out
+
+
+BATCH_NORM_TEXT: dict[str, str] = {
+    "batch": "batch statistics (transductive)",
+    "running": "running statistics (non-transductive)",
+    "per_step": "per-step running statistics (MAML++, non-transductive)",
+}
+"""How a results table names a BatchNorm policy (``algorithm.batch_norm``, :mod:`innerloop.norm`);
+others by their name."""
+
+
+def batch_norm_policy(model_norm: str | None, policy: str = "batch") -> str:
+    """What a table says of BatchNorm: ``none`` for a model without it (``model.norm = "none"``, or
+    ``None`` for a network that has no such option, as an MLP), else the policy's description."""
+    if model_norm in (None, "none"):
+        return "none"
+    return BATCH_NORM_TEXT.get(policy, policy)
+
+
+def run_note(device: torch.device | str, precision: str, batch_norm: str) -> str:
+    """The line under a results table's title: ``device cpu, precision fp32, BatchNorm: none``."""
+    return f"device {torch.device(device)}, precision {precision}, BatchNorm: {batch_norm}"
 
 
 A = TypeVar("A", bound=nn.Module)

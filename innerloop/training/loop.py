@@ -25,21 +25,24 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from innerloop.adapt import loss_scale
 from innerloop.algorithms.base import Algorithm
 from innerloop.io import truncate_jsonl
 from innerloop.tasks import TaskFamily
 from innerloop.training.checkpoint import resume_into, save_checkpoint
 from innerloop.training.config import TrainConfig
+from innerloop.training.device import LossScaler, all_finite, module_device, place, to_device
 from innerloop.training.distributed import (
     barrier,
     broadcast_parameters,
     reduce_meta_gradient,
+    reduce_statistics,
     shard,
     world_size,
 )
@@ -55,6 +58,14 @@ Validate = Callable[[], float]
 """``() -> value``: the validation score of the current parameters."""
 Postfix = Callable[[Mapping[str, float]], dict[str, str]]
 """Window means of the outer step's metrics -> what the progress bar shows of them."""
+
+
+class Stateful(Protocol):
+    """State a run checkpoints beside the module's (e.g. the :class:`LossScaler` of fp16 training)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -118,6 +129,7 @@ def run_loop(
     progress: bool = True,
     desc: str = "meta-train",
     postfix: Postfix | None = None,
+    extra_state: Mapping[str, Stateful] | None = None,
 ) -> TrainResult:
     """Run ``outer_step(step)`` for ``step`` in ``[start, schedule.iterations)``, with resume,
     checkpoints, logging, a progress bar and validation around it.
@@ -143,6 +155,11 @@ def run_loop(
         desc: the progress bar's label.
         postfix: see :data:`Postfix` (default: every metric with 3 decimals); the bar adds the last
             validation value and tasks/s.
+        extra_state: more state to checkpoint and resume, by name (``state_dict`` /
+            ``load_state_dict``), e.g. the loss scale of fp16 training.
+
+    The module stays where it is (its device); checkpoints hold its tensors there and load on any
+    device. The RNG states resumed are the CPU's and, for a module on a GPU, that GPU's.
     """
     run_dir = Path(run_dir) if run_dir is not None else None
     lead = dist_rank() == 0  # the one rank that writes checkpoints, logs and the progress bar
@@ -154,8 +171,14 @@ def run_loop(
         start = payload["step"]
         best_val, best_step = payload.get("best_val"), payload.get("best_step", 0)
         elapsed_before = payload.get("wall_s", 0.0)
-        if payload.get("torch_rng") is not None:
-            torch.set_rng_state(payload["torch_rng"])
+        if payload.get("torch_rng") is not None:  # a CPU ByteTensor, whatever map_location gave
+            torch.set_rng_state(payload["torch_rng"].to("cpu", torch.uint8))
+        on = module_device(module)
+        if payload.get("cuda_rng") is not None and on.type == "cuda":
+            torch.cuda.set_rng_state(payload["cuda_rng"].to("cpu", torch.uint8), on)
+        for key, obj in (extra_state or {}).items():
+            if key in (payload.get("extra") or {}):
+                obj.load_state_dict(payload["extra"][key])
         if lead:
             truncate_jsonl(run_dir / METRICS, start)
     broadcast_parameters(module)
@@ -166,12 +189,18 @@ def run_loop(
 
     def checkpoint(file: str, step: int) -> None:
         assert run_dir is not None
-        save_checkpoint(run_dir / file, {
+        payload = {
             "algorithm": name, "identity": identity, "step": step, "state": module.state_dict(),
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "best_val": best_val, "best_step": best_step, "torch_rng": torch.get_rng_state(),
             "wall_s": wall(),
-        })
+        }
+        on = module_device(module)
+        if on.type == "cuda":
+            payload["cuda_rng"] = torch.cuda.get_rng_state(on)
+        if extra_state:
+            payload["extra"] = {key: obj.state_dict() for key, obj in extra_state.items()}
+        save_checkpoint(run_dir / file, payload)
 
     def show(means: Mapping[str, float]) -> dict[str, str]:
         return {k: f"{v:.3f}" for k, v in means.items()}
@@ -266,6 +295,14 @@ def meta_train(
     then all-reduced) and takes an outer optimiser step. Every ``validate_every`` steps the
     algorithm is scored on fixed validation tasks and the best-on-validation checkpoint is kept.
 
+    Device and precision are the algorithm's ``execution.device`` and ``execution.precision``: the
+    device is resolved once, before any work (a device this machine lacks, or ``fp16`` on a CPU, is
+    refused here), the algorithm is moved there before the optimiser is built, and every meta-batch
+    follows it (pinned and copied asynchronously to a GPU). With ``fp16`` a dynamic loss scale
+    (:class:`~innerloop.training.device.LossScaler`, checkpointed) guards the meta-gradient: a step
+    whose meta-gradient is not finite is skipped and the scale halved; ``loss_scale`` and
+    ``skipped`` are logged with the metrics.
+
     Args:
         algorithm: any :class:`Algorithm`; its parameters are the meta-parameters.
         family: the task family (train and val splits are used).
@@ -286,6 +323,9 @@ def meta_train(
     if b < world_size():
         raise ValueError(f"meta_batch_size {b} is smaller than the {world_size()} ranks; "
                          "every rank needs at least one task per meta-batch.")
+    execution = algorithm.execution
+    device = place(algorithm, execution.device, execution.precision)  # before the optimiser holds the parameters
+    scaler = LossScaler() if execution.precision == "fp16" else None
     optimizer = make_optimizer(algorithm, cfg)
     params = algorithm.trainable()  # frozen parameters (requires_grad=False) get no gradient
     metric = algorithm.metric_name
@@ -294,21 +334,37 @@ def meta_train(
         algorithm.set_progress(step, cfg.iterations)  # MAML++'s annealing; a no-op for most
         set_outer_lr(optimizer, cfg, step)  # lr_schedule; nothing for "constant"
         mine = shard(range(step * b, (step + 1) * b))  # all of it in one process
-        grads, metrics = algorithm.meta_gradient(family.batch("train", mine))
+        batch = to_device(family.batch("train", mine), device)
+        if scaler is None:
+            grads, metrics = algorithm.meta_gradient(batch)
+        else:
+            scale = scaler.scale
+            with loss_scale(scale):  # the gradients come back unscaled
+                grads, metrics = algorithm.meta_gradient(batch)
         grads, metrics = reduce_meta_gradient(grads, metrics, len(mine), b, step + 1)
+        if algorithm.norm.keeps_statistics:  # each rank's running statistics saw its shard only
+            reduce_statistics(algorithm, len(mine), b, step + 1)
+        out = {"loss": metrics["loss"], metric: metrics[metric]}
+        if scaler is not None:
+            take = scaler.update(all_finite(grads))  # the same on every rank: after the all-reduce
+            out.update(loss_scale=scale, skipped=0.0 if take else 1.0)
+            if not take:
+                return out
         if grad_hook is not None:
             grads = grad_hook(grads)
         for n, p in params.items():
             p.grad = grads[n]
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return {"loss": metrics["loss"], metric: metrics[metric]}
+        return out
 
     def validate() -> float:
-        return meta_test(algorithm, val_family, "val", cfg.val_tasks, steps=val_steps).per_step[val_steps].mean
+        return meta_test(algorithm, val_family, "val", cfg.val_tasks, steps=val_steps,
+                         device=device).per_step[val_steps].mean
 
     schedule = Schedule(cfg.iterations, log_every=cfg.log_every, validate_every=cfg.validate_every)
     return run_loop(algorithm, outer_step, schedule, run_dir, name=algorithm.name, optimizer=optimizer,
                     identity=identity, validate=validate, val_key=f"val_{metric}",
                     higher_is_better=algorithm.higher_is_better, tasks_per_step=b, resume=resume,
-                    progress=progress, desc=desc)
+                    progress=progress, desc=desc,
+                    extra_state=None if scaler is None else {"loss_scale": scaler})

@@ -19,10 +19,20 @@ from innerloop.models.conv4 import Conv4
 from innerloop.models.mlp import MLP
 from innerloop.tasks import TaskFamily
 from innerloop.training.checkpoint import CheckpointError, check_state_compatible, load_checkpoint
-from innerloop.training.config import Config, ConfigError, config_from_dict
+from innerloop.training.config import Config, ConfigError, apply_overrides, build_objective, config_from_dict
+from innerloop.training.device import check_run_precision, run_device
 from innerloop.training.distributed import barrier
 from innerloop.training.distributed import rank as dist_rank
-from innerloop.training.evaluate import EvalResult, RunResult, format_table, machine, meta_test, write_results
+from innerloop.training.evaluate import (
+    EvalResult,
+    RunResult,
+    batch_norm_policy,
+    format_table,
+    machine,
+    meta_test,
+    run_note,
+    write_results,
+)
 from innerloop.training.loop import BEST, TrainResult, clear_run, meta_train
 
 
@@ -47,12 +57,16 @@ def build_model(cfg: Config, family: TaskFamily, name: str | None = None) -> nn.
         return MLP(probe.support_x.shape[-1], probe.support_y.shape[-1], m.hidden, m.activation)
     channels, size = probe.support_x.shape[-3], probe.support_x.shape[-1]
     ways = head_ways(name or cfg.algorithm.name, cfg.task.ways, family)
-    return Conv4(channels, ways, m.filters, size, m.pool, m.norm)
+    # algorithm.batch_norm = running / per_step needs BatchNorm layers that keep running statistics
+    tracking = m.norm == "batch" and getattr(cfg.algorithm.options, "batch_norm", "batch") != "batch"
+    return Conv4(channels, ways, m.filters, size, m.pool, m.norm, track_running_stats=tracking)
 
 
 def build_algorithm(cfg: Config, family: TaskFamily, name: str | None = None) -> Algorithm:
-    """The model wrapped in the configured algorithm. ``name`` (the transfer baseline, ``pretrain``)
-    builds another algorithm with the options it shares with the configured one."""
+    """The model wrapped in the configured algorithm, with the family's objective or the config's own
+    (``[objective]``). ``name`` (the transfer baseline, ``pretrain``) builds another algorithm with the
+    options it shares with the configured one (and the same objective). The model is built on the CPU;
+    training and testing move it to ``execution.device``."""
     name = name or cfg.algorithm.name
     entry = ALGORITHMS[name]
     if name == cfg.algorithm.name:
@@ -61,7 +75,15 @@ def build_algorithm(cfg: Config, family: TaskFamily, name: str | None = None) ->
         shared = {k: getattr(cfg.algorithm.options, k) for k in entry.option_names()
                   if hasattr(cfg.algorithm.options, k)}
         options = entry.options(shared)
-    return entry.build(build_model(cfg, family, name), family.objective, options, cfg.execution)
+    objective = build_objective(cfg.objective, family.objective) or family.objective
+    return entry.build(build_model(cfg, family, name), objective, options, cfg.execution)
+
+
+def batch_norm_of(cfg: Config) -> str:
+    """The BatchNorm policy a results table names: ``none`` for an MLP or ``model.norm = "none"``, else
+    ``algorithm.batch_norm``'s (``batch``: the statistics of each batch, transductive)."""
+    norm = cfg.model.norm if cfg.model.name == "conv4" else None
+    return batch_norm_policy(norm, str(getattr(cfg.algorithm.options, "batch_norm", "batch")))
 
 
 # -- checkpoint identity, in the format of innerloop 0.1.0 (so its checkpoints still resume) --------------
@@ -69,10 +91,11 @@ LEGACY_ALGORITHM_DEFAULTS: dict[str, Any] = {
     "name": "maml", "inner_lr": 0.01, "inner_steps": 1, "first_order": False, "lr_mode": "fixed", "adapt": "all",
     "vectorize": "auto", "inner_optimizer": "sgd", "inner_betas": [0.0, 0.999], "reg_lambda": 2.0, "cg_steps": 5,
     "cosine_scale": 10.0, "msl_iterations": 0, "first_order_iterations": 0, "per_step_bn": True,
-    "inner_weight_decay": 0.0, "weight_decay_mode": "fixed",
+    "inner_weight_decay": 0.0, "weight_decay_mode": "fixed", "batch_norm": "batch",
 }
 """innerloop 0.1.0's one flat ``[algorithm]`` table and its defaults: checkpoint identities are written
-in that layout (one key per option, under its 0.1.0 name), so a 0.1.0 run resumes."""
+in that layout (one key per option, under its 0.1.0 name), so a 0.1.0 run resumes. Options added since
+(``batch_norm``) enter an identity only when they differ from the default listed here."""
 _NEW = object()  # an option 0.1.0 did not have: always part of the identity
 _FIRST_ALGORITHM_KEYS = ("name", "inner_lr", "inner_steps", "first_order", "lr_mode", "adapt", "vectorize")
 _ADDED_TRAIN_KEYS = ("lr_schedule", "final_outer_lr")
@@ -100,7 +123,10 @@ def identity(cfg: Config, algorithm: str) -> dict[str, Any]:
             if k in _FIRST_ALGORITHM_KEYS or v != LEGACY_ALGORITHM_DEFAULTS.get(k, _NEW)}
     train = {k: tr[k] for k in ("meta_batch_size", "outer_lr", "optimizer", "seed")}
     train.update({k: tr[k] for k in _ADDED_TRAIN_KEYS if tr[k] != default["train"][k]})
-    return {"algorithm": algorithm, "task": d["task"], "model": d["model"], "algorithm_cfg": algo, "train": train}
+    out = {"algorithm": algorithm, "task": d["task"], "model": d["model"], "algorithm_cfg": algo, "train": train}
+    if d["objective"] != default["objective"]:  # a loss of one's own (absent otherwise, as in 0.1.0)
+        out["objective"] = d["objective"]
+    return out
 
 
 def config_tables_from_identity(ident: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -153,6 +179,11 @@ def run(cfg: Config, *, progress: bool = True, overwrite: bool = False) -> RunRe
     """
     out = Path(cfg.out_dir)
     lead = dist_rank() == 0  # under torchrun, one rank writes the files
+    try:  # a device this machine lacks, or fp16 on a CPU, fails here: before anything is touched
+        device = run_device(cfg.execution.device)
+        check_run_precision(cfg.execution.precision, device)
+    except ValueError as err:
+        raise ConfigError(f"execution.{err}") from err
     if overwrite and lead:
         for sub in (out, out / "baseline"):
             clear_run(sub)
@@ -169,7 +200,12 @@ def run(cfg: Config, *, progress: bool = True, overwrite: bool = False) -> RunRe
         names.append("pretrain")
     trained: dict[str, Algorithm] = {}
     results: dict[str, EvalResult] = {}
-    report: dict[str, Any] = {"config": cfg.to_dict(), "machine": machine(), "runs": {}}
+    batch_norm = batch_norm_of(cfg)
+    report: dict[str, Any] = {
+        "config": cfg.to_dict(), "machine": machine(device), "runs": {},
+        "execution": {"device": str(device), "precision": cfg.execution.precision, "batch_norm": batch_norm,
+                      "model_norm": cfg.model.norm if cfg.model.name == "conv4" else None},
+    }
     for name in names:
         is_baseline = name != cfg.algorithm.name
         iters = (cfg.eval.baseline_iterations or cfg.train.iterations) if is_baseline else cfg.train.iterations
@@ -186,18 +222,21 @@ def run(cfg: Config, *, progress: bool = True, overwrite: bool = False) -> RunRe
     title = f"{cfg.task.family}: {e.shots or cfg.task.shots}-shot {results[names[0]].metric}"
     if family.objective == "classification":
         title = (f"{cfg.task.family} ({cfg.task.split} split): {e.ways or cfg.task.ways}-way "
-                 f"{e.shots or cfg.task.shots}-shot accuracy, BatchNorm: "
-                 f"{'batch statistics (transductive)' if cfg.model.norm == 'batch' else 'none'}")
+                 f"{e.shots or cfg.task.shots}-shot {results[names[0]].metric}, BatchNorm: {batch_norm}")
     title += f", {e.test_tasks} fixed test tasks (mean ± 95% CI)"
-    report["table"] = format_table(results, e.report_steps, title)
+    report["table"] = format_table(results, e.report_steps, title,
+                                   run_note(device, cfg.execution.precision, batch_norm))
     result = RunResult(report, results, trained, test_family, title, out)
     if lead:
         write_results(result)
     return result
 
 
-def load_for_eval(checkpoint: str | Path) -> tuple[Config, Algorithm]:
-    """Rebuild the algorithm a checkpoint was trained with (by innerloop 0.1.0 too) and load its weights."""
+def load_for_eval(checkpoint: str | Path, overrides: Mapping[str, Any] | None = None) -> tuple[Config, Algorithm]:
+    """Rebuild the algorithm a checkpoint was trained with (by innerloop 0.1.0 too) and load its weights
+    (written on any device: they load on the CPU and follow the model). ``overrides``: dotted config keys
+    to change, e.g. ``{"execution.device": "cuda", "execution.precision": "bf16"}``; the model is built
+    on the CPU and :func:`~innerloop.training.evaluate.meta_test` moves it to ``execution.device``."""
     payload = load_checkpoint(checkpoint)
     ident = payload.get("identity")
     if not ident:
@@ -205,9 +244,11 @@ def load_for_eval(checkpoint: str | Path) -> tuple[Config, Algorithm]:
     d = Config().to_dict()
     algorithm_table, execution_table = config_tables_from_identity(ident)
     d.update(task=ident["task"], model=ident["model"], algorithm=algorithm_table, execution=execution_table)
+    if "objective" in ident:
+        d["objective"] = ident["objective"]
     d["eval"]["baseline"] = False  # evaluating trains nothing; the default would refuse image families
     d["train"].update(ident["train"])
-    cfg = config_from_dict(d)
+    cfg = config_from_dict(apply_overrides(d, overrides or {}))
     algorithm = build_algorithm(cfg, build_family(cfg), ident["algorithm"])
     check_state_compatible(algorithm, payload["state"], str(checkpoint))
     algorithm.load_state_dict(payload["state"])
