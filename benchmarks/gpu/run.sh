@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 12 ("any model, any device"), run ONCE on a lent CUDA machine (one H200, 16
-# cores, no network, only this repository copied). Three parts, each under `timeout`, about 8 minutes
+# cores, no network, only this repository copied). Four parts, each under `timeout`, about 8 minutes
 # in all; everything lands in $OUT (at most 8 files):
 #
 #   1. device_check.json  a short sinusoid meta-training + checkpoint + resume + meta-test in fp32 (vmap
@@ -12,7 +12,9 @@
 #   3. speed_gpu.json/.md benchmarks/speed/bench.py --device cuda: innerloop (fp32, bf16) against
 #                         learn2learn / higher / torchopt where installed (none is fetched: a missing one
 #                         is skipped and named; carry wheels in .whl/, see benchmarks/speed/gpu.sh prepare)
-#   and run.log           what the three printed, with the machine and the missing libraries
+#   4. precision_cuda.json/.md  benchmarks/precision.py: the meta-gradient's error against float64 for
+#                         fp32, bf16 and fp16 (loss-scaled) on the GPU
+#   and run.log           what the four printed, with the machine and the missing libraries
 #
 # Here, first (copies Omniglot where `carry` can take it: shared/ is not part of this checkout):
 #   bash benchmarks/gpu/run.sh prepare
@@ -104,6 +106,9 @@ say "== 3. speed benchmark on $DEVICE"
 timeout "$T3" "$PY" benchmarks/speed/bench.py --device "$DEVICE" --threads 4 --tag "$TAG" "${SPEED[@]}" 2>&1 \
     | grep -v -e Warning -e "warnings.warn" | tee -a "$LOG" || { say "speed benchmark failed or timed out"; status=1; }
 cp "benchmarks/results/$TAG.json" "benchmarks/results/$TAG.md" "$OUT/" 2>/dev/null || say "no speed results"
+say "== 4. meta-gradient error against float64 per precision on $DEVICE"
+timeout 60 "$PY" benchmarks/precision.py --device "$DEVICE" --repeats 2 --threads 4 --out "$OUT" 2>&1 \
+    | grep -v -e Warning -e "warnings.warn" | tee -a "$LOG" || { say "precision check failed or timed out"; status=1; }
 if [ "$DRY" = 1 ]; then rm -f benchmarks/results/"$TAG"*; fi  # the dry run leaves the results folder as it was
 ls -la "$OUT" | tee -a "$LOG"
 exit $status
