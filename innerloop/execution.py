@@ -186,6 +186,21 @@ def autocast_for(precision: str, device: torch.device | str) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def twice_differentiable(second_order: bool) -> Iterator[None]:
+    """Kernels with a second derivative where one is taken: the fused attention kernels of
+    :func:`torch.nn.functional.scaled_dot_product_attention` (flash, memory-efficient, cuDNN) have no
+    double backward, so second-order meta-gradients select its math kernel (the same function, written
+    from matmul and softmax). Nothing changes in first order."""
+    if not second_order:
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
 def place_batch(batch: TaskBatch, params: Params) -> TaskBatch:
     """``batch`` on the parameters' device, floating tensors in their floating dtype (a float64 model
     takes float32 data; labels stay int64). The same object when nothing changes."""
@@ -369,7 +384,10 @@ def _in_threads(threads: int, n: int, model: nn.Module, work: Callable[[nn.Modul
             errors.append(e)
 
     before = torch.get_num_threads()
-    workers = [threading.Thread(target=run, args=(j, copy.deepcopy(model))) for j in range(threads)]
+    # each thread calls its own module objects (functional_call swaps their tensors for the call's), which
+    # share the model's parameter and buffer tensors: nothing the size of the model is copied
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    workers = [threading.Thread(target=run, args=(j, copy.deepcopy(model, dict(shared)))) for j in range(threads)]
     try:
         for w in workers:
             w.start()
@@ -423,7 +441,7 @@ def meta_gradient(
     scale = current_loss_scale()
     device = batch.support_x.device
     if p.vmap:
-        with autocast_for(execution.precision, device):
+        with autocast_for(execution.precision, device), twice_differentiable(second_order):
             losses, aux = vmap(lambda *task: fn(model, params, task))(*tensors)
         return _unscaled(grads_of(losses.mean() * scale, targets), scale), aux.mean(0)
 
@@ -438,7 +456,8 @@ def meta_gradient(
             aux_sum = aux.detach() if aux_sum is None else aux_sum + aux.detach()
         return grads, aux_sum
 
-    with _loop_context(p, device.type), autocast_for(execution.precision, device):
+    with _loop_context(p, device.type), autocast_for(execution.precision, device), \
+            twice_differentiable(second_order):
         parts = ([work(model, range(n))] if p.threads == 1 else
                  _in_threads(p.threads, n, model, work, p.differentiation))
     grads = {k: sum((part[0][k] for part in parts[1:]), parts[0][0][k]) for k in targets}
@@ -476,7 +495,8 @@ def map_tasks(
     batch = place_batch(batch, params)
     p = plan(execution, model, batch, second_order=second_order, graph=False, stateful=stateful)
     tensors, n = _tensors(batch), len(batch)
-    with torch.no_grad(), autocast_for(execution.precision, batch.support_x.device):
+    with torch.no_grad(), autocast_for(execution.precision, batch.support_x.device), \
+            twice_differentiable(second_order):
         if p.vmap:
             chunk = execution.eval_chunk
 

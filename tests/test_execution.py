@@ -224,3 +224,38 @@ def test_imaml_in_threads_equals_the_loop():
     looped, threaded = grads(vectorize="loop", task_threads=1), grads(vectorize="loop", task_threads=2)
     assert _rel(threaded, looped) < 1e-12
     assert torch.equal(threaded["model.unused"], torch.zeros(2, dtype=torch.float64))
+
+
+class _Attention(torch.nn.Module):
+    """Multi-head self-attention over ``[n, tokens, 4]``, through ``F.scaled_dot_product_attention``
+    (``fused=True``: 4-D inputs, which pick a fused CPU kernel without a double backward) or written out."""
+
+    def __init__(self, fused: bool) -> None:
+        super().__init__()
+        self.fused = fused
+        self.q = torch.nn.Linear(4, 4)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        q = self.q(x)
+        q4 = q.view(q.shape[0], q.shape[1], 2, 2).transpose(1, 2)  # [n, heads, tokens, 2]
+        if self.fused:
+            z = torch.nn.functional.scaled_dot_product_attention(q4, q4, q4)
+        else:
+            z = torch.softmax(q4 @ q4.transpose(-1, -2) / 2**0.5, dim=-1) @ q4
+        return self.head(z.transpose(1, 2).reshape(q.shape).mean(1))
+
+
+@pytest.mark.parametrize("vectorize", ["auto", "loop", "vmap"])
+def test_second_order_through_scaled_dot_product_attention(vectorize, float64):
+    """Fused attention kernels have no double backward: second order selects the math kernel."""
+    torch.manual_seed(0)
+    fused, plain = _Attention(True), _Attention(False)
+    plain.load_state_dict(fused.state_dict())
+    g = torch.Generator().manual_seed(1)
+    batch = TaskBatch(torch.randn(2, 5, 6, 4, generator=g), torch.randint(0, 3, (2, 5), generator=g),
+                      torch.randn(2, 5, 6, 4, generator=g), torch.randint(0, 3, (2, 5), generator=g))
+    got, _ = MAML(fused, "classification", vectorize=vectorize, task_threads=1).meta_gradient(batch)
+    want, _ = MAML(plain, "classification", vectorize=vectorize, task_threads=1).meta_gradient(batch)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-12)
