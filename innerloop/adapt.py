@@ -299,12 +299,22 @@ def hessian_vector_product(f: Callable[[Params], Tensor], params: Params) -> Cal
     :func:`differentiation` mode. The graph of ``grad f`` is built once and reused by every product
     (reverse over reverse: ``H`` is symmetric, so ``v^T H = (H v)^T``). Forward over reverse (``jvp``
     of ``grad``) fails on ``F.mse_loss`` in torch 2.13 ("ZeroTensors are immutable")."""
+    scale = current_loss_scale()
     if differentiation_mode() == "func":
-        vjp_fn = torch.func.vjp(grad(f), params)[1]
-        return lambda v: vjp_fn(v)[0]
+        def scaled(p: Params) -> Tensor:
+            return f(p) * scale
+
+        vjp_fn = torch.func.vjp(grad(scaled), params)[1]
+
+        def product(v: Params) -> Params:
+            hv: Params = vjp_fn(v)[0]
+            return hv if scale == 1.0 else {n: h / scale for n, h in hv.items()}
+
+        return product
     with torch.enable_grad():
         inputs = {n: t.detach().requires_grad_() for n, t in params.items()}
-        first = torch.autograd.grad(f(inputs), list(inputs.values()), create_graph=True, allow_unused=True)
+        first = torch.autograd.grad(f(inputs) * scale, list(inputs.values()), create_graph=True,
+                                    allow_unused=True)
     # a parameter the loss does not use (or uses linearly) has no second derivative: zeros
     g = {n: gi for n, gi in zip(inputs, first, strict=True) if gi is not None and gi.requires_grad}
 
@@ -316,7 +326,7 @@ def hessian_vector_product(f: Callable[[Params], Tensor], params: Params) -> Cal
             dot = sum(((gi * v[n]).sum() for n, gi in g.items()), zero)
             got = torch.autograd.grad(dot, list(inputs.values()), retain_graph=True, allow_unused=True)
         pairs = zip(inputs.items(), got, strict=True)
-        return {n: torch.zeros_like(t) if h is None else h.detach() for (n, t), h in pairs}
+        return {n: torch.zeros_like(t) if h is None else h.detach() / scale for (n, t), h in pairs}
 
     return hvp
 
@@ -376,14 +386,15 @@ def _checkpointed_step(
     if state is not None:
         raise ValueError(f"checkpointed inner steps need a stateless update rule (sgd); got {rule!r}.")
     keys = list(current)
+    scale = current_loss_scale()  # read now: the recomputation in the outer backward runs outside the block
 
     def step_fn(*tensors: Tensor) -> tuple[Tensor, ...]:
         now = dict(zip(keys, tensors, strict=True))
         adapted = {n: now[n] for n in names}
-        value = objective(now, step)
+        value = objective(now, step) * scale  # the fp16 loss scale, as in gradient()
         got = torch.autograd.grad(value, list(adapted.values()), create_graph=True, allow_unused=True)
         pairs = zip(adapted.items(), got, strict=True)
-        grads = {n: torch.zeros_like(t) if g is None else g for (n, t), g in pairs}
+        grads = {n: torch.zeros_like(t) if g is None else g / scale for (n, t), g in pairs}
         new, _ = rule.update(grads, None, now, step)
         return tuple(new[k] for k in keys)
 

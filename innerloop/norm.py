@@ -41,11 +41,11 @@ STAT_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def running_stat_names(model: nn.Module) -> list[str]:
-    """Names (as in ``named_buffers()``) of the running statistics of every BatchNorm-like layer
-    (``torch.nn`` ``_BatchNorm`` subclasses, instance norms with ``track_running_stats``)."""
+    """Names (as in ``named_buffers()``) of the running statistics of every BatchNorm layer (the
+    ``torch.nn`` ``_BatchNorm`` subclasses, innerloop's ``BatchNorm2d`` and ``SyncBatchNorm`` included)."""
     names: list[str] = []
     for prefix, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
             for suffix in STAT_SUFFIXES:
                 if getattr(module, suffix, None) is not None:
                     names.append(f"{prefix}.{suffix}" if prefix else suffix)
@@ -56,6 +56,13 @@ def check_policy(policy: str, model: nn.Module, algorithm: str = "this algorithm
     """Refuse a policy the model cannot follow, naming the way out."""
     if policy not in BATCH_NORM_POLICIES:
         raise ValueError(f"batch_norm = {policy!r} is invalid: choose one of {BATCH_NORM_POLICIES}.")
+    tracked = [n for n, m in model.named_modules()
+               if isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats]
+    if tracked:
+        raise ValueError(
+            f"instance normalisation with track_running_stats=True ({tracked[:4]}) is not supported: its running "
+            "statistics are used at test time, but meta-learning normalises each forward with its own. Build it "
+            "with track_running_stats=False (torch's default for InstanceNorm).")
     if policy != "batch" and not running_stat_names(model):
         raise ValueError(
             f"batch_norm = {policy!r} keeps running statistics, but the model has no BatchNorm layer that tracks "
@@ -130,6 +137,8 @@ class NormState:
         nothing was recorded for keeps its values."""
         with self._lock:
             records, self._records = self._records, []
+        # a non-finite record (an overflowing fp16 step: the step is skipped) must not poison the statistics
+        records = [(w, r) for w, r in records if all(bool(torch.isfinite(t).all()) for t in r.values())]
         for j, target in enumerate(targets):
             mine = [r for w, r in records if w == j]
             if not mine:

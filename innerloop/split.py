@@ -25,6 +25,8 @@ from typing import Any
 
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
 
 Params = dict[str, Tensor]
 
@@ -37,15 +39,57 @@ class Features:
     kwargs: dict[str, Any]
 
 
+_INPLACE_DUNDERS = frozenset({
+    "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__", "__ipow__", "__imatmul__",
+    "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__", "__setitem__",
+})
+
+
+def _writes(func: Any, kwargs: dict[str, Any] | None) -> bool:
+    """Whether a torch function call may write one of its tensor arguments in place."""
+    name = getattr(func, "__name__", "")
+    if name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("__")):
+        return True
+    return kwargs is not None and (kwargs.get("inplace") is True or kwargs.get("out") is not None)
+
+
+def _tensor_ids(tree: Any) -> set[int]:
+    return {id(t) for t in pytree.tree_leaves(tree) if isinstance(t, Tensor)}
+
+
+class _Watch(TorchFunctionMode):
+    """Sees every torch function of one capture forward: flags a use of an adapted parameter before the
+    head starts (the body would depend on what adapts), and any in-place write to the head's inputs or
+    output once the head has started (the captured features or the returned output would then not be
+    what a later call of the head gets or gives)."""
+
+    def __init__(self, adapted: set[int]) -> None:
+        super().__init__()
+        self.adapted = adapted
+        self.started = False
+        self.watched: set[int] = set()
+        self.broken = False
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if not self.broken:
+            ids = _tensor_ids((args, kwargs))
+            early = not self.started and bool(ids & self.adapted)
+            overwrite = bool(self.watched) and _writes(func, kwargs) and bool(ids & self.watched)
+            self.broken = early or overwrite
+        return func(*args, **(kwargs or {}))
+
+
 @dataclass
 class HeadSplit:
-    """The head module (``prefix``) of a model whose adapted parameters all live in it.
+    """The head module (``prefix``) of a model whose adapted parameters (``adapted``) all live in it.
 
     Attributes:
         prefix: the head's name in ``model.named_modules()`` (e.g. ``head``, ``fc``, ``layer4.1``).
+        adapted: the adapted parameters' names (in the whole model's naming).
     """
 
     prefix: str
+    adapted: tuple[str, ...] = ()
     _ok: bool | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -56,26 +100,42 @@ class HeadSplit:
     def capture(self, model: nn.Module, params: Params, buffers: Params,
                 x: Tensor) -> tuple[Tensor, Features] | None:
         """One forward of ``model`` on ``x [n, ...]``: ``(output, the head's inputs)``, or ``None``
-        when this forward is not ``head(features)`` (then the caller runs full forwards)."""
+        when this forward is not provably ``head(features)`` (then the caller runs full forwards):
+        the head must run once, the model must return the head's output object, no adapted parameter
+        may be used before the head runs, and nothing may write the head's inputs or output in place
+        once it has started. The inputs are taken before any other forward pre-hook of the head (a
+        later call of the head runs those again)."""
         if self._ok is False:
             return None
         head = model.get_submodule(self.prefix)
-        seen: list[tuple[tuple[Any, ...], dict[str, Any], Any]] = []
+        calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        outputs: list[Any] = []
+        watch = _Watch({id(params[n]) for n in self.adapted if n in params})
 
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
-            seen.append((args, kwargs, out))
+        def pre(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            calls.append((args, kwargs))
+            watch.started = True
+            watch.watched |= _tensor_ids((args, kwargs))
 
-        handle = head.register_forward_hook(hook, with_kwargs=True)
+        def post(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+            outputs.append(out)
+            watch.watched |= _tensor_ids(out)
+
+        handles = [head.register_forward_pre_hook(pre, prepend=True, with_kwargs=True),
+                   head.register_forward_hook(post, with_kwargs=True)]
         try:
-            out = functional_call(model, (params, buffers), (x,))
+            with watch:
+                out = functional_call(model, (params, buffers), (x,))
         finally:
-            handle.remove()
-        ok = len(seen) == 1 and seen[0][2] is out and isinstance(out, Tensor)
+            for h in handles:
+                h.remove()
+        ok = (len(calls) == 1 and len(outputs) == 1 and outputs[0] is out and isinstance(out, Tensor)
+              and not watch.broken)
         with self._lock:
             self._ok = ok if self._ok is None else (self._ok and ok)
         if not ok:
             return None
-        return out, Features(seen[0][0], seen[0][1])
+        return out, Features(calls[0][0], calls[0][1])
 
     def head(self, model: nn.Module, params: Params, buffers: Params, features: Features) -> Tensor:
         """The head's output at ``params`` (keyed like the whole model's) on captured ``features``."""
@@ -84,7 +144,7 @@ class HeadSplit:
         return out
 
     def __deepcopy__(self, memo: dict[int, Any]) -> HeadSplit:
-        return HeadSplit(self.prefix, self._ok)
+        return HeadSplit(self.prefix, self.adapted, self._ok)
 
 
 def head_split(model: nn.Module, adapt_names: Sequence[str]) -> HeadSplit | None:
@@ -107,7 +167,7 @@ def head_split(model: nn.Module, adapt_names: Sequence[str]) -> HeadSplit | None
     outside = [t for n, t in model.named_parameters(remove_duplicate=False) if not n.startswith(prefix + ".")]
     if any(id(t) in adapted_ids or id(t) in head_ids for t in outside):  # tied weights: not a clean split
         return None
-    return HeadSplit(prefix)
+    return HeadSplit(prefix, tuple(adapt_names))
 
 
 class TaskView:

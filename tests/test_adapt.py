@@ -145,3 +145,32 @@ def test_sgd_step_with_a_float_rate_is_fused_but_equal():
     p, d = torch.randn(4, generator=g), torch.randn(4, generator=g)
     out = sgd_step({"w": p}, {"w": d}, 0.3)["w"]
     torch.testing.assert_close(out, p - 0.3 * d, rtol=0, atol=1e-7)
+
+
+def test_the_loss_scale_leaves_every_gradient_path_unchanged(float64):
+    """``loss_scale`` (fp16) scales and unscales exactly (a power of two) in the plain and the
+    checkpointed inner step, the meta-gradient and iMAML's Hessian-vector products."""
+    import innerloop.execution as ex
+    from innerloop.adapt import loss_scale
+    from innerloop.algorithms import IMAML, MAML
+    from innerloop.data import Sinusoid
+    from innerloop.models import MLP
+
+    torch.manual_seed(0)
+    batch = Sinusoid(shots=5, queries=5).batch("train", range(3)).to(dtype=torch.float64)
+    for make in (lambda: MAML(MLP(1, 1, [8]), "regression", inner_lr=0.1, inner_steps=2, task_threads=1),
+                 lambda: MAML(MLP(1, 1, [8]), "regression", inner_lr=0.1, inner_steps=2, checkpoint=True),
+                 lambda: IMAML(MLP(1, 1, [8]), "regression", inner_lr=0.1, inner_steps=2, task_threads=1)):
+        torch.manual_seed(0)
+        alg = make()
+        want, _ = alg.meta_gradient(batch)
+        with loss_scale(2.0**10):
+            got, _ = alg.meta_gradient(batch)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-12, atol=1e-14)
+        # ... and it is applied: a scale beyond float32's range overflows every path
+        alg32 = make().float()
+        with loss_scale(2.0**140):
+            over, _ = alg32.meta_gradient(batch.to(dtype=torch.float32))
+        assert not all(bool(torch.isfinite(g).all()) for g in over.values())
+    assert ex.current_loss_scale() == 1.0

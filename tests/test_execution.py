@@ -259,3 +259,11 @@ def test_second_order_through_scaled_dot_product_attention(vectorize, float64):
     want, _ = MAML(plain, "classification", vectorize=vectorize, task_threads=1).meta_gradient(batch)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 3, reason="this machine has a cuda:3")
+def test_an_algorithm_on_a_missing_device_fails_when_built():
+    with pytest.raises(ValueError, match=r"device = 'cuda:3', but this machine has"):
+        MAML(torch.nn.Linear(1, 1), "regression", device="cuda:3")
+    with pytest.raises(ValueError, match=r"device = 'gpu' is invalid: choose 'auto', 'cpu', 'cuda'"):
+        Execution(device="gpu")

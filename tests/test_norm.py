@@ -223,3 +223,35 @@ def test_the_baseline_follows_the_policy():
         assert torch.equal(v, before[k]), k
     Baseline(stock, "classification", batch_norm="running").meta_gradient(labels)
     assert int(stock.features[0][1].num_batches_tracked) == 1
+
+
+def test_non_finite_records_do_not_reach_the_statistics():
+    """An overflowing fp16 step (skipped by the loop) must not write NaN running statistics."""
+    from innerloop.adapt import loss_scale
+
+    _, stock = _pair(torch.float32)
+    before = _buffers(stock)
+    alg = MAML(stock, "classification", batch_norm="running", inner_lr=0.4, task_threads=1)
+    with loss_scale(2.0**140):  # inf in float32: the inner gradients overflow
+        grads, _ = alg.meta_gradient(_batch(dtype=torch.float32))
+    assert not all(bool(torch.isfinite(g).all()) for g in grads.values())
+    for k, v in _buffers(stock).items():
+        assert torch.isfinite(v.float()).all(), k
+        assert torch.equal(v, before[k]), k
+
+
+def test_evaluation_in_training_mode_records_nothing():
+    _, stock = _pair()
+    for alg in (MAMLPlusPlus(stock, "classification", batch_norm="per_step", inner_steps=2),
+                MAMLPlusPlus(stock, "classification", batch_norm="running", inner_steps=2),
+                ProtoNet(copy.deepcopy(stock), "classification", batch_norm="running")):
+        alg.train()
+        alg.evaluate(_batch(seed=7), steps=2)
+        assert not alg.norm.pending(), type(alg).__name__
+
+
+def test_instance_norm_with_running_statistics_is_refused():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.InstanceNorm2d(2, track_running_stats=True), nn.Flatten())
+    with pytest.raises(ValueError,
+                       match=r"instance normalisation with track_running_stats=True.*track_running_stats=False"):
+        MAML(model, "classification")

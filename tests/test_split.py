@@ -55,7 +55,7 @@ def test_anil_on_conv4_equals_full_forwards(threads, extra):
     model = _conv()
     fast = _compare(lambda **kw: ANIL(copy.deepcopy(model), "classification", inner_lr=0.3, task_threads=threads,
                                       **kw), _images(), **extra)
-    assert fast.split is not None and fast.split.prefix == "head"
+    assert fast.split is not None and fast.split.prefix == "head" and fast.split._ok is True
 
 
 @pytest.mark.parametrize("vectorize", ["vmap", "loop"])
@@ -108,7 +108,43 @@ class Twice(Scaled):
         return self.head(z) + self.head(z * 0.5)
 
 
-@pytest.mark.parametrize("cls", [Scaled, Twice])
+class InPlaceAfter(Scaled):
+    """The head's output is written in place after the head: the same object, another value."""
+
+    def forward(self, x):
+        return self.head(self.features(x)).mul_(3.0)
+
+
+class InPlaceReLU(nn.Module):
+    """``nn.ReLU(inplace=True)`` after the head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 4), nn.ReLU(inplace=True))
+
+    def forward(self, x):
+        return self.body(x)[:, :1]
+
+
+class UsesHeadParameter(Scaled):
+    """The body's output depends on an adapted parameter of the head."""
+
+    def forward(self, x):
+        return self.head(self.features(x) + self.head.bias)
+
+
+class PreHooked(Scaled):
+    """A forward pre-hook on the head changes its input (a later call of the head runs it again)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head.register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+@pytest.mark.parametrize("cls", [Scaled, Twice, InPlaceAfter, UsesHeadParameter])
 def test_models_that_are_not_head_of_features_fall_back(cls):
     torch.manual_seed(0)
     model = cls()
@@ -116,6 +152,24 @@ def test_models_that_are_not_head_of_features_fall_back(cls):
     fast = _compare(lambda **kw: MAML(copy.deepcopy(model), "regression", adapt=["head.*"], inner_lr=0.1, **kw),
                     batch)
     assert fast.split is not None and fast.split._ok is False
+
+
+def test_inplace_relu_after_the_head_falls_back():
+    torch.manual_seed(0)
+    model = InPlaceReLU()
+    batch = Sinusoid(shots=5, queries=5).batch("train", range(2)).to(dtype=torch.float64)
+    fast = _compare(lambda **kw: MAML(copy.deepcopy(model), "regression", adapt=["body.2.*"], inner_lr=0.1, **kw),
+                    batch)
+    assert fast.split._ok is False
+
+
+def test_a_pre_hook_on_the_head_keeps_the_split_and_the_function():
+    torch.manual_seed(0)
+    model = PreHooked()
+    batch = Sinusoid(shots=5, queries=5).batch("train", range(2)).to(dtype=torch.float64)
+    fast = _compare(lambda **kw: MAML(copy.deepcopy(model), "regression", adapt=["head.*"], inner_lr=0.1, **kw),
+                    batch)
+    assert fast.split._ok is True
 
 
 def test_boil_adapts_the_body_and_falls_back():

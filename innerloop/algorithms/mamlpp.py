@@ -18,8 +18,9 @@ MAML with the paper's fixes, each an option here:
   step ``j`` (0-based), as in the paper's code.
 * BNRS: per-step running statistics, ``batch_norm = "per_step"`` (:mod:`innerloop.norm`): one set
   of running statistics per inner step (buffers ``step_stats.<j>``, checkpointed with the model),
-  accumulated in meta-training from the query forward after step ``j`` and used at test time by the
-  forwards of step ``j``. It needs BatchNorm layers that track running statistics
+  accumulated in meta-training from the support forward of step ``j`` and used at test time by the
+  forwards of step ``j`` (its support forward, and the query after it, which also uses step ``j``'s
+  BatchNorm weights). It needs BatchNorm layers that track running statistics
   (``Conv4(track_running_stats=True)`` or stock ``nn.BatchNorm2d``); the default ``batch`` uses the
   statistics of each batch (the transductive MAML protocol), ``running`` one set for every step.
 
@@ -197,13 +198,17 @@ class MAMLPlusPlus(GradientBased):
         total: Tensor = params[self.adapt_names[0]].new_zeros(())
         out = [] if weights is not None else [
             scores(self.fns, self.predict(model, params, qx, self._step_buffers(0)), qy)]
-        per_step = self.norm.policy == "per_step"
+        training = weights is not None  # only meta-training feeds the running statistics
+        per_step = training and self.norm.policy == "per_step"
+        before = params
         for j, current in enumerate(trajectory):
             now = {**current, **self._bn(bn, j)}
-            if per_step:  # BNRS: the query statistics after step j feed set j
-                self.norm.record(model, now, qx, which=min(j, last_step), start=self._stats(j))
-            elif j == steps - 1:
-                self.norm.record(model, now, qx)  # batch_norm="running": one set
+            if per_step:  # BNRS: step j's support forward (at the parameters before step j) feeds set j
+                self.norm.record(model, {**before, **self._bn(bn, j)}, sx, which=min(j, last_step),
+                                 start=self._stats(j))
+            elif training and j == steps - 1:
+                self.norm.record(model, now, qx)  # batch_norm="running": one set, the final query forward
+            before = current
             if weights is None:
                 out.append(scores(self.fns, self.predict(model, now, qx, self._step_buffers(j)), qy))
             elif weights[j] != 0 or j == steps - 1:

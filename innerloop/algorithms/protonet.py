@@ -66,11 +66,14 @@ class ProtoNet(Algorithm):
         zs, zq = z[: len(support_x)], z[len(support_x) :]
         return proto_logits(zq, prototypes(zs, support_y, ways))
 
-    def task_loss(self, model: nn.Module, params: Params, task: TaskTensors) -> tuple[Tensor, Tensor]:
-        """Query cross-entropy of one task and its detached ``[loss, accuracy]``."""
+    def task_loss(self, model: nn.Module, params: Params, task: TaskTensors,
+                  record: bool = True) -> tuple[Tensor, Tensor]:
+        """Query cross-entropy of one task and its detached ``[loss, accuracy]``; ``record``: feed the
+        episode's statistics to ``batch_norm = "running"`` (meta-training only)."""
         sx, sy, qx, qy = task
         logits = self.task_logits(model, params, sx, sy, qx)
-        self.norm.record(model, params, torch.cat([sx, qx]))  # batch_norm="running": the episode's statistics
+        if record:
+            self.norm.record(model, params, torch.cat([sx, qx]))
         return self.fns.loss(logits, qy), scores(self.fns, logits, qy)
 
     def meta_gradient(self, batch: TaskBatch) -> tuple[dict[str, Tensor], dict[str, float]]:
@@ -83,7 +86,7 @@ class ProtoNet(Algorithm):
     def evaluate(self, batch: TaskBatch, steps: int) -> dict[str, Tensor]:
         """Nothing adapts: the query (loss, accuracy) of each task, the same after every step count."""
         params = {k: v.detach() for k, v in self.model.named_parameters()}
-        out = map_tasks(lambda m, p, task: self.task_loss(m, p, task)[1], self.model, params, batch,
+        out = map_tasks(lambda m, p, task: self.task_loss(m, p, task, record=False)[1], self.model, params, batch,
                         self.execution)  # [tasks, 2]
         per_step = out[:, :, None].expand(-1, -1, steps + 1)
         return {"loss": per_step[:, 0], self.metric_name: per_step[:, 1]}

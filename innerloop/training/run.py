@@ -179,11 +179,7 @@ def run(cfg: Config, *, progress: bool = True, overwrite: bool = False) -> RunRe
     """
     out = Path(cfg.out_dir)
     lead = dist_rank() == 0  # under torchrun, one rank writes the files
-    try:  # a device this machine lacks, or fp16 on a CPU, fails here: before anything is touched
-        device = run_device(cfg.execution.device)
-        check_run_precision(cfg.execution.precision, device)
-    except ValueError as err:
-        raise ConfigError(f"execution.{err}") from err
+    device = check_device(cfg)  # a device this machine lacks, or fp16 on a CPU: before anything is touched
     if overwrite and lead:
         for sub in (out, out / "baseline"):
             clear_run(sub)
@@ -232,6 +228,17 @@ def run(cfg: Config, *, progress: bool = True, overwrite: bool = False) -> RunRe
     return result
 
 
+def check_device(cfg: Config) -> torch.device:
+    """The run's device (:func:`~innerloop.training.device.run_device`), with its precision checked;
+    :class:`ConfigError` naming ``execution.device`` or ``execution.precision`` otherwise."""
+    try:
+        device = run_device(cfg.execution.device)
+        check_run_precision(cfg.execution.precision, device)
+    except ValueError as err:
+        raise ConfigError(f"execution.{err}") from err
+    return device
+
+
 def load_for_eval(checkpoint: str | Path, overrides: Mapping[str, Any] | None = None) -> tuple[Config, Algorithm]:
     """Rebuild the algorithm a checkpoint was trained with (by innerloop 0.1.0 too) and load its weights
     (written on any device: they load on the CPU and follow the model). ``overrides``: dotted config keys
@@ -249,6 +256,7 @@ def load_for_eval(checkpoint: str | Path, overrides: Mapping[str, Any] | None = 
     d["eval"]["baseline"] = False  # evaluating trains nothing; the default would refuse image families
     d["train"].update(ident["train"])
     cfg = config_from_dict(apply_overrides(d, overrides or {}))
+    check_device(cfg)  # before building: the algorithm refuses a device this machine lacks
     algorithm = build_algorithm(cfg, build_family(cfg), ident["algorithm"])
     check_state_compatible(algorithm, payload["state"], str(checkpoint))
     algorithm.load_state_dict(payload["state"])
