@@ -192,13 +192,23 @@ def twice_differentiable(second_order: bool) -> Iterator[None]:
     :func:`torch.nn.functional.scaled_dot_product_attention` (flash, memory-efficient, cuDNN) have no
     double backward, so second-order meta-gradients select its math kernel (the same function, written
     from matmul and softmax). Nothing changes in first order."""
-    if not second_order:
+    sdp = torch.backends.cuda  # the switches of every device's fused kernels (the CPU's flash one too)
+    fused = (sdp.flash_sdp_enabled(), sdp.mem_efficient_sdp_enabled(),  # type: ignore[no-untyped-call]
+             sdp.cudnn_sdp_enabled())  # type: ignore[no-untyped-call]
+    if not second_order or not any(fused):
         yield
         return
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel([SDPBackend.MATH]):
+    # plain flag switches: torch.nn.attention.sdpa_kernel does the same at several times the cost, which
+    # shows on small models (tens of microseconds per meta-gradient)
+    sdp.enable_flash_sdp(False)
+    sdp.enable_mem_efficient_sdp(False)
+    sdp.enable_cudnn_sdp(False)
+    try:
         yield
+    finally:
+        sdp.enable_flash_sdp(fused[0])
+        sdp.enable_mem_efficient_sdp(fused[1])
+        sdp.enable_cudnn_sdp(fused[2])
 
 
 def place_batch(batch: TaskBatch, params: Params) -> TaskBatch:

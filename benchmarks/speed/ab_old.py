@@ -118,6 +118,7 @@ def main() -> None:
             order = "1st" if first_order else "2nd"
             print(f"{name} {order} order: now {row['new']:.3f} s, old {row['old']:.3f} s, "
                   f"old / now {row['old'] / row['new']:.2f}x", flush=True)
+    unit = "ms" if args.model == "mlp" else "s"
     lines = [
         f"# innerloop now against innerloop {commit}, in one process",
         "",
@@ -132,14 +133,16 @@ def main() -> None:
         + "; the meta-gradient",
         "only (no optimiser step); each version's call alternated with the other's, medians over n calls.",
         "",
-        "| algorithm | order | now s / meta-gradient | old s / meta-gradient | old / now (above 1: faster now) "
-        "| n |",
+        f"| algorithm | order | now {unit} / meta-gradient | old {unit} / meta-gradient "
+        "| old / now (above 1: faster now) | n |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
         order = "1st" if r["first_order"] else ("2nd" if r["algorithm"] != "Reptile" else "-")
         ratio = r["old"] / r["new"]
-        lines.append(f"| {r['algorithm']} | {order} | {r['new']:.3f} | {r['old']:.3f} | {ratio:.2f}x | {r['n']} |")
+        scale = 1e3 if args.model == "mlp" else 1.0  # the MLP's times in ms
+        lines.append(f"| {r['algorithm']} | {order} | {r['new'] * scale:.3f} | {r['old'] * scale:.3f} "
+                     f"| {ratio:.2f}x | {r['n']} |")
     Path(args.out).write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")
 
