@@ -30,6 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from innerloop.data.download import DataError, StrPath, remove_quietly
+from innerloop.io import current_umask
 from innerloop.tasks import SPLITS, check_split
 
 __all__ = [
@@ -323,7 +324,7 @@ def save_cache(path: StrPath, dataset: ImageClassDataset, key: str) -> Path:
             )
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a cache may be shared
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it 0600; the user's umask decides
         os.replace(tmp, path)
     except BaseException:
         remove_quietly(tmp)
@@ -387,8 +388,12 @@ def load_image(
     mode: str = "RGB",
     resample: Image.Resampling = Image.Resampling.LANCZOS,
     name: str | None = None,
+    max_pixels: int | None = None,
 ) -> np.ndarray:
     """Decode an image file (path or bytes), convert to ``mode`` and resize: uint8 ``[C, H, W]``.
+
+    The header's width x height is checked against ``max_pixels`` before any pixel is decoded,
+    so a decompression bomb (a small file that claims a huge image) is a :class:`DataError`.
 
     Args:
         source: a file path, or the encoded bytes.
@@ -396,11 +401,37 @@ def load_image(
         mode: a Pillow mode, ``"RGB"`` (C = 3) or ``"L"`` (grey, C = 1).
         resample: the Pillow resampling filter.
         name: how to call the image in error messages (defaults to the path).
+        max_pixels: the most pixels an image may have; default ``PIL.Image.MAX_IMAGE_PIXELS``
+            (read at each call; None there disables the cap).
+
+    Raises:
+        DataError: the file cannot be decoded, or it has more than ``max_pixels`` pixels.
     """
     h, w = size_pair(size)
     shown = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
+    cap = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    knob = "max_pixels" if max_pixels is not None else f"PIL.Image.MAX_IMAGE_PIXELS, now {Image.MAX_IMAGE_PIXELS}"
+    way_out = (
+        "it may be a decompression bomb; replace or delete the file (if it is genuine, downscale it, "
+        f"or raise {knob})"
+    )
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as f:
+        with warnings.catch_warnings():
+            # Pillow only warns between 1x and 2x its cap: make that an error too.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            f = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"refusing to decode the image {shown}: {e} ({way_out}).") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"cannot read the image {shown}: {e}; replace or delete the file.") from e
+    try:
+        with f:
+            width, height = f.size
+            if cap is not None and width * height > cap:
+                raise DataError(
+                    f"refusing to decode the image {shown}: it is {width} x {height} = {width * height} pixels, "
+                    f"over the cap of {cap} pixels ({way_out})."
+                )
             im = f.convert(mode)
             if im.size != (w, h):
                 im = im.resize((w, h), resample=resample)

@@ -12,10 +12,14 @@ Where the files come from, in order:
 2. else ``$INNERLOOP_DATA/omniglot``;
 3. else ``$XDG_DATA_HOME/innerloop/omniglot`` (default ``~/.local/share/innerloop/omniglot``).
 
-An archive that is already in the folder is used as it is: it is *not* checked against the
-official checksum (copies may be re-encoded: same pixels, different bytes). A missing archive is
-downloaded from the official repository and verified against :data:`SHA256`; without network
-the error says exactly where to put the files.
+An archive that is already in the folder is *not* checked against the official checksum
+(copies may be re-encoded: same pixels, different bytes), unless a ``SHA256SUMS`` file beside it
+(``<sha256>  images_background.zip`` lines, as ``sha256sum`` writes them) lists it: then a
+mismatch is an error naming the file and both digests. A missing archive is downloaded (https
+only, at most twice its known size) from the official repository and verified against
+:data:`SHA256`; without network the error says exactly where to put the files. Every archive
+member is validated before use and capped at ``max_member_bytes`` (64 MiB) uncompressed; every
+image at ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (see :func:`innerloop.data.images.load_image`).
 
 Preprocessing runs once: every PNG is converted to 8-bit grey, resized (default 28 x 28, Lanczos)
 and inverted so that ink = 1; images are stored as uint8 and read as float32 in [0, 1]. The result
@@ -60,7 +64,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from innerloop.data.download import DataError, DownloadError, StrPath, download, open_zip, sha256_file
+from innerloop.data.download import (
+    MAX_MEMBER_BYTES,
+    DataError,
+    DownloadError,
+    StrPath,
+    check_member_size,
+    download,
+    open_zip,
+    read_member,
+    sha256_file,
+    verify_checksum_list,
+)
 from innerloop.data.images import (
     ImageClassDataset,
     cache_key,
@@ -76,6 +91,7 @@ from innerloop.tasks import SPLITS, Split
 __all__ = [
     "ARCHIVES",
     "SHA256",
+    "SIZES",
     "URLS",
     "VINYALS_SPLIT_URL",
     "Omniglot",
@@ -95,6 +111,8 @@ SHA256: dict[str, str] = {
     "images_background": "ad41ab679c8b5d90b271ef46be6987cc81211774a695c29dcc5367b2b26ee640",
     "images_evaluation": "1f61a8f3366785b057fc117d9228e78a16e3d976c8953b2a10fcc74cf0609cee",
 }
+SIZES: dict[str, int] = {"images_background": 9_464_212, "images_evaluation": 6_462_886}
+SPLIT_FILE_MAX_BYTES = 1 << 20  # a Vinyals split file is ~40 KB
 VINYALS_SPLIT_URL = "https://raw.githubusercontent.com/jakesnell/prototypical-networks/master/data/omniglot/splits/vinyals/{split}.txt"
 
 
@@ -127,20 +145,27 @@ def _where_to_put(folder: Path, names: Sequence[str]) -> str:
 def omniglot_archives(root: StrPath | None = None, download_missing: bool = True) -> dict[str, Path]:
     """``{archive name: path}`` for both archives, downloading (and verifying) missing ones.
 
+    An archive already present is checked against a ``SHA256SUMS`` file beside it when that
+    file lists it (see :func:`~innerloop.data.download.verify_checksum_list`).
+
     Raises:
         DataError: an archive is missing and cannot be downloaded; the message says where to put it.
-        ChecksumError: a download does not match :data:`SHA256`.
+        ChecksumError: a download does not match :data:`SHA256`, or a present archive does not
+            match its ``SHA256SUMS`` entry.
     """
     folder = omniglot_root(root)
     paths = {n: folder / f"{n}.zip" for n in ARCHIVES}
     missing = [n for n in ARCHIVES if not paths[n].is_file()]
+    for n in ARCHIVES:
+        if n not in missing:
+            verify_checksum_list(paths[n])
     if missing and not download_missing:
         raise DataError(
             f"Omniglot archive(s) {', '.join(missing)} not found in {folder}; {_where_to_put(folder, missing)}."
         )
     for n in missing:
         try:
-            download(URLS[n], paths[n], sha256=SHA256[n])
+            download(URLS[n], paths[n], sha256=SHA256[n], expected_size=SIZES[n])
         except (DownloadError, OSError) as e:
             raise DataError(
                 f"Omniglot archive {n}.zip is not in {folder} and could not be downloaded ({e}); "
@@ -149,13 +174,20 @@ def omniglot_archives(root: StrPath | None = None, download_missing: bool = True
     return paths
 
 
-def _read_archive(path: Path, size: tuple[int, int]) -> tuple[list[str], list[int], np.ndarray]:
-    """Character names ``Alphabet/characterNN``, drawings per character, uint8 ``[n, 1, H, W]`` (ink = 255)."""
+def _read_archive(
+    path: Path, size: tuple[int, int], max_member_bytes: int = MAX_MEMBER_BYTES
+) -> tuple[list[str], list[int], np.ndarray]:
+    """Character names ``Alphabet/characterNN``, drawings per character, uint8 ``[n, 1, H, W]`` (ink = 255).
+
+    Every PNG member's size is checked against ``max_member_bytes`` before any is read.
+    """
     with open_zip(path) as (zf, members):
         pngs = sorted(
             (m for m in members if not m.is_dir() and m.filename.lower().endswith(".png")),
             key=lambda m: m.filename,
         )
+        for info in pngs:
+            check_member_size(info, path, max_member_bytes)
         names: list[str] = []
         counts: list[int] = []
         out = np.empty((len(pngs), 1, *size), dtype=np.uint8)
@@ -173,7 +205,8 @@ def _read_archive(path: Path, size: tuple[int, int]) -> tuple[list[str], list[in
                 names.append(name)
                 counts.append(0)
             counts[-1] += 1
-            grey = load_image(zf.read(info), size, "L", Image.Resampling.LANCZOS, name=f"{path}:{info.filename}")
+            png = read_member(zf, info, path, max_member_bytes)
+            grey = load_image(png, size, "L", Image.Resampling.LANCZOS, name=f"{path}:{info.filename}")
             np.subtract(255, grey, out=out[i])
     if not names:
         raise DataError(f"{path} holds no PNG images; delete it and download it again (or put a good copy there).")
@@ -241,7 +274,9 @@ def _vinyals_files(folder: Path, splits_root: Path | None, download_missing: boo
     for s in SPLITS:
         try:
             # No official checksum exists for these files; _vinyals_splits validates their content.
-            out[s] = download(VINYALS_SPLIT_URL.format(split=s), target / f"{s}.txt", sha256=None)
+            out[s] = download(
+                VINYALS_SPLIT_URL.format(split=s), target / f"{s}.txt", sha256=None, max_bytes=SPLIT_FILE_MAX_BYTES
+            )
         except (DownloadError, OSError) as e:
             raise DataError(
                 f"the Vinyals split files are missing and could not be downloaded ({e}); {where}."

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import http.client
 import io
 import os
+import urllib.error
+import urllib.request
+import urllib.response
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -54,3 +58,30 @@ def real_data_root() -> Path:
     """``$INNERLOOP_DATA`` or ``../shared/data`` from the repository root."""
     env = os.environ.get("INNERLOOP_DATA")
     return Path(env) if env else REPO_ROOT.parent / "shared" / "data"
+
+
+class FakeHTTPS(urllib.request.BaseHandler):
+    """A urllib handler that serves ``https://`` URLs from a dict, with no network.
+
+    ``routes[url] = (status, headers, body)``; an unknown URL is a connection error. Every
+    request's URL is appended to ``seen``. Redirects (3xx with a ``Location``) go through the
+    opener's redirect handler as real responses would.
+    """
+
+    handler_order = 100  # before urllib's own HTTPSHandler
+
+    def __init__(self, routes: Mapping[str, tuple[int, Mapping[str, str], bytes]]) -> None:
+        self.routes = dict(routes)
+        self.seen: list[str] = []
+
+    def https_open(self, req: urllib.request.Request) -> urllib.response.addinfourl:
+        self.seen.append(req.full_url)
+        if req.full_url not in self.routes:
+            raise urllib.error.URLError(f"no route to {req.full_url} (fake network)")
+        status, headers, body = self.routes[req.full_url]
+        msg = http.client.HTTPMessage()
+        for k, v in headers.items():
+            msg[k] = v
+        response = urllib.response.addinfourl(io.BytesIO(body), msg, req.full_url, status)
+        response.msg = "OK" if status < 300 else "Redirect"  # type: ignore[attr-defined]
+        return response

@@ -1,4 +1,4 @@
-"""Downloads with SHA-256 verification (via file:// URLs, no network) and safe zip reading."""
+"""Downloads with SHA-256 verification (served by a fake https handler, no network) and safe zip reading."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from fewshot_fakes import FakeHTTPS
 
 from innerloop.data.download import (
     ChecksumError,
@@ -16,46 +17,47 @@ from innerloop.data.download import (
     UnsafeArchiveError,
     download,
     extract_zip,
+    https_opener,
     iter_zip,
     sha256_file,
 )
 
+URL = "https://example.org/data/file.bin"
 
-def _source(tmp_path: Path, data: bytes = b"hello omniglot" * 1000) -> tuple[Path, str]:
-    src = tmp_path / "src" / "file.bin"
-    src.parent.mkdir()
-    src.write_bytes(data)
-    return src, hashlib.sha256(data).hexdigest()
+
+def _source(data: bytes = b"hello omniglot" * 1000) -> tuple[FakeHTTPS, str]:
+    served = FakeHTTPS({URL: (200, {"Content-Length": str(len(data))}, data)})
+    return served, hashlib.sha256(data).hexdigest()
 
 
 def test_download_verifies_and_writes_atomically(tmp_path):
-    src, digest = _source(tmp_path)
+    served, digest = _source()
     seen = []
     dest = download(
-        src.as_uri(), tmp_path / "out" / "file.bin", sha256=digest, progress=lambda n, t: seen.append(n)
+        URL, tmp_path / "out" / "file.bin", sha256=digest, progress=lambda n, t: seen.append(n),
+        opener=https_opener(served),
     )
-    assert dest.read_bytes() == src.read_bytes()
     assert sha256_file(dest) == digest
-    assert seen and seen[-1] == src.stat().st_size
+    assert seen and seen[-1] == dest.stat().st_size == 14000
     assert sorted(p.name for p in dest.parent.iterdir()) == ["file.bin"]  # no temporary left
 
 
 def test_download_checksum_mismatch_leaves_nothing(tmp_path):
-    src, digest = _source(tmp_path)
+    served, digest = _source()
     dest = tmp_path / "out" / "file.bin"
     wrong = "0" * 64
     with pytest.raises(ChecksumError) as err:
-        download(src.as_uri(), dest, sha256=wrong)
+        download(URL, dest, sha256=wrong, opener=https_opener(served))
     msg = str(err.value)
-    assert src.as_uri() in msg and wrong in msg and digest in msg and str(dest) in msg
+    assert URL in msg and wrong in msg and digest in msg and str(dest) in msg
     assert not dest.exists() and list(dest.parent.iterdir()) == []
 
 
 def test_download_failure_says_where_to_put_the_file(tmp_path):
-    url = (tmp_path / "nowhere" / "file.zip").as_uri()
+    url = "https://example.org/nowhere/file.zip"
     dest = tmp_path / "out" / "file.zip"
     with pytest.raises(DownloadError) as err:
-        download(url, dest)
+        download(url, dest, opener=https_opener(FakeHTTPS({})))
     assert url in str(err.value) and str(dest) in str(err.value) and "by hand" in str(err.value)
     assert list(dest.parent.iterdir()) == []
 
@@ -89,7 +91,7 @@ def test_unsafe_members_are_rejected_before_use(tmp_path, bad, why):
     dest = tmp_path / "out"
     with pytest.raises(UnsafeArchiveError):
         extract_zip(path, dest)
-    assert list(dest.iterdir()) == []
+    assert not dest.exists()  # refused before anything was created
     assert not (tmp_path / "evil.png").exists()
 
 
@@ -130,7 +132,7 @@ def test_iter_and_extract_good_zip(tmp_path):
     assert list(iter_zip(path, (".png",))) == [("d/a.png", b"1"), ("d/b.png", b"2")]
     dest = extract_zip(path, tmp_path / "out")
     assert (dest / "d" / "a.png").read_bytes() == b"1" and (dest / "d" / "notes.txt").read_bytes() == b"t"
-    assert sorted(p.name for p in dest.iterdir()) == ["d"]
+    assert sorted(p.name for p in dest.iterdir()) == [".innerloop-extract.json", "d"]
 
 
 def test_missing_zip_is_file_not_found(tmp_path):
