@@ -25,6 +25,8 @@ from innerloop.training.config import Config, ConfigError, load_config
 from innerloop.training.device import place
 from innerloop.training.distributed import DistributedError, barrier, init_from_env, rank
 from innerloop.training.evaluate import format_table, meta_test, run_note
+from innerloop.training.lock import RunLockedError
+from innerloop.training.loop import DivergenceError
 from innerloop.training.run import batch_norm_of, build_family, load_for_eval, run
 
 DESCRIPTION = """\
@@ -156,6 +158,8 @@ def _eval(args: argparse.Namespace) -> None:
         raise ConfigError(f"--tasks ({args.tasks}), --shots ({args.shots}) and --queries "
                           f"({args.queries}) must be >= 1 and --steps ({args.steps}) >= 0.")
     cfg, algorithm = load_for_eval(args.checkpoint, _device_overrides(args))
+    # the sizes asked for, checked as a config's are (against this machine's memory) before any allocation
+    cfg.override({"eval.shots": args.shots, "eval.queries": args.queries, "eval.test_tasks": args.tasks})
     try:  # a device this machine lacks, or fp16 on a CPU: refused before the test starts
         device = place(algorithm, cfg.execution.device, cfg.execution.precision)
     except ValueError as err:
@@ -199,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         {"train": _train, "eval": _eval, "rl": _rl}[args.command](args)
-    except (ConfigError, CheckpointError, DataError, DistributedError, MissingMuJoCoError) as err:
+    except (ConfigError, CheckpointError, DataError, DistributedError, MissingMuJoCoError, DivergenceError,
+            RunLockedError) as err:
         print(f"innerloop: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -104,3 +104,25 @@ def test_dot_flatten_unflatten():
         unflatten(torch.zeros(5), a)
     with pytest.raises(ValueError, match="steps >= 0"):
         conjugate_gradient(lambda v: v, torch.ones(2), steps=-1)
+
+
+def test_student_t_quantiles():
+    from innerloop.numerics import student_t_cdf, student_t_quantile
+
+    # values of the t distribution's 0.975 quantile (tables; df = inf is the normal 1.959964)
+    for df, want in ((1, 12.7062), (2, 4.3027), (5, 2.5706), (10, 2.2281), (39, 2.0227), (599, 1.9639),
+                     (1e7, 1.95996)):
+        assert abs(student_t_quantile(0.975, df) - want) < 1e-4, df
+    assert abs(student_t_quantile(0.025, 7) + student_t_quantile(0.975, 7)) < 1e-10
+    assert abs(student_t_cdf(0.0, 3) - 0.5) < 1e-12
+    with pytest.raises(ValueError, match="need 0 < p < 1 and df > 0"):
+        student_t_quantile(1.0, 3)
+
+
+def test_intervals_use_student_t():
+    from innerloop.training.evaluate import mean_ci95
+
+    v = torch.tensor([0.0, 1.0] * 20)  # 40 tasks, s = 0.5064
+    stats = mean_ci95(v)
+    assert abs(stats.ci95 - 2.0227 * float(v.std()) / 40**0.5) < 1e-4
+    assert mean_ci95(torch.tensor([3.0])).ci95 != mean_ci95(torch.tensor([3.0])).ci95  # NaN for one task

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import itertools
 import json
+import os
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -193,6 +195,9 @@ class TrainConfig:
     """Seed of the model's initialisation (tasks are fixed by ``task.seed``)."""
     dist_timeout_s: float = 300.0
     """Under torchrun: seconds a collective waits for the other ranks before the run stops."""
+    grad_clip: float | None = None
+    """Clip the meta-gradient's global L2 norm to this (``None``: no clipping); the norm before
+    clipping is logged as ``grad_norm``."""
 
 
 @dataclass(frozen=True)
@@ -374,6 +379,8 @@ class Config:
         need(tr.val_tasks >= 1, "train.val_tasks", tr.val_tasks, "must be >= 1")
         need(tr.log_every >= 1, "train.log_every", tr.log_every, "must be >= 1")
         need(tr.dist_timeout_s > 0, "train.dist_timeout_s", tr.dist_timeout_s, "must be > 0")
+        need(tr.grad_clip is None or tr.grad_clip > 0, "train.grad_clip", tr.grad_clip,
+             "must be > 0 (or null: off)")
         need(e.test_tasks >= 1, "eval.test_tasks", e.test_tasks, "must be >= 1 (600 for a paper table)")
         need(e.steps >= 0, "eval.steps", e.steps, "must be >= 0")
         need(all(0 <= s <= e.steps for s in e.report_steps), "eval.report_steps", e.report_steps,
@@ -383,12 +390,77 @@ class Config:
         need(e.baseline_iterations is None or e.baseline_iterations >= 1,
              "eval.baseline_iterations", e.baseline_iterations, "must be >= 1")
         need(e.plot_tasks >= 0, "eval.plot_tasks", e.plot_tasks, "must be >= 0")
+        for key, value in (("train.val_tasks", tr.val_tasks), ("eval.test_tasks", e.test_tasks)):
+            need(value <= MAX_TASKS, key, value, f"at most {MAX_TASKS:,} tasks are evaluated")
+        for key, need_bytes in memory_estimates(self).items():
+            need(need_bytes <= memory_budget(), key, getattr_dotted(self, key),
+                 f"it implies about {need_bytes / 2**30:.1f} GiB of {memory_what(key)}, more than this machine's "
+                 f"{memory_budget() / 2**30:.1f} GiB of memory; make it smaller")
         build_objective(self.objective, self.objective_kind)  # imports the paths: a wrong one fails here
 
     @property
     def objective_kind(self) -> Literal["regression", "classification"]:
         """``classification`` for the image families, ``regression`` for the rest."""
         return "classification" if self.task.family in IMAGE_FAMILIES else "regression"
+
+
+MAX_TASKS = 1_000_000
+"""The most validation or test tasks a config may ask for."""
+EVAL_CHUNK_TASKS = 100
+"""Tasks that :func:`~innerloop.training.evaluate.meta_test` holds at once."""
+
+
+def memory_budget() -> int:
+    """The bytes a run may plan to hold: this machine's physical memory."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - not Linux
+        return 64 * 2**30
+
+
+def _example_bytes(cfg: Config) -> int:
+    """Bytes of one input example (float32) and its target."""
+    t = cfg.task
+    if t.family in IMAGE_FAMILIES:
+        side = t.image_size or (28 if t.family == "omniglot" else 84)
+        channels = 1 if t.family == "omniglot" else 3
+        return 4 * channels * side * side + 8
+    dim = int(t.options.get("dim", 1)) if isinstance(t.options.get("dim", 1), int) else 1
+    return 4 * (dim + 1)
+
+
+def memory_estimates(cfg: Config) -> dict[str, int]:
+    """Lower bounds on the bytes a setting implies, keyed by the setting: one meta-batch's inputs
+    (``train.meta_batch_size``), the tasks ``meta_test`` holds at once (``eval.shots`` /
+    ``eval.queries``), and the model's parameters (``model.hidden``, for MLPs). Used to refuse what
+    cannot fit before any allocation; the real use is a few times larger (activations, gradients)."""
+    t, tr, e, m = cfg.task, cfg.train, cfg.eval, cfg.model
+    images = t.family in IMAGE_FAMILIES
+    per = _example_bytes(cfg)
+    train_ways = (t.train_ways or t.ways) if images else 1
+    test_ways = (e.ways or t.ways) if images else 1
+    out = {"train.meta_batch_size": tr.meta_batch_size * (t.shots + t.queries) * train_ways * per}
+    chunk = min(EVAL_CHUNK_TASKS, max(e.test_tasks, tr.val_tasks))
+    out["eval.shots"] = chunk * ((e.shots or t.shots) + (e.queries or t.queries)) * test_ways * per
+    if m.name == "mlp":
+        widths = [1, *m.hidden, 1]
+        # parameters, their meta-gradient and Adam's two moments: four float32 copies
+        out["model.hidden"] = 4 * 4 * sum(a * b + b for a, b in itertools.pairwise(widths))
+    return out
+
+
+def memory_what(key: str) -> str:
+    """What the estimate of ``key`` counts (for the error message)."""
+    what = {"train.meta_batch_size": "inputs for one meta-batch",
+            "eval.shots": f"inputs for one chunk of {EVAL_CHUNK_TASKS} evaluation tasks",
+            "model.hidden": "parameters, meta-gradient and optimiser state"}
+    return what.get(key, "memory")
+
+
+def getattr_dotted(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
 def _check(value: Any, tp: Any, key: str) -> Any:
@@ -480,9 +552,17 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     """The raw contents of a ``.toml`` or ``.json`` config file; a missing, unreadable or
     malformed file raises :class:`ConfigError` naming it."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a folder; give a .toml or .json file in it.")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist.")
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {str(path)!r} could not be read: {err}") from err
+    if not text.strip():
+        raise ConfigError(f"config file {str(path)!r} is empty; give the settings to change (or run "
+                          "`innerloop train` without --config for the embedded default run).")
     try:
         if path.suffix == ".json":
             data = json.loads(text)

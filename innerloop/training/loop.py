@@ -10,7 +10,13 @@ meta-RL (:func:`innerloop.rl.train.meta_train_rl`). It owns everything around th
   end; ``best.pt`` at every new best validation value;
 * the JSON-lines log ``metrics.jsonl`` (window means of the outer step's metrics, tasks/s, wall
   time, validation), the progress bar with those metrics, and data-parallel ranks (one rank
-  writes, every rank starts from rank 0's parameters).
+  writes, every rank starts from rank 0's parameters);
+* an exclusive lock on the run folder (:func:`innerloop.training.lock.run_lock`, held by rank 0):
+  a second run on the same folder is refused, naming the owner;
+* the divergence policy: a non-finite metric of an outer step, non-finite parameters after it or
+  a non-finite validation value stop the run with :class:`DivergenceError` (naming the step and
+  the likely cause); ``last.pt`` keeps the last finite state and ``best.pt`` is never written
+  with a non-finite value.
 
 A caller supplies only what one outer step does: ``outer_step(step) -> metrics``, a pure function
 of the step index and the current parameters (tasks of step ``t`` are fixed by the family seed,
@@ -20,9 +26,12 @@ continues exactly as the uninterrupted run would.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,8 +42,8 @@ from tqdm.auto import tqdm
 
 from innerloop.adapt import loss_scale
 from innerloop.algorithms.base import Algorithm
-from innerloop.io import truncate_jsonl
-from innerloop.tasks import TaskFamily
+from innerloop.io import clean_partial_writes, truncate_jsonl
+from innerloop.tasks import Split, TaskFamily
 from innerloop.training.checkpoint import resume_into, save_checkpoint
 from innerloop.training.config import TrainConfig
 from innerloop.training.device import LossScaler, all_finite, module_device, place, to_device
@@ -48,6 +57,7 @@ from innerloop.training.distributed import (
 )
 from innerloop.training.distributed import rank as dist_rank
 from innerloop.training.evaluate import meta_test
+from innerloop.training.lock import check_unlocked, run_lock
 from innerloop.training.schedule import set_outer_lr
 
 LAST, BEST, METRICS = "last.pt", "best.pt", "metrics.jsonl"
@@ -58,6 +68,35 @@ Validate = Callable[[], float]
 """``() -> value``: the validation score of the current parameters."""
 Postfix = Callable[[Mapping[str, float]], dict[str, str]]
 """Window means of the outer step's metrics -> what the progress bar shows of them."""
+
+
+class DivergenceError(RuntimeError):
+    """Training diverged: a loss, meta-gradient, parameter or validation value is not finite."""
+
+
+class MissingSplitError(ValueError):
+    """The task family cannot produce a task of a split that training needs (``train``, ``val``)."""
+
+
+def divergence(step: int, what: str, cause: str | None = None, run_dir: Path | None = None) -> DivergenceError:
+    """The :class:`DivergenceError` of outer step ``step`` (1-based): ``what`` is not finite."""
+    why = f" Likely cause: {cause}." if cause else " Likely cause: learning rates too large."
+    kept = ""
+    if run_dir is not None:
+        kept = (f" {run_dir / LAST} keeps the last finite state" if (run_dir / LAST).exists()
+                else " No checkpoint was written")
+        kept += " (non-finite parameters are never saved, and best.pt never holds a non-finite value)."
+    return DivergenceError(
+        f"training diverged at step {step}: {what} is not finite.{why} Lower the learning rates (or clip the "
+        "meta-gradient: train.grad_clip) and train again from the start (a new folder, --overwrite, or "
+        f"resume=False).{kept}"
+    )
+
+
+def parameters_finite(module: nn.Module) -> bool:
+    """Whether every floating-point parameter of ``module`` is finite (one synchronisation)."""
+    checks = [torch.isfinite(p).all() for p in module.parameters() if p.is_floating_point()]
+    return not checks or bool(torch.stack(checks).all())
 
 
 class Stateful(Protocol):
@@ -103,12 +142,20 @@ class TrainResult:
 
 
 def clear_run(run_dir: str | Path) -> None:
-    """Delete what :func:`run_loop` writes into ``run_dir`` (``--overwrite``: start again)."""
+    """Delete what :func:`run_loop` writes into ``run_dir`` (``--overwrite``: start again); refused
+    (:class:`~innerloop.training.lock.RunLockedError`) while another run holds the folder."""
+    check_unlocked(run_dir)
+    _clear(Path(run_dir))
+
+
+def _clear(run_dir: Path) -> None:
     for file in (LAST, BEST, METRICS):
         (Path(run_dir) / file).unlink(missing_ok=True)
 
 
 def _better(a: float, b: float | None, higher: bool) -> bool:
+    if not math.isfinite(a):  # a NaN is never "best"
+        return False
     return b is None or (a > b if higher else a < b)
 
 
@@ -130,6 +177,8 @@ def run_loop(
     desc: str = "meta-train",
     postfix: Postfix | None = None,
     extra_state: Mapping[str, Stateful] | None = None,
+    finite_metrics: Collection[str] | None = None,
+    divergence_cause: str | None = None,
 ) -> TrainResult:
     """Run ``outer_step(step)`` for ``step`` in ``[start, schedule.iterations)``, with resume,
     checkpoints, logging, a progress bar and validation around it.
@@ -150,20 +199,68 @@ def run_loop(
             end; its value is logged as ``val_key`` and picks ``best.pt``.
         higher_is_better: whether a higher validation value is better.
         tasks_per_step: tasks per outer step, for the tasks/s figure.
-        resume: continue from ``run_dir/last.pt`` when it exists.
+        resume: continue from ``run_dir/last.pt`` when it exists; ``False``: start again from step 0,
+            deleting what an earlier run left in ``run_dir`` (``last.pt``, ``best.pt``, ``metrics.jsonl``).
         progress: show a progress bar.
         desc: the progress bar's label.
         postfix: see :data:`Postfix` (default: every metric with 3 decimals); the bar adds the last
             validation value and tasks/s.
         extra_state: more state to checkpoint and resume, by name (``state_dict`` /
             ``load_state_dict``), e.g. the loss scale of fp16 training.
+        finite_metrics: the metrics of an outer step that must be finite (None: all of them); one
+            that is not stops the run with :class:`DivergenceError`. ``outer_step`` may raise it
+            itself (e.g. for a non-finite meta-gradient).
+        divergence_cause: the likely cause a :class:`DivergenceError` names (e.g. the learning rates).
+
+    Divergence: after every outer step the metrics in ``finite_metrics`` and the module's parameters
+    are checked; a non-finite one (or a non-finite validation value) raises :class:`DivergenceError`
+    before anything is written for that step, so ``last.pt`` keeps the last finite state and
+    ``best.pt`` only ever holds a finite best.
+
+    With a ``run_dir``, rank 0 holds the folder's lock (:func:`~innerloop.training.lock.run_lock`)
+    from before the resume to the end: a second run on the folder fails with
+    :class:`~innerloop.training.lock.RunLockedError` naming the owner.
 
     The module stays where it is (its device); checkpoints hold its tensors there and load on any
     device. The RNG states resumed are the CPU's and, for a module on a GPU, that GPU's.
     """
     run_dir = Path(run_dir) if run_dir is not None else None
     lead = dist_rank() == 0  # the one rank that writes checkpoints, logs and the progress bar
+    with run_lock(run_dir) if run_dir is not None and lead else contextlib.nullcontext():
+        if run_dir is not None and lead and not resume:
+            _clear(run_dir)  # resume=False: start again, nothing of an earlier run stays behind
+        return _run_locked(
+            module, outer_step, schedule, run_dir, lead, name=name, optimizer=optimizer, identity=identity,
+            validate=validate, val_key=val_key, higher_is_better=higher_is_better, tasks_per_step=tasks_per_step,
+            resume=resume, progress=progress, desc=desc, postfix=postfix, extra_state=extra_state,
+            finite_metrics=finite_metrics, divergence_cause=divergence_cause)
+
+
+def _run_locked(
+    module: nn.Module,
+    outer_step: OuterStep,
+    schedule: Schedule,
+    run_dir: Path | None,
+    lead: bool,
+    *,
+    name: str,
+    optimizer: torch.optim.Optimizer | None,
+    identity: dict[str, Any] | None,
+    validate: Validate | None,
+    val_key: str,
+    higher_is_better: bool,
+    tasks_per_step: int,
+    resume: bool,
+    progress: bool,
+    desc: str,
+    postfix: Postfix | None,
+    extra_state: Mapping[str, Stateful] | None,
+    finite_metrics: Collection[str] | None,
+    divergence_cause: str | None,
+) -> TrainResult:
     start, best_val, best_step, elapsed_before = 0, None, 0, 0.0
+    if run_dir is not None and lead and run_dir.exists():
+        clean_partial_writes(run_dir)  # what an interrupted atomic write left behind (under the run's lock)
     if run_dir is not None and resume and (run_dir / LAST).exists():
         payload = resume_into(module, run_dir / LAST, identity)
         if optimizer is not None and payload.get("optimizer") is not None:
@@ -189,6 +286,8 @@ def run_loop(
 
     def checkpoint(file: str, step: int) -> None:
         assert run_dir is not None
+        if not parameters_finite(module):  # never: checked after every step; a last guard
+            raise divergence(step, "a parameter", divergence_cause, run_dir)
         payload = {
             "algorithm": name, "identity": identity, "step": step, "state": module.state_dict(),
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
@@ -221,6 +320,11 @@ def run_loop(
         for step in range(start, s.iterations):
             metrics = outer_step(step)
             done, steps_run = step + 1, steps_run + 1
+            for k in metrics if finite_metrics is None else finite_metrics:
+                if k in metrics and not math.isfinite(float(metrics[k])):
+                    raise divergence(done, f"the {k} ({float(metrics[k])})", divergence_cause, run_dir)
+            if not parameters_finite(module):
+                raise divergence(done, "a parameter after the outer step", divergence_cause, run_dir)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             window += 1
@@ -238,6 +342,8 @@ def run_loop(
             if validated:
                 assert validate is not None
                 val = validate()
+                if not math.isfinite(val):
+                    raise divergence(done, f"the validation value {val_key} ({val})", divergence_cause, run_dir)
                 record = {**(record or {"step": done}), val_key: val}
                 if _better(val, best_val, higher_is_better):
                     best_val, best_step = val, done
@@ -287,6 +393,7 @@ def meta_train(
     desc: str = "meta-train",
     grad_hook: GradHook | None = None,
     val_family: TaskFamily | None = None,
+    grad_clip: float | None = None,
 ) -> TrainResult:
     """Meta-train ``algorithm`` on ``family``'s train split (the :func:`run_loop` of meta-batches).
 
@@ -303,22 +410,42 @@ def meta_train(
     whose meta-gradient is not finite is skipped and the scale halved; ``loss_scale`` and
     ``skipped`` are logged with the metrics.
 
+    Divergence (:class:`DivergenceError`, naming the step and the learning rates): a non-finite loss or
+    meta-gradient (fp32, bf16), a non-finite loss of a step taken or a meta-gradient that stays non-finite
+    at the smallest loss scale (fp16), non-finite parameters after a step, or a non-finite validation
+    value stop the run; ``last.pt`` keeps the last finite state (see :func:`run_loop`).
+
+    Before the first step, the family must produce a ``train`` task and ``val_family`` a ``val`` task
+    (:class:`MissingSplitError` names the split otherwise).
+
     Args:
         algorithm: any :class:`Algorithm`; its parameters are the meta-parameters.
         family: the task family (train and val splits are used).
         cfg: iterations, meta-batch size, outer optimiser, validation schedule.
         run_dir: where ``last.pt``, ``best.pt`` and ``metrics.jsonl`` go (None: nothing saved).
         identity: what must match for a checkpoint to be resumed (e.g. the config); stored in
-            every checkpoint, compared on resume.
+            every checkpoint, compared on resume. Default (:func:`default_identity`): the algorithm's
+            name and options, the model's parameter names and shapes, the family's type and seed and
+            ``cfg``'s meta-batch size, outer learning rate, optimiser and seed; a folder whose
+            ``last.pt`` was written with another one is refused, naming the keys that differ.
         val_steps: adaptation steps before scoring validation tasks.
-        resume: continue from ``run_dir/last.pt`` when it exists.
+        resume: continue from ``run_dir/last.pt`` when it exists (and its identity matches);
+            ``False``: start again from step 0, deleting ``last.pt``, ``best.pt`` and
+            ``metrics.jsonl`` of an earlier run in ``run_dir``.
         progress: show a progress bar with loss, metric, validation metric and tasks/s.
         grad_hook: applied to the meta-gradient before the outer step (e.g. an all-reduce).
         val_family: the family whose ``val`` split validates (default: ``family``), e.g. with the
             test protocol's ways when training uses more.
+        grad_clip: clip the meta-gradient's global L2 norm to this (``None``: no clipping); the norm
+            before clipping is logged as ``grad_norm``.
     """
+    if grad_clip is not None and not (math.isfinite(grad_clip) and grad_clip > 0):
+        raise ValueError(f"grad_clip must be a finite number > 0 (or None), got {grad_clip!r}.")
+    if identity is None:
+        identity = default_identity(algorithm, family, cfg)
     val_family = val_family or family
     family = algorithm.training_family(family)  # the Baseline pre-trains on global-label batches
+    check_splits(family, val_family)
     b = cfg.meta_batch_size
     if b < world_size():
         raise ValueError(f"meta_batch_size {b} is smaller than the {world_size()} ranks; "
@@ -329,6 +456,7 @@ def meta_train(
     optimizer = make_optimizer(algorithm, cfg)
     params = algorithm.trainable()  # frozen parameters (requires_grad=False) get no gradient
     metric = algorithm.metric_name
+    cause = learning_rates(algorithm, cfg)
 
     def outer_step(step: int) -> dict[str, float]:
         algorithm.set_progress(step, cfg.iterations)  # MAML++'s annealing; a no-op for most
@@ -348,12 +476,22 @@ def meta_train(
         if scaler is not None:
             take = scaler.update(all_finite(grads))  # the same on every rank: after the all-reduce
             out.update(loss_scale=scale, skipped=0.0 if take else 1.0)
-            if not take:
+            if not take:  # a skipped step, not divergence, until the scale can go no lower
+                if scale <= MIN_LOSS_SCALE:
+                    raise divergence(step + 1, f"the meta-gradient (at the smallest loss scale, {scale})", cause,
+                                     run_path)
                 return out
+            if not math.isfinite(float(out["loss"])):
+                raise divergence(step + 1, f"the loss ({float(out['loss'])})", cause, run_path)
+        elif not all_finite(grads):  # fp32 / bf16: no loss scale to blame
+            raise divergence(step + 1, "the meta-gradient", cause, run_path)
         if grad_hook is not None:
             grads = grad_hook(grads)
         for n, p in params.items():
             p.grad = grads[n]
+        if grad_clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(list(params.values()), grad_clip)
+            out["grad_norm"] = float(norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return out
@@ -362,9 +500,64 @@ def meta_train(
         return meta_test(algorithm, val_family, "val", cfg.val_tasks, steps=val_steps,
                          device=device).per_step[val_steps].mean
 
+    run_path = Path(run_dir) if run_dir is not None else None
     schedule = Schedule(cfg.iterations, log_every=cfg.log_every, validate_every=cfg.validate_every)
     return run_loop(algorithm, outer_step, schedule, run_dir, name=algorithm.name, optimizer=optimizer,
                     identity=identity, validate=validate, val_key=f"val_{metric}",
                     higher_is_better=algorithm.higher_is_better, tasks_per_step=b, resume=resume,
                     progress=progress, desc=desc,
-                    extra_state=None if scaler is None else {"loss_scale": scaler})
+                    extra_state=None if scaler is None else {"loss_scale": scaler},
+                    # fp16: a skipped step's loss may be inf; outer_step checks the loss of steps taken
+                    finite_metrics=() if scaler is not None else ("loss", metric), divergence_cause=cause)
+
+
+MIN_LOSS_SCALE = 2.0**-24
+"""The floor of :class:`~innerloop.training.device.LossScaler`: a meta-gradient still non-finite there
+is divergence, not an overflow of float16."""
+
+
+def learning_rates(algorithm: Algorithm, cfg: TrainConfig) -> str:
+    """``"learning rates too large: train.outer_lr = ..., algorithm.inner_lr = ..."`` (the inner one
+    when the algorithm has it), the likely cause a :class:`DivergenceError` names."""
+    rates = [f"train.outer_lr = {cfg.outer_lr!r}"]
+    inner = getattr(algorithm.options, "inner_lr", None)
+    if inner is not None:
+        rates.append(f"algorithm.inner_lr = {inner!r}")
+    return "learning rates too large: " + ", ".join(rates)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON data (tuples become lists, anything else its ``repr``): what a checkpoint
+    loaded with ``weights_only=True`` gives back unchanged, so identities compare equal after a resume."""
+    return json.loads(json.dumps(value, default=repr))
+
+
+def default_identity(algorithm: Algorithm, family: TaskFamily, cfg: TrainConfig) -> dict[str, Any]:
+    """What a run of the Python API without an ``identity`` must share with the checkpoint it resumes:
+    the algorithm's name and options, the model's parameter names and shapes, the family's type and
+    seed, and ``cfg``'s meta-batch size, outer learning rate, optimiser and seed."""
+    opts = algorithm.options
+    options = dataclasses.asdict(opts) if dataclasses.is_dataclass(opts) else repr(opts)  # type: ignore[arg-type]
+    return _plain({
+        "algorithm": algorithm.name,
+        "options": options,
+        "parameters": {n: list(p.shape) for n, p in algorithm.named_parameters()},
+        "family": {"type": type(family).__name__, "seed": getattr(family, "seed", None)},
+        "train": {k: getattr(cfg, k) for k in ("meta_batch_size", "outer_lr", "optimizer", "seed")},
+    })
+
+
+def check_splits(family: TaskFamily, val_family: TaskFamily) -> None:
+    """Draw one ``train`` task of ``family`` and one ``val`` task of ``val_family`` before any training:
+    :class:`MissingSplitError` names a split that cannot be produced."""
+    checks: tuple[tuple[TaskFamily, Split, str], ...] = (
+        (family, "train", "training"), (val_family, "val", "validation"))
+    for fam, split, role in checks:
+        try:
+            fam.task(split, 0)
+        except Exception as err:
+            raise MissingSplitError(
+                f"the task family {type(fam).__name__} cannot produce a {split!r} task, which {role} needs: "
+                f"{err}. Give a family with a {split!r} split"
+                + (" (or pass val_family=).)" if split == "val" else ").")
+            ) from err

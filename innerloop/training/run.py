@@ -33,7 +33,7 @@ from innerloop.training.evaluate import (
     run_note,
     write_results,
 )
-from innerloop.training.loop import BEST, TrainResult, clear_run, meta_train
+from innerloop.training.loop import BEST, MissingSplitError, TrainResult, clear_run, meta_train
 
 
 def build_family(cfg: Config, shots: int | None = None, queries: int | None = None,
@@ -98,7 +98,7 @@ in that layout (one key per option, under its 0.1.0 name), so a 0.1.0 run resume
 (``batch_norm``) enter an identity only when they differ from the default listed here."""
 _NEW = object()  # an option 0.1.0 did not have: always part of the identity
 _FIRST_ALGORITHM_KEYS = ("name", "inner_lr", "inner_steps", "first_order", "lr_mode", "adapt", "vectorize")
-_ADDED_TRAIN_KEYS = ("lr_schedule", "final_outer_lr")
+_ADDED_TRAIN_KEYS = ("lr_schedule", "final_outer_lr", "grad_clip")
 _LEGACY_NAMES = {"weight_decay": "inner_weight_decay", "wd_mode": "weight_decay_mode", "betas": "inner_betas"}
 
 
@@ -161,9 +161,12 @@ def _train_one(cfg: Config, families: tuple[TaskFamily, TaskFamily], name: str, 
     family, val_family = families
     algorithm = build_algorithm(cfg, family, name)
     train_cfg = dataclasses.replace(cfg.train, iterations=iterations)
-    result = meta_train(algorithm, family, train_cfg, run_dir, identity=identity(cfg, name),
-                        val_steps=algorithm.validation_steps, resume=resume, progress=progress,
-                        desc=name, val_family=val_family)
+    try:
+        result = meta_train(algorithm, family, train_cfg, run_dir, identity=identity(cfg, name),
+                            val_steps=algorithm.validation_steps, resume=resume, progress=progress,
+                            desc=name, val_family=val_family, grad_clip=getattr(cfg.train, "grad_clip", None))
+    except MissingSplitError as err:  # checked before the first step: a data/config mistake, one clear line
+        raise ConfigError(str(err)) from err
     best = load_checkpoint(run_dir / BEST)
     algorithm.load_state_dict(best["state"])
     return algorithm, result

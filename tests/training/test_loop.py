@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from innerloop.io import atomic_write_bytes
 from innerloop.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from innerloop.training.config import Config
 from innerloop.training.evaluate import meta_test
@@ -96,7 +97,9 @@ def test_failed_write_leaves_nothing_behind(tmp_path):
             raise RuntimeError("boom")
 
     save_checkpoint(tmp_path / "c.pt", {"step": 1})
-    with pytest.raises(RuntimeError, match="boom"):
+    with pytest.raises(TypeError, match="plain data only"):  # refused before the write begins
         save_checkpoint(tmp_path / "c.pt", {"step": 2, "bad": Boom()})
+    with pytest.raises(RuntimeError, match="boom"):  # a write that fails midway
+        atomic_write_bytes(tmp_path / "c.pt", lambda f: (f.write(b"half"), Boom().__reduce__()))
     assert load_checkpoint(tmp_path / "c.pt")["step"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]

@@ -1,0 +1,59 @@
+"""Sizes are checked against this machine's memory before any allocation, and config files that are a
+folder or empty are refused with what to do (issue 13)."""
+
+from __future__ import annotations
+
+import pytest
+
+from innerloop.cli import main
+from innerloop.training.config import ConfigError, config_from_dict, load_config, memory_budget
+
+
+@pytest.mark.parametrize("table, key", [
+    ({"train": {"meta_batch_size": 10**9}}, "train.meta_batch_size"),
+    ({"eval": {"shots": 10**9}}, "eval.shots"),
+    ({"model": {"hidden": [2 * 10**9]}}, "model.hidden"),
+    ({"task": {"family": "omniglot", "ways": 5}, "model": {"name": "conv4"}, "algorithm": {"name": "maml"},
+      "eval": {"baseline": False, "shots": 10**7}}, "eval.shots"),
+])
+def test_sizes_that_cannot_fit_are_refused_with_the_estimate(table, key):
+    with pytest.raises(ConfigError, match=rf"{key} = .* is invalid: it implies about [0-9.]+ GiB of .*, more than "
+                                          r"this machine's [0-9.]+ GiB of memory; make it smaller"):
+        config_from_dict(table)
+
+
+def test_task_counts_are_bounded():
+    for key in ("train.val_tasks", "eval.test_tasks"):
+        section, name = key.split(".")
+        with pytest.raises(ConfigError, match=rf"{key} = 1000000000 is invalid: at most 1,000,000 tasks"):
+            config_from_dict({section: {name: 10**9}})
+
+
+def test_the_defaults_and_shipped_sizes_fit():
+    assert memory_budget() > 2**30
+    config_from_dict({})
+    config_from_dict({"train": {"meta_batch_size": 10_000}, "eval": {"shots": 1000}})
+
+
+def test_a_folder_or_an_empty_file_as_config(tmp_path):
+    with pytest.raises(ConfigError, match=r"is a folder; give a \.toml or \.json file in it"):
+        load_config(tmp_path)
+    empty = tmp_path / "empty.toml"
+    empty.write_text("\n  \n")
+    with pytest.raises(ConfigError, match="is empty; give the settings to change"):
+        load_config(empty)
+
+
+def test_the_cli_refuses_an_absurd_eval_size_in_one_line(tmp_path, capsys):
+    from innerloop.training.config import Config
+    from innerloop.training.loop import meta_train
+    from innerloop.training.run import build_algorithm, build_family, identity
+
+    cfg = Config().override({"model.hidden": [8], "train.iterations": 1, "train.meta_batch_size": 2,
+                             "train.validate_every": 1, "train.val_tasks": 2})
+    family = build_family(cfg)
+    meta_train(build_algorithm(cfg, family), family, cfg.train, tmp_path, identity=identity(cfg, "maml"),
+               progress=False)
+    assert main(["eval", str(tmp_path / "last.pt"), "--shots", "1000000000"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "eval.shots = 1000000000 is invalid: it implies about" in err[0]
