@@ -17,7 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "clean_partial_writes", "current_umask", "truncate_jsonl"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "clean_partial_writes", "current_umask", "pid_alive",
+           "truncate_jsonl"]
 
 TMP_MARK = ".tmp-"
 """Temporary files are ``.{name}.tmp-{pid}-{random}`` beside ``name``."""
@@ -85,7 +86,8 @@ def _process_start(pid: int) -> float | None:
         return None
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with ``pid`` exists on this host (another user's counts)."""
     if pid <= 0:
         return False
     try:
@@ -105,7 +107,7 @@ def _writer_gone(pid: int, mtime: float, own_start: float) -> bool:
     this process included)."""
     if pid == os.getpid():
         return mtime < own_start
-    if not _alive(pid):
+    if not pid_alive(pid):
         return True
     started = _process_start(pid)
     return started is not None and mtime < started - 1.0  # 1 s: the clock-tick rounding of the start time

@@ -19,25 +19,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from innerloop.io import pid_alive
+
 LOCK = ".lock"
 
 
 class RunLockedError(RuntimeError):
     """The run folder is in use by another run (its lock file names the owner)."""
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
-        return True
-    except OSError:
-        return False
-    return True
 
 
 def _read(path: Path, attempts: int = 20) -> dict[str, Any] | None:
@@ -65,7 +53,7 @@ def lock_owner(run_dir: str | Path) -> dict[str, Any] | None:
         return None
     if owner is None:
         return {"pid": None, "host": None, "started": None}
-    if owner.get("host") == socket.gethostname() and not _pid_alive(owner["pid"]):
+    if owner.get("host") == socket.gethostname() and not pid_alive(owner["pid"]):
         return None
     return owner
 
@@ -118,7 +106,7 @@ def acquire(run_dir: str | Path) -> dict[str, Any]:
         except FileNotFoundError:
             continue  # released meanwhile: try again
         stale = (owner is not None and owner.get("host") == me["host"] and owner["pid"] != me["pid"]
-                 and not _pid_alive(owner["pid"]))
+                 and not pid_alive(owner["pid"]))
         if not stale:
             raise _refusal(path, owner)
         assert owner is not None
