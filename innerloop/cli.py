@@ -7,6 +7,7 @@ returns what the figures need and imports no plotting).
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 from typing import Any
@@ -199,6 +200,9 @@ def _rl(args: argparse.Namespace) -> None:
     {"train": _rl_train, "eval": _rl_eval}[args.rl_command](args)
 
 
+_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -206,6 +210,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, DataError, DistributedError, MissingMuJoCoError, DivergenceError,
             RunLockedError) as err:
         print(f"innerloop: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the disk, not innerloop: one line with the file and what to do
+        if err.errno not in _DISK_ERRORS:
+            raise
+        where = f" writing {err.filename!r}" if err.filename else ""
+        print(f"innerloop: error: {err.strerror}{where}. The run's checkpoints written before are intact; free "
+              "space (or fix the folder's permissions) and run the same command again to resume, or choose "
+              "another folder with --out.", file=sys.stderr)
         return 2
     return 0
 

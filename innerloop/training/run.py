@@ -15,6 +15,7 @@ from torch import nn
 from innerloop.algorithms.base import Algorithm
 from innerloop.algorithms.registry import ALGORITHMS, head_ways
 from innerloop.data.factory import MissingDataError, task_family
+from innerloop.data.sampling import IMAGE_FAMILIES
 from innerloop.models.conv4 import Conv4
 from innerloop.models.mlp import MLP
 from innerloop.tasks import TaskFamily
@@ -40,12 +41,23 @@ def build_family(cfg: Config, shots: int | None = None, queries: int | None = No
                  ways: int | None = None) -> TaskFamily:
     """The configured task family; ``shots``/``queries``/``ways`` override the training ones."""
     t = cfg.task
+    evaluation = shots is not None or queries is not None or ways is not None
+    keys = "eval.shots, eval.queries and eval.ways" if evaluation else "task.shots, task.queries and task.ways"
     try:
         return task_family(t.family, shots=shots or t.shots, queries=queries or t.queries, seed=t.seed,
                            ways=ways or t.ways, split=t.split, within_alphabet=t.within_alphabet,
                            image_size=t.image_size, data_root=t.data_root, options=t.options)
     except MissingDataError as err:
         raise ConfigError(str(err)) from err
+    except TypeError as err:  # a key of task.options the family does not take
+        if "unexpected keyword argument" not in str(err):
+            raise
+        raise ConfigError(f"task.options = {t.options!r} is invalid for task.family = {t.family!r}: {err}; "
+                          "see the family's keyword arguments in innerloop.data.") from err
+    except ValueError as err:  # sizes the data cannot serve: say which settings asked for them
+        what = (f"{ways or t.ways}-way tasks of {shots or t.shots} + {queries or t.queries} examples per class"
+                if t.family in IMAGE_FAMILIES else f"{shots or t.shots} + {queries or t.queries} examples")
+        raise ConfigError(f"{keys} ask for {what}, which the data cannot serve: {err}") from err
 
 
 def build_model(cfg: Config, family: TaskFamily, name: str | None = None) -> nn.Module:

@@ -57,3 +57,41 @@ def test_the_cli_refuses_an_absurd_eval_size_in_one_line(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "last.pt"), "--shots", "1000000000"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "eval.shots = 1000000000 is invalid: it implies about" in err[0]
+
+
+def test_an_unknown_task_option_is_one_clean_line(tmp_path, capsys):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[task]\noptions = { amplitud_range = [0.1, 5.0] }\n')
+    assert main(["train", "--config", str(cfg), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "task.options = {'amplitud_range': [0.1, 5.0]} is invalid for task.family = " \
+        "'sinusoid'" in err[0] and "amplitud_range" in err[0]
+
+
+def test_evaluation_sizes_the_data_cannot_serve_name_the_eval_keys(fewshot_folder):
+    from innerloop.training.config import config_from_dict
+    from innerloop.training.run import build_family
+
+    cfg = config_from_dict({"task": {"family": "image-folder", "data_root": str(fewshot_folder), "ways": 3,
+                                     "shots": 1, "queries": 2}, "model": {"name": "conv4"},
+                            "eval": {"baseline": False}})
+    with pytest.raises(ConfigError, match=r"eval\.shots, eval\.queries and eval\.ways ask for 3-way tasks of "
+                                          r"5 \+ 100 examples per class, which the data cannot serve"):
+        build_family(cfg, 5, 100)
+
+
+def test_a_full_disk_is_one_line_with_the_way_out(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import innerloop.training.loop as loop
+
+    def full(path, payload):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(loop, "save_checkpoint", full)
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(f'out_dir = "{tmp_path / "run"}"\n[model]\nhidden = [8]\n[train]\niterations = 2\n'
+                   "meta_batch_size = 2\nvalidate_every = 2\nval_tasks = 2\n[eval]\nbaseline = false\n")
+    assert main(["train", "--config", str(cfg), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device writing" in err[0] and "run the same command again" in err[0]
