@@ -26,6 +26,8 @@ def typed(value: Any, tp: Any, key: str) -> Any:
                 return typed(value, option, key)
             except ValueError:
                 continue
+        if isinstance(value, float) and not math.isfinite(value) and float in args:
+            raise ValueError(f"{key} = {value!r} is invalid: must be a finite number.")
         raise ValueError(f"{key} = {value!r} has the wrong type: expected {' or '.join(map(_name, args))}.")
     if origin is Literal:
         if value not in args:

@@ -95,3 +95,28 @@ def test_a_full_disk_is_one_line_with_the_way_out(tmp_path, capsys, monkeypatch)
     assert main(["train", "--config", str(cfg), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "No space left on device writing" in err[0] and "run the same command again" in err[0]
+
+
+@pytest.mark.parametrize("table, key", [
+    ({"algorithm": {"inner_lr": float("inf")}}, "algorithm.inner_lr"),
+    ({"train": {"outer_lr": float("inf")}}, "train.outer_lr"),
+    ({"train": {"dist_timeout_s": float("inf")}}, "train.dist_timeout_s"),
+    ({"train": {"grad_clip": float("nan")}}, "train.grad_clip"),
+])
+def test_non_finite_numbers_are_refused(table, key):
+    with pytest.raises(ConfigError, match=rf"{key} = (inf|nan) is invalid"):
+        config_from_dict(table)
+
+
+def test_another_configs_checkpoint_is_refused_naming_the_difference(tmp_path, capsys):
+    cfg = tmp_path / "a.toml"
+    body = ('out_dir = "{out}"\n[model]\nhidden = [8]\n[algorithm]\ninner_lr = {lr}\n[train]\niterations = 2\n'
+            "meta_batch_size = 2\nvalidate_every = 2\nval_tasks = 2\n[eval]\nbaseline = false\ntest_tasks = 4\n"
+            "steps = 1\nreport_steps = [0, 1]\nplot_tasks = 0\n")
+    cfg.write_text(body.format(out=tmp_path / "run", lr=0.01))
+    assert main(["train", "--config", str(cfg), "--no-progress"]) == 0
+    cfg.write_text(body.format(out=tmp_path / "run", lr=0.02).replace("iterations = 2", "iterations = 4"))
+    capsys.readouterr()
+    assert main(["train", "--config", str(cfg), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "inner_lr" in err and "0.01" in err and "0.02" in err
