@@ -187,6 +187,7 @@ def _rl_eval(args: argparse.Namespace) -> None:
         raise ConfigError(f"--tasks ({args.tasks}) and --rollouts ({args.rollouts}) must be >= 2 and --steps "
                           f"({args.steps}) >= 0.")
     cfg, algorithm, family = load_rl_checkpoint(args.checkpoint, _device_overrides(args))
+    cfg.override({"eval.test_tasks": args.tasks, "eval.rollouts": args.rollouts, "eval.steps": args.steps})
     try:  # a device this machine lacks: refused before the test starts
         place(algorithm, cfg.execution.device)
     except ValueError as err:

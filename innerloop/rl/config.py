@@ -8,6 +8,7 @@ Validated before any work starts, with the same rules and messages as :mod:`inne
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,15 @@ from typing import Any, Literal
 
 from innerloop.execution import check_device_name
 from innerloop.models.mlp import ACTIVATIONS
-from innerloop.training.config import ConfigError, apply_overrides, check_types, from_dict, read_config_file
+from innerloop.training.config import (
+    MAX_TASKS,
+    ConfigError,
+    apply_overrides,
+    check_types,
+    from_dict,
+    memory_budget,
+    read_config_file,
+)
 
 
 @dataclass(frozen=True)
@@ -181,6 +190,30 @@ class RLConfig:
         need(v.pretrain_iterations is None or v.pretrain_iterations >= 1, "eval.pretrain_iterations",
              v.pretrain_iterations, "must be >= 1 or null")
         need(v.plot_tasks >= 0, "eval.plot_tasks", v.plot_tasks, "must be >= 0")
+        need(v.test_tasks <= MAX_TASKS, "eval.test_tasks", v.test_tasks,
+             f"at most {MAX_TASKS:,} tasks are evaluated")
+        budget = memory_budget()
+        for key, value, need_bytes, what in self.memory_estimates():
+            need(need_bytes <= budget, key, value,
+                 f"it implies about {need_bytes / 2**30:.1f} GiB of {what}, more than this machine's "
+                 f"{budget / 2**30:.1f} GiB of memory; make it smaller")
+
+    def memory_estimates(self) -> list[tuple[str, Any, int, str]]:
+        """Lower bounds on the bytes of the episodes one meta-batch (and one evaluation) keeps, and of
+        the policy's parameters with their gradient: ``(key, value, bytes, what)``. An episode step holds
+        an observation, an action, a reward and a few scalars (at most 26 float32 for HalfCheetah)."""
+        e, p, a, t, v = self.env, self.policy, self.algorithm, self.train, self.eval
+        horizon = e.horizon or (100 if e.name == "nav2d" else 200)
+        step = 4 * 26
+        widths = [20, *p.hidden, 6]
+        params = 4 * 4 * sum(x * y + y for x, y in itertools.pairwise(widths))
+        return [
+            ("train.meta_batch_size", t.meta_batch_size,
+             t.meta_batch_size * a.rollouts * horizon * step * (a.inner_steps + 1), "episodes for one meta-batch"),
+            ("eval.test_tasks", v.test_tasks, v.test_tasks * v.rollouts * horizon * step * (v.steps + 1),
+             "episodes for the evaluation"),
+            ("policy.hidden", p.hidden, params, "parameters, gradient and optimiser state"),
+        ]
 
 
 def rl_config_from_dict(data: dict[str, Any]) -> RLConfig:
