@@ -36,7 +36,7 @@ from innerloop.training.evaluate import (
     run_note,
     write_results,
 )
-from innerloop.training.loop import Schedule, clear_run, run_loop
+from innerloop.training.loop import Schedule, clear_run, plain_json, run_loop
 
 
 @dataclass(frozen=True)
@@ -91,10 +91,20 @@ def meta_train_rl(
         returns = {f"ret{k[len('return_'):]}": f"{v:.1f}" for k, v in means.items() if k.startswith("return_")}
         return {**returns, **({"kl": f"{means['kl']:.4f}"} if "kl" in means else {})}
 
+    if identity is None:  # the Python API: never resume silently into another set-up's folder
+        identity = plain_json({"algorithm": algorithm.name, "inner_lr": float(algorithm.inner_lr),
+                           "inner_steps": int(algorithm.inner_steps), "rollouts": int(rollouts),
+                           "parameters": {n: list(p.shape) for n, p in algorithm.named_parameters()},
+                           "family": {"type": type(family).__name__, "seed": getattr(family, "seed", None)},
+                           "train": {k: v for k, v in dataclasses.asdict(cfg).items()
+                                     if k not in ("iterations", "checkpoint_every")}})
     schedule = Schedule(cfg.iterations, log_every=1, checkpoint_every=cfg.checkpoint_every)
     tr = run_loop(algorithm, outer_step, schedule, run_dir, name=algorithm.name, optimizer=optimizer,
                   identity=identity, tasks_per_step=B, resume=resume, progress=progress, desc=desc,
-                  postfix=postfix)
+                  postfix=postfix,
+                  divergence_cause=f"learning rates too large: algorithm.inner_lr = {algorithm.inner_lr}"
+                                   + (f", train.ppo_lr = {cfg.ppo_lr}" if cfg.optimizer == "ppo" else
+                                      f", train.max_kl = {cfg.max_kl}"))
     returns = [v for k, v in tr.final_metrics.items() if k.startswith("return_")]
     return RLTrainResult(tr.steps, tr.wall_time_s, returns)
 

@@ -526,7 +526,7 @@ def learning_rates(algorithm: Algorithm, cfg: TrainConfig) -> str:
     return "learning rates too large: " + ", ".join(rates)
 
 
-def _plain(value: Any) -> Any:
+def plain_json(value: Any) -> Any:
     """``value`` as JSON data (tuples become lists, anything else its ``repr``): what a checkpoint
     loaded with ``weights_only=True`` gives back unchanged, so identities compare equal after a resume."""
     return json.loads(json.dumps(value, default=repr))
@@ -538,7 +538,7 @@ def default_identity(algorithm: Algorithm, family: TaskFamily, cfg: TrainConfig)
     seed, and ``cfg``'s meta-batch size, outer learning rate, optimiser and seed."""
     opts = algorithm.options
     options = dataclasses.asdict(opts) if dataclasses.is_dataclass(opts) else repr(opts)  # type: ignore[arg-type]
-    return _plain({
+    return plain_json({
         "algorithm": algorithm.name,
         "options": options,
         "parameters": {n: list(p.shape) for n, p in algorithm.named_parameters()},
