@@ -161,10 +161,7 @@ def _eval(args: argparse.Namespace) -> None:
     cfg, algorithm = load_for_eval(args.checkpoint, _device_overrides(args))
     # the sizes asked for, checked as a config's are (against this machine's memory) before any allocation
     cfg.override({"eval.shots": args.shots, "eval.queries": args.queries, "eval.test_tasks": args.tasks})
-    try:  # a device this machine lacks, or fp16 on a CPU: refused before the test starts
-        device = place(algorithm, cfg.execution.device, cfg.execution.precision)
-    except ValueError as err:
-        raise ConfigError(f"execution.{err}") from err
+    device = place(algorithm, cfg.execution.device)  # the device and precision were checked by load_for_eval
     res = meta_test(algorithm, build_family(cfg, args.shots, args.queries), "test", args.tasks, args.steps,
                     device=device)
     steps = sorted({0, min(1, args.steps), min(5, args.steps), args.steps})

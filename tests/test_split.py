@@ -144,32 +144,20 @@ class PreHooked(Scaled):
         return self.head(self.features(x))
 
 
-@pytest.mark.parametrize("cls", [Scaled, Twice, InPlaceAfter, UsesHeadParameter])
-def test_models_that_are_not_head_of_features_fall_back(cls):
+@pytest.mark.parametrize("cls, adapt, split_kept", [
+    (Scaled, "head.*", False), (Twice, "head.*", False), (InPlaceAfter, "head.*", False),
+    (UsesHeadParameter, "head.*", False), (InPlaceReLU, "body.2.*", False),
+    (PreHooked, "head.*", True),  # a pre-hook on the head runs again when the head is called alone
+])
+def test_the_split_is_kept_only_where_it_is_head_of_features(cls, adapt, split_kept):
+    """Models that are not ``head(features)`` fall back to full forwards; either way the function is
+    the full model's."""
     torch.manual_seed(0)
     model = cls()
     batch = Sinusoid(shots=5, queries=5).batch("train", range(2)).to(dtype=torch.float64)
-    fast = _compare(lambda **kw: MAML(copy.deepcopy(model), "regression", adapt=["head.*"], inner_lr=0.1, **kw),
+    fast = _compare(lambda **kw: MAML(copy.deepcopy(model), "regression", adapt=[adapt], inner_lr=0.1, **kw),
                     batch)
-    assert fast.split is not None and fast.split._ok is False
-
-
-def test_inplace_relu_after_the_head_falls_back():
-    torch.manual_seed(0)
-    model = InPlaceReLU()
-    batch = Sinusoid(shots=5, queries=5).batch("train", range(2)).to(dtype=torch.float64)
-    fast = _compare(lambda **kw: MAML(copy.deepcopy(model), "regression", adapt=["body.2.*"], inner_lr=0.1, **kw),
-                    batch)
-    assert fast.split._ok is False
-
-
-def test_a_pre_hook_on_the_head_keeps_the_split_and_the_function():
-    torch.manual_seed(0)
-    model = PreHooked()
-    batch = Sinusoid(shots=5, queries=5).batch("train", range(2)).to(dtype=torch.float64)
-    fast = _compare(lambda **kw: MAML(copy.deepcopy(model), "regression", adapt=["head.*"], inner_lr=0.1, **kw),
-                    batch)
-    assert fast.split._ok is True
+    assert fast.split is not None and fast.split._ok is split_kept
 
 
 def test_boil_adapts_the_body_and_falls_back():

@@ -8,7 +8,6 @@ Validated before any work starts, with the same rules and messages as :mod:`inne
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,11 +18,13 @@ from innerloop.models.mlp import ACTIVATIONS
 from innerloop.training.config import (
     MAX_TASKS,
     ConfigError,
+    MemoryEstimate,
     apply_overrides,
     check_types,
     from_dict,
-    memory_budget,
     read_config_file,
+    refuse_what_cannot_fit,
+    training_bytes,
 )
 
 
@@ -192,21 +193,16 @@ class RLConfig:
         need(v.plot_tasks >= 0, "eval.plot_tasks", v.plot_tasks, "must be >= 0")
         need(v.test_tasks <= MAX_TASKS, "eval.test_tasks", v.test_tasks,
              f"at most {MAX_TASKS:,} tasks are evaluated")
-        budget = memory_budget()
-        for key, value, need_bytes, what in self.memory_estimates():
-            need(need_bytes <= budget, key, value,
-                 f"it implies about {need_bytes / 2**30:.1f} GiB of {what}, more than this machine's "
-                 f"{budget / 2**30:.1f} GiB of memory; make it smaller")
+        refuse_what_cannot_fit(self.memory_estimates())
 
-    def memory_estimates(self) -> list[tuple[str, Any, int, str]]:
+    def memory_estimates(self) -> list[MemoryEstimate]:
         """Lower bounds on the bytes of the episodes one meta-batch (and one evaluation) keeps, and of
         the policy's parameters with their gradient: ``(key, value, bytes, what)``. An episode step holds
         an observation, an action, a reward and a few scalars (at most 26 float32 for HalfCheetah)."""
         e, p, a, t, v = self.env, self.policy, self.algorithm, self.train, self.eval
         horizon = e.horizon or (100 if e.name == "nav2d" else 200)
         step = 4 * 26
-        widths = [20, *p.hidden, 6]
-        params = 4 * 4 * sum(x * y + y for x, y in itertools.pairwise(widths))
+        params = training_bytes([20, *p.hidden, 6])
         return [
             ("train.meta_batch_size", t.meta_batch_size,
              t.meta_batch_size * a.rollouts * horizon * step * (a.inner_steps + 1), "episodes for one meta-batch"),

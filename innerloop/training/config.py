@@ -13,7 +13,7 @@ import itertools
 import json
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_type_hints
@@ -392,10 +392,7 @@ class Config:
         need(e.plot_tasks >= 0, "eval.plot_tasks", e.plot_tasks, "must be >= 0")
         for key, value in (("train.val_tasks", tr.val_tasks), ("eval.test_tasks", e.test_tasks)):
             need(value <= MAX_TASKS, key, value, f"at most {MAX_TASKS:,} tasks are evaluated")
-        for key, need_bytes in memory_estimates(self).items():
-            need(need_bytes <= memory_budget(), key, getattr_dotted(self, key),
-                 f"it implies about {need_bytes / 2**30:.1f} GiB of {memory_what(key)}, more than this machine's "
-                 f"{memory_budget() / 2**30:.1f} GiB of memory; make it smaller")
+        refuse_what_cannot_fit(memory_estimates(self))
         build_objective(self.objective, self.objective_kind)  # imports the paths: a wrong one fails here
 
     @property
@@ -429,38 +426,47 @@ def _example_bytes(cfg: Config) -> int:
     return 4 * (dim + 1)
 
 
-def memory_estimates(cfg: Config) -> dict[str, int]:
-    """Lower bounds on the bytes a setting implies, keyed by the setting: one meta-batch's inputs
-    (``train.meta_batch_size``), the tasks ``meta_test`` holds at once (``eval.shots`` /
-    ``eval.queries``), and the model's parameters (``model.hidden``, for MLPs). Used to refuse what
-    cannot fit before any allocation; the real use is a few times larger (activations, gradients)."""
+MemoryEstimate = tuple[str, Any, int, str]
+"""``(setting, its value, bytes it implies at least, what those bytes hold)``."""
+
+
+def training_bytes(widths: Sequence[int]) -> int:
+    """Bytes of an MLP of ``widths`` in training: parameters, meta-gradient and Adam's two moments, four
+    float32 copies."""
+    return 4 * 4 * sum(a * b + b for a, b in itertools.pairwise(widths))
+
+
+def refuse_what_cannot_fit(estimates: Iterable[MemoryEstimate]) -> None:
+    """:class:`ConfigError` for the first setting whose estimate exceeds :func:`memory_budget`."""
+    budget = memory_budget()
+    for key, value, need_bytes, what in estimates:
+        if need_bytes > budget:
+            raise ConfigError(f"{key} = {value!r} is invalid: it implies about {need_bytes / 2**30:.1f} GiB "
+                              f"of {what}, more than this machine's {budget / 2**30:.1f} GiB of memory; make it "
+                              "smaller.")
+
+
+def memory_estimates(cfg: Config) -> list[MemoryEstimate]:
+    """Lower bounds on the bytes settings imply: one meta-batch's inputs (``train.meta_batch_size``),
+    the tasks ``meta_test`` holds at once (``eval.shots`` / ``eval.queries``), and the model's parameters
+    (``model.hidden``, for MLPs). Used to refuse what cannot fit before any allocation; the real use is a
+    few times larger (activations, gradients)."""
     t, tr, e, m = cfg.task, cfg.train, cfg.eval, cfg.model
     images = t.family in IMAGE_FAMILIES
     per = _example_bytes(cfg)
     train_ways = (t.train_ways or t.ways) if images else 1
     test_ways = (e.ways or t.ways) if images else 1
-    out = {"train.meta_batch_size": tr.meta_batch_size * (t.shots + t.queries) * train_ways * per}
     chunk = min(EVAL_CHUNK_TASKS, max(e.test_tasks, tr.val_tasks))
-    out["eval.shots"] = chunk * ((e.shots or t.shots) + (e.queries or t.queries)) * test_ways * per
+    out: list[MemoryEstimate] = [
+        ("train.meta_batch_size", tr.meta_batch_size,
+         tr.meta_batch_size * (t.shots + t.queries) * train_ways * per, "inputs for one meta-batch"),
+        ("eval.shots", e.shots, chunk * ((e.shots or t.shots) + (e.queries or t.queries)) * test_ways * per,
+         f"inputs for one chunk of {EVAL_CHUNK_TASKS} evaluation tasks"),
+    ]
     if m.name == "mlp":
-        widths = [1, *m.hidden, 1]
-        # parameters, their meta-gradient and Adam's two moments: four float32 copies
-        out["model.hidden"] = 4 * 4 * sum(a * b + b for a, b in itertools.pairwise(widths))
+        out.append(("model.hidden", m.hidden, training_bytes([1, *m.hidden, 1]),
+                    "parameters, meta-gradient and optimiser state"))
     return out
-
-
-def memory_what(key: str) -> str:
-    """What the estimate of ``key`` counts (for the error message)."""
-    what = {"train.meta_batch_size": "inputs for one meta-batch",
-            "eval.shots": f"inputs for one chunk of {EVAL_CHUNK_TASKS} evaluation tasks",
-            "model.hidden": "parameters, meta-gradient and optimiser state"}
-    return what.get(key, "memory")
-
-
-def getattr_dotted(cfg: Any, key: str) -> Any:
-    for part in key.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
 
 
 def _check(value: Any, tp: Any, key: str) -> Any:
