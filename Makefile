@@ -4,15 +4,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-quick lint bench bench-speed clean
+.PHONY: setup demo test test-quick lint bench bench-speed clean package-check docs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# The pinned CPU torch first: an unpinned torch pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	# dev tools and the MuJoCo extra, so the HalfCheetah tests run rather than skip
-	$(PY) -m pip install -q -e ".[dev,rl]"
+	# dev tools, the MuJoCo extra (so the HalfCheetah tests run rather than skip) and the docs tools
+	$(PY) -m pip install -q -e ".[dev,rl,docs]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -28,10 +28,19 @@ test: lint
 test-quick: lint
 	$(PY) -m pytest -m "not slow"
 
+# The documentation site into site/, strict: a warning, a broken link or a docstring that does not
+# render fails the build (tests/test_docs.py runs the same build and every python block of docs/).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check innerloop tests benchmarks examples
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
+
+# The package as a user gets it: build, twine check, the wheel in a fresh venv, innerloop train from it.
+package-check: $(STAMP)
+	PYTHON=$(PY) bash tools/check_package.sh
 
 bench: $(STAMP)
 	$(PY) benchmarks/sinusoid_table.py
@@ -51,4 +60,4 @@ bench-speed:
 	.venv-bench/bin/python benchmarks/speed/levers.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache site

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from innerloop.training.config import Config, config_from_dict, load_config
+from innerloop.training.config import Config, load_config
 from innerloop.training.run import build_algorithm, build_family, machine, run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,12 +123,10 @@ def cmd_omniglot(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     config, overrides = RECIPES[args.algorithm]
     cfg = _config(ROOT / "configs" / config.format(K=args.shots), overrides)
-    d = cfg.to_dict()
-    d["eval"]["shots"] = args.shots
-    if d["algorithm"]["name"] not in ("reptile",):  # Reptile trains on 10 shots for every test K
-        d["task"]["shots"] = args.shots
-    d["eval"]["test_tasks"] = args.test_tasks
-    cfg = config_from_dict(d)
+    shots = {"eval.shots": args.shots, "eval.test_tasks": args.test_tasks}
+    if cfg.algorithm.name not in ("reptile",):  # Reptile trains on 10 shots for every test K
+        shots["task.shots"] = args.shots
+    cfg = cfg.override(shots)  # one shared override (Config.override: dotted keys, checked as a file)
     per_iter = None if args.iterations else seconds_per_iteration(cfg)
     iterations = args.iterations or max(2, int(args.budget_min * 60 / per_iter))
     changes: dict[str, Any] = {

@@ -23,9 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from innerloop import MAML, meta_test, meta_train
-from innerloop.data import LinearRegression
-from innerloop.training.config import TrainConfig
+from innerloop import MAML, LinearRegression, TrainConfig, meta_test, meta_train
+from innerloop.io import atomic_write_text
 
 
 def main() -> None:
@@ -89,7 +88,7 @@ def main() -> None:
         f"{k} inner steps of {args.inner_lr}, second order, meta-batch 25, Adam 1e-2, task seed 0, init seed 0; "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU.\n"
     )
-    Path(args.out).write_text(text)
+    atomic_write_text(args.out, text)  # never a half-written results file
     print(text)
 
 

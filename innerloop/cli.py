@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,20 +16,32 @@ from typing import Any
 import torch.distributed
 
 from innerloop.data.download import DataError
+from innerloop.data.images import deferred_cache_writes
 from innerloop.execution import PRECISIONS
 from innerloop.plotting import plot_run
 from innerloop.rl.config import RLConfig, RLEvalConfig, load_rl_config
 from innerloop.rl.mujoco import MissingMuJoCoError
 from innerloop.rl.plots import plot_rl_run
-from innerloop.rl.train import load_rl_checkpoint, meta_test_rl, run_rl
-from innerloop.training.checkpoint import CheckpointError
-from innerloop.training.config import Config, ConfigError, load_config
+from innerloop.rl.train import load_rl_checkpoint, meta_test_rl, rl_eval_settings, run_rl
+from innerloop.tasks import SPLITS
+from innerloop.training.checkpoint import CheckpointError, load_checkpoint
+from innerloop.training.config import Config, ConfigError, load_config, read_config_file
 from innerloop.training.device import place
 from innerloop.training.distributed import DistributedError, barrier, init_from_env, rank
-from innerloop.training.evaluate import format_table, meta_test, run_note
+from innerloop.training.evaluate import EvalResult, StepStats, format_table, meta_test, run_note
 from innerloop.training.lock import RunLockedError
+from innerloop.training.loggers import LOGGER_NAMES
 from innerloop.training.loop import DivergenceError
-from innerloop.training.run import batch_norm_of, build_family, load_for_eval, run
+from innerloop.training.run import (
+    batch_norm_of,
+    build_family,
+    checkpoint_config,
+    dataset_title,
+    load_for_eval,
+    run,
+    run_eval_settings,
+)
+from innerloop.training.settings import cli_changes, describe_fields, to_toml
 
 DESCRIPTION = """\
 innerloop: meta-learning on PyTorch.
@@ -38,7 +51,11 @@ innerloop: meta-learning on PyTorch.
                                        both on 600 fixed tasks, prints the table and writes
                                        plots to runs/sinusoid-maml/
   innerloop train --config FILE.toml   the same for any configured run (see configs/)
-  innerloop eval CHECKPOINT            meta-test a saved checkpoint
+  innerloop train --set KEY=VALUE      change any config key (repeatable; `innerloop train --help`
+                                       lists them all), e.g. --set algorithm.inner_lr=0.1
+  innerloop config show [--config F]   print the resolved config (with --set too) as TOML
+  innerloop eval CHECKPOINT            meta-test a saved checkpoint as its run did (--ways, --shots,
+                                       --queries, --split, --within-alphabet, --set to change it)
   innerloop rl train [--config FILE]   meta-RL: MAML + TRPO on 2D navigation or HalfCheetah
 
   torchrun --nproc_per_node=N -m innerloop train --config FILE
@@ -63,11 +80,23 @@ def add_device_arguments(t: argparse.ArgumentParser, precision: bool = True) -> 
                        help="override execution.precision (fp16 needs a GPU; bf16 is slow on most CPUs)")
 
 
-def add_run_arguments(t: argparse.ArgumentParser, config_kind: str = "config", precision: bool = True) -> None:
+def add_set_argument(t: argparse.ArgumentParser, command: str) -> None:
+    """``--set KEY=VALUE``, repeatable: any config key (:func:`innerloop.training.settings.cli_changes`)."""
+    t.add_argument("--set", action="append", dest="settings", metavar="KEY=VALUE", default=[],
+                   help="set any config key, e.g. --set algorithm.inner_lr=0.1 --set task.family=omniglot "
+                   f"(repeatable; VALUE in TOML syntax; `{command} --help` lists the keys)")
+
+
+def add_run_arguments(t: argparse.ArgumentParser, config_kind: str = "config", precision: bool = True,
+                      command: str = "innerloop train") -> None:
     """The options of every training command (``innerloop train``, ``innerloop rl train``)."""
     t.add_argument("--config", type=Path, help=f"a .toml or .json {config_kind}; omitted keys keep defaults")
+    add_set_argument(t, command)
     t.add_argument("--out", help="run folder (default: the config's out_dir)")
     t.add_argument("--iterations", type=int, help="override train.iterations")
+    t.add_argument("--logger", action="append", choices=LOGGER_NAMES, metavar="NAME",
+                   help=f"where the metrics go, repeatable: {', '.join(LOGGER_NAMES)} (sets train.loggers; "
+                   "default: the config's, jsonl)")
     add_device_arguments(t, precision)
     t.add_argument("--overwrite", action="store_true", help="discard checkpoints in the run folder")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -80,35 +109,65 @@ def _add_rl_parser(sub: Any) -> None:
     rsub = rl.add_subparsers(dest="rl_command", required=True, metavar="{train,eval}")
     t = rsub.add_parser("train", help="meta-train, then test MAML, the pre-trained policy and a random init",
                         description="Meta-train, then report returns after 0..k adaptation steps with 95% CIs. "
-                        "A run resumes from OUT/last.pt when it exists and matches the config.")
-    add_run_arguments(t, "RL config", precision=False)
+                        "A run resumes from OUT/last.pt when it exists and matches the config.",
+                        epilog=describe_fields(RLConfig(), "innerloop rl train"),
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(t, "RL config", precision=False, command="innerloop rl train")
     e = rsub.add_parser("eval", help="test a checkpoint on fixed test tasks")
     e.add_argument("checkpoint", type=Path, help="a last.pt written by `innerloop rl train`")
     add_device_arguments(e, precision=False)
-    defaults = RLEvalConfig()
-    e.add_argument("--tasks", type=int, default=defaults.test_tasks, help="test tasks (default %(default)s)")
-    e.add_argument("--steps", type=int, default=defaults.steps, help="adaptation steps (default %(default)s)")
-    e.add_argument("--rollouts", type=int, default=defaults.rollouts,
-                   help="episodes per step (default %(default)s)")
+    e.description = ("Rebuild the policy a checkpoint was trained with and test it. Every setting not given "
+                     "defaults to the run's own: the config the checkpoint stores, else (an older checkpoint) "
+                     "the results.json beside it when that is the run's, else the defaults "
+                     f"({RLEvalConfig().test_tasks} tasks, {RLEvalConfig().steps} steps, "
+                     f"{RLEvalConfig().rollouts} episodes per step).")
+    e.add_argument("--tasks", type=int, help="test tasks (default: the run's eval.test_tasks)")
+    e.add_argument("--steps", type=int, help="adaptation steps (default: the run's eval.steps)")
+    e.add_argument("--rollouts", type=int, help="episodes per step (default: the run's eval.rollouts)")
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="innerloop", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,eval,rl}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,eval,config,rl}")
     t = sub.add_parser("train", help="meta-train, meta-test and report (default: MAML on sinusoids)",
                        description="Meta-train, then meta-test with 95% CIs. A run resumes from "
-                       "OUT/last.pt when it exists and matches the config.")
+                       "OUT/last.pt when it exists and matches the config.",
+                       epilog=describe_fields(Config()), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(t)
     e = sub.add_parser("eval", help="meta-test a checkpoint on fixed test tasks",
-                       description="Rebuild the model a checkpoint was trained with and meta-test it.")
+                       description="Rebuild the model a checkpoint was trained with and meta-test it. Every "
+                       "setting not given (flags, --set) defaults to the run's own: the config the checkpoint "
+                       "stores (its [eval] section), else (a checkpoint of innerloop 0.1) its results.json "
+                       "beside the checkpoint when that is the run's, else the checkpoint's training tasks "
+                       "(classification) or the 5-shot, 100-query protocol (regression). The table's title "
+                       "names the source used. --device and --precision are this machine's (default: auto, "
+                       "fp32). Accuracy is printed in percent.")
     e.add_argument("checkpoint", type=Path, help="a best.pt or last.pt written by `innerloop train`")
-    defaults = Config().eval
-    e.add_argument("--tasks", type=int, default=defaults.test_tasks, help="test tasks (default %(default)s)")
-    e.add_argument("--steps", type=int, default=defaults.steps, help="adaptation steps (default %(default)s)")
-    e.add_argument("--shots", type=int, default=defaults.shots, help="support size (default %(default)s)")
-    e.add_argument("--queries", type=int, default=defaults.queries, help="query size (default %(default)s)")
+    e.add_argument("--tasks", type=int, help="test tasks (default: the run's eval.test_tasks)")
+    e.add_argument("--steps", type=int, help="adaptation steps (default: the run's eval.steps)")
+    e.add_argument("--ways", type=int, help="classes per task, N (default: the run's)")
+    e.add_argument("--shots", type=int, help="support examples per class (per task for regression), K "
+                   "(default: the run's)")
+    e.add_argument("--queries", type=int, help="query examples per class (per task for regression) "
+                   "(default: the run's)")
+    e.add_argument("--split", choices=SPLITS, default="test", help="the split whose tasks are used "
+                   "(default %(default)s)")
+    e.add_argument("--within-alphabet", action=argparse.BooleanOptionalAction, default=None,
+                   help="draw each task's classes from one alphabet (Omniglot) / group (default: the "
+                   "config's task.sampling.<split>.within_alphabet)")
+    add_set_argument(e, "innerloop train")
     add_device_arguments(e)
+    c = sub.add_parser("config", help="print the resolved config",
+                       description="Print the config a run would use: the defaults, --config FILE, then each "
+                       "--set.")
+    csub = c.add_subparsers(dest="config_command", required=True, metavar="{show}")
+    show = csub.add_parser("show", help="print the resolved config (TOML: a config file; JSON keeps nulls)")
+    show.add_argument("--config", type=Path, help="a .toml or .json config (a meta-RL one too)")
+    show.add_argument("--rl", action="store_true", help="the meta-RL config (without --config)")
+    show.add_argument("--format", choices=("toml", "json"), default="toml", help="output format "
+                      "(default %(default)s; TOML has no null: such a key is written as a comment)")
+    add_set_argument(show, "innerloop train")
     _add_rl_parser(sub)
     return p
 
@@ -124,17 +183,24 @@ def _device_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The config keys that ``--out``, ``--iterations``, ``--device`` and ``--precision`` set."""
+    """The config keys that ``--out``, ``--iterations``, ``--logger``, ``--device`` and ``--precision`` set."""
     changes: dict[str, Any] = {}
     if args.out:
         changes["out_dir"] = args.out
     if args.iterations is not None:
         changes["train.iterations"] = args.iterations
+    if args.logger:
+        changes["train.loggers"] = list(dict.fromkeys(args.logger))
     return {**changes, **_device_overrides(args)}
 
 
+def _resolved(base: Any, args: argparse.Namespace, command: str) -> Any:
+    """``base`` with every ``--set`` and then the named flags (``--out``, ...) applied, checked."""
+    return base.override({**cli_changes(base, args.settings, command), **_run_overrides(args)})
+
+
 def _train(args: argparse.Namespace) -> None:
-    cfg = (load_config(args.config) if args.config else Config()).override(_run_overrides(args))
+    cfg = _resolved(load_config(args.config) if args.config else Config(), args, "innerloop train")
     # under torchrun: join the process group (NCCL on GPUs, gloo for a CPU run)
     distributed = init_from_env(cfg.train.dist_timeout_s, cfg.execution.device)
     lead = rank() == 0
@@ -154,24 +220,83 @@ def _train(args: argparse.Namespace) -> None:
         print(f"\nresults, checkpoints and plots in {cfg.out_dir}/")
 
 
+def _percent(res: EvalResult) -> EvalResult:
+    """An accuracy result in percent (``98.70 ± 0.40``), as papers and the README quote it."""
+    def pct(s: StepStats) -> StepStats:
+        return _PercentStats(100 * s.mean, 100 * s.ci95)
+
+    return EvalResult("accuracy (%)", res.tasks, [pct(s) for s in res.per_step], res.loss_per_step)
+
+
+class _PercentStats(StepStats):
+    def __str__(self) -> str:
+        return f"{self.mean:.2f} ± {self.ci95:.2f}"
+
+
 def _eval(args: argparse.Namespace) -> None:
-    if args.tasks < 1 or args.steps < 0 or args.shots < 1 or args.queries < 1:
-        raise ConfigError(f"--tasks ({args.tasks}), --shots ({args.shots}) and --queries "
-                          f"({args.queries}) must be >= 1 and --steps ({args.steps}) >= 0.")
-    cfg, algorithm = load_for_eval(args.checkpoint, _device_overrides(args))
-    # the sizes asked for, checked as a config's are (against this machine's memory) before any allocation
-    cfg.override({"eval.shots": args.shots, "eval.queries": args.queries, "eval.test_tasks": args.tasks})
+    for flag in ("tasks", "ways", "shots", "queries"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{flag} {value} is invalid: it must be >= 1.")
+    if args.steps is not None and args.steps < 0:
+        raise ConfigError(f"--steps {args.steps} is invalid: it must be >= 0.")
+    payload = load_checkpoint(args.checkpoint)
+    saved = checkpoint_config(payload, None, str(args.checkpoint))
+    defaults, source = run_eval_settings(args.checkpoint, payload, saved)
+    changes = {**cli_changes(saved, args.settings, "innerloop train"), **_device_overrides(args)}
+    # --set eval.KEY beats the run's own settings (and the flags beat --set); null: the training tasks'
+    training = {"ways": saved.task.ways, "shots": saved.task.shots, "queries": saved.task.queries}
+    for key in ("ways", "shots", "queries", "test_tasks", "steps"):
+        if f"eval.{key}" in changes:
+            value = changes[f"eval.{key}"]
+            defaults[key] = training[key] if value is None and key in training else value
+    split = args.split
+    if args.within_alphabet is not None:
+        changes[f"task.sampling.{split}.within_alphabet"] = args.within_alphabet
+    classification = saved.objective_kind == "classification"
+    if args.ways is not None and not classification:
+        raise ConfigError(f"--ways {args.ways} is invalid: {saved.task.family} tasks are regression (no classes).")
+    ways = args.ways or defaults["ways"]
+    shots, queries = args.shots or defaults["shots"], args.queries or defaults["queries"]
+    tasks = args.tasks or defaults["test_tasks"]
+    steps = defaults["steps"] if args.steps is None else args.steps
+    with deferred_cache_writes():  # a failed evaluation leaves no preprocessed cache behind
+        cfg, algorithm = load_for_eval(args.checkpoint, changes, payload=payload)
+        shown = sorted({0, min(1, steps), min(5, steps), steps})
+        # the sizes asked for, checked as a config's are (the head's ways; this machine's memory) before any work
+        cfg = cfg.override({"eval.shots": shots, "eval.queries": queries, "eval.test_tasks": tasks,
+                            "eval.ways": ways, "eval.steps": steps, "eval.report_steps": shown})
+        family = build_family(cfg, shots, queries, ways, splits=(split,))
     device = place(algorithm, cfg.execution.device)  # the device and precision were checked by load_for_eval
-    res = meta_test(algorithm, build_family(cfg, args.shots, args.queries), "test", args.tasks, args.steps,
-                    device=device)
-    steps = sorted({0, min(1, args.steps), min(5, args.steps), args.steps})
-    print(format_table({algorithm.name: res}, steps,
-                       f"{cfg.task.family}: {args.shots}-shot {res.metric}, {args.tasks} test tasks",
+    res = meta_test(algorithm, family, split, tasks, steps, device=device)
+    if res.metric == "accuracy":
+        res = _percent(res)
+    size = f"{ways}-way {shots}-shot" if classification else f"{shots}-shot"
+    title = (f"{dataset_title(cfg, split)}: {size} {res.metric}, {queries} queries"
+             f"{' per class' if classification else ''}, {tasks} {split} tasks (settings not given: from "
+             f"{source})")
+    print(format_table({algorithm.name: res}, shown, title,
                        run_note(device, cfg.execution.precision, batch_norm_of(cfg))))
 
 
+def _config_show(args: argparse.Namespace) -> None:
+    rl = args.rl
+    if args.config is not None:
+        data = read_config_file(args.config)
+        rl = rl or "env" in data or "policy" in data
+    base: Any
+    if rl:
+        base = load_rl_config(args.config) if args.config else RLConfig()
+    else:
+        base = load_config(args.config) if args.config else Config()
+    cfg = base.override(cli_changes(base, args.settings, "innerloop rl train" if rl else "innerloop train"))
+    print(to_toml(cfg.to_dict()) if args.format == "toml" else json.dumps(cfg.to_dict(), indent=2), end="")
+    if args.format == "json":
+        print()
+
+
 def _rl_train(args: argparse.Namespace) -> None:
-    cfg = (load_rl_config(args.config) if args.config else RLConfig()).override(_run_overrides(args))
+    cfg = _resolved(load_rl_config(args.config) if args.config else RLConfig(), args, "innerloop rl train")
     result = run_rl(cfg, progress=not args.no_progress, overwrite=args.overwrite)
     plot_rl_run(result, cfg)
     print()
@@ -180,18 +305,28 @@ def _rl_train(args: argparse.Namespace) -> None:
 
 
 def _rl_eval(args: argparse.Namespace) -> None:
-    if args.tasks < 2 or args.steps < 0 or args.rollouts < 2:
-        raise ConfigError(f"--tasks ({args.tasks}) and --rollouts ({args.rollouts}) must be >= 2 and --steps "
-                          f"({args.steps}) >= 0.")
-    cfg, algorithm, family = load_rl_checkpoint(args.checkpoint, _device_overrides(args))
-    cfg.override({"eval.test_tasks": args.tasks, "eval.rollouts": args.rollouts, "eval.steps": args.steps})
+    for flag, low in (("tasks", 2), ("rollouts", 2), ("steps", 0)):
+        value = getattr(args, flag)
+        if value is not None and value < low:
+            raise ConfigError(f"--{flag} {value} is invalid: it must be >= {low}.")
+    payload = load_checkpoint(args.checkpoint)
+    cfg, algorithm, family = load_rl_checkpoint(args.checkpoint, _device_overrides(args), payload=payload)
+    run_eval, source = rl_eval_settings(args.checkpoint, payload, cfg)
+    tasks = run_eval.test_tasks if args.tasks is None else args.tasks
+    steps = run_eval.steps if args.steps is None else args.steps
+    rollouts = run_eval.rollouts if args.rollouts is None else args.rollouts
+    lr = run_eval.inner_lr or cfg.algorithm.inner_lr
+    cfg = cfg.override({"eval.test_tasks": tasks, "eval.rollouts": rollouts, "eval.steps": steps,
+                        "eval.inner_lr": lr})  # checked as a config's are, before any work
     try:  # a device this machine lacks: refused before the test starts
         place(algorithm, cfg.execution.device)
     except ValueError as err:
         raise ConfigError(f"execution.{err}") from err
-    res = meta_test_rl(algorithm, family, args.tasks, args.steps, args.rollouts, device=cfg.execution.device)
-    print(format_table({str(args.checkpoint): res}, list(range(args.steps + 1)),
-                       f"{cfg.env.name}: return, {args.tasks} test tasks (mean ± 95% CI)"))
+    res = meta_test_rl(algorithm, family, tasks, steps, rollouts, lr, device=cfg.execution.device)
+    print(format_table({str(args.checkpoint): res}, list(range(steps + 1)),
+                       f"{cfg.env.name}: return after 0..{steps} policy-gradient steps (lr {lr}, {rollouts} "
+                       f"episodes per step), {tasks} test tasks (mean ± 95% CI; settings not given: from "
+                       f"{source})"))
 
 
 def _rl(args: argparse.Namespace) -> None:
@@ -204,7 +339,7 @@ _DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFB
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        {"train": _train, "eval": _eval, "rl": _rl}[args.command](args)
+        {"train": _train, "eval": _eval, "rl": _rl, "config": _config_show}[args.command](args)
     except (ConfigError, CheckpointError, DataError, DistributedError, MissingMuJoCoError, DivergenceError,
             RunLockedError) as err:
         print(f"innerloop: error: {err}", file=sys.stderr)

@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Every test writes its preprocessed caches (and downloaded split files) into a temporary folder,
+    never the user's cache directory: ``$INNERLOOP_CACHE`` for the whole session (subprocesses too)."""
+    old = os.environ.get("INNERLOOP_CACHE")
+    os.environ["INNERLOOP_CACHE"] = str(tmp_path_factory.mktemp("innerloop-cache"))
+    yield
+    if old is None:
+        os.environ.pop("INNERLOOP_CACHE", None)
+    else:
+        os.environ["INNERLOOP_CACHE"] = old
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from innerloop.algorithms.imaml import IMAML, IMAMLOptions
 from innerloop.algorithms.maml import MAML, MAMLOptions
 from innerloop.algorithms.mamlpp import MAMLPlusPlus, MAMLPlusPlusOptions
 from innerloop.algorithms.matchingnet import MatchingNet
+from innerloop.algorithms.metaoptnet import MetaOptNet, MetaOptNetOptions
 from innerloop.algorithms.pretrain import Pretrain, PretrainOptions
 from innerloop.algorithms.protonet import ProtoNet
 from innerloop.algorithms.rates import InnerLR, InnerWeightDecay
@@ -26,6 +27,7 @@ __all__ = [
     "ALGORITHMS", "ANIL", "BOIL", "IMAML", "MAML", "ANILOptions", "Algorithm", "AlgorithmOptions", "Baseline",
     "BaselineOptions", "BaselinePP", "BaselinePPOptions", "Capabilities", "GradientBased", "GradientOptions",
     "IMAMLOptions", "InnerLR", "InnerWeightDecay", "MAMLOptions", "MAMLPlusPlus", "MAMLPlusPlusOptions",
-    "MatchingNet", "ObjectiveFns", "Pretrain", "PretrainOptions", "ProtoNet", "Reptile", "ReptileOptions",
+    "MatchingNet", "MetaOptNet", "MetaOptNetOptions", "ObjectiveFns", "Pretrain", "PretrainOptions", "ProtoNet",
+    "Reptile", "ReptileOptions",
     "custom_objective",
 ]

@@ -399,7 +399,9 @@ class GradientBased(Algorithm):
     Args:
         model: the network whose initial parameters are meta-learned.
         objective: ``regression`` or ``classification``.
-        options, execution, **overrides: as for :class:`Algorithm`.
+        options: as for :class:`Algorithm`.
+        execution: as for :class:`Algorithm`.
+        **overrides: as for :class:`Algorithm`.
     """
 
     Options: ClassVar[type[AlgorithmOptions]] = GradientOptions

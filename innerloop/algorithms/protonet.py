@@ -9,14 +9,14 @@ the prototypes, so the metric after k steps is the same for every k.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from innerloop.adapt import Params
-from innerloop.algorithms.base import Algorithm, Capabilities, NoOptions, ObjectiveFns, scores
+from innerloop.algorithms.base import Algorithm, AlgorithmOptions, Capabilities, NoOptions, ObjectiveFns, scores
 from innerloop.execution import Execution, TaskTensors, map_tasks, meta_gradient
 from innerloop.tasks import Objective, TaskBatch
 
@@ -42,12 +42,13 @@ class ProtoNet(Algorithm):
     """
 
     name = "protonet"
-    Options = NoOptions
+    Options: ClassVar[type[AlgorithmOptions]] = NoOptions
     capabilities = Capabilities(objectives=("classification",), head="none", any_test_ways=True,
                                 more_train_ways=True)
 
     def __init__(self, model: nn.Module, objective: Objective | ObjectiveFns = "classification",
-                 options: NoOptions | None = None, execution: Execution | None = None, **overrides: Any) -> None:
+                 options: AlgorithmOptions | None = None, execution: Execution | None = None,
+                 **overrides: Any) -> None:
         super().__init__(model, objective, options, execution, **overrides)
         # prototypes need the number of ways of each task (a data-dependent size): a loop, never vmap
         self.execution = dataclasses.replace(self.execution, vectorize="loop")

@@ -16,6 +16,7 @@ from innerloop.algorithms.imaml import IMAML
 from innerloop.algorithms.maml import MAML
 from innerloop.algorithms.mamlpp import MAMLPlusPlus
 from innerloop.algorithms.matchingnet import MatchingNet
+from innerloop.algorithms.metaoptnet import MetaOptNet
 from innerloop.algorithms.pretrain import Pretrain
 from innerloop.algorithms.protonet import ProtoNet
 from innerloop.algorithms.reptile import Reptile
@@ -23,7 +24,8 @@ from innerloop.execution import Execution
 from innerloop.tasks import Objective
 
 CLASSES: tuple[type[Algorithm], ...] = (
-    MAML, ANIL, BOIL, MAMLPlusPlus, Reptile, IMAML, ProtoNet, MatchingNet, Baseline, BaselinePP, Pretrain,
+    MAML, ANIL, BOIL, MAMLPlusPlus, Reptile, IMAML, ProtoNet, MatchingNet, MetaOptNet, Baseline, BaselinePP,
+    Pretrain,
 )
 
 

@@ -15,6 +15,7 @@ from innerloop.data.download import (
 from innerloop.data.factory import TASK_FAMILIES, MissingDataError, image_splits, task_family
 from innerloop.data.global_labels import GlobalLabelBatches
 from innerloop.data.images import ImageClassDataset, MiniImageNet, image_folder_dataset
+from innerloop.data.metadataset import EpisodeDescription, MetaDatasetEpisodes, load_sources
 from innerloop.data.omniglot import Omniglot, load_omniglot_characters
 from innerloop.data.regression import FAMILIES, LinearRegression, Sinusoid, make_family
 from innerloop.data.sampling import FewShotClassification, collate_tasks, task_loader
@@ -26,10 +27,12 @@ __all__ = [
     "CorruptArchiveError",
     "DataError",
     "DownloadError",
+    "EpisodeDescription",
     "FewShotClassification",
     "GlobalLabelBatches",
     "ImageClassDataset",
     "LinearRegression",
+    "MetaDatasetEpisodes",
     "MiniImageNet",
     "MissingDataError",
     "Omniglot",
@@ -42,6 +45,7 @@ __all__ = [
     "image_splits",
     "iter_zip",
     "load_omniglot_characters",
+    "load_sources",
     "make_family",
     "safe_members",
     "sha256_file",

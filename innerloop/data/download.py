@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import stat
+import sys
 import tempfile
 import urllib.error
 import urllib.parse
@@ -36,7 +37,9 @@ import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path, PurePosixPath
-from typing import IO, TypeAlias
+from typing import IO, Any, TypeAlias
+
+from tqdm import tqdm
 
 from innerloop.io import current_umask
 
@@ -194,7 +197,7 @@ def download(
     dest: StrPath,
     sha256: str | None = None,
     timeout: float = 60.0,
-    progress: Callable[[int, int | None], None] | None = None,
+    progress: Callable[[int, int | None], None] | bool | None = None,
     *,
     max_bytes: int | None = None,
     expected_size: int | None = None,
@@ -214,7 +217,8 @@ def download(
         sha256: the expected hex SHA-256, or None to skip verification (only for files whose
             checksum is not known).
         timeout: socket timeout in seconds.
-        progress: called as ``progress(bytes_so_far, total_or_None)`` after each chunk.
+        progress: called as ``progress(bytes_so_far, total_or_None)`` after each chunk; ``None``
+            (the default): a tqdm bar on stderr when it is a terminal; ``False``: nothing.
         max_bytes: abort (and remove the partial file) once more bytes than this arrive, or at
             once when the server announces more. Default: twice ``expected_size`` when given,
             else :data:`DEFAULT_MAX_DOWNLOAD_BYTES` (2 GiB).
@@ -255,6 +259,17 @@ def download(
             f"cannot write into {dest.parent} to download {url}: {e}; choose a writable folder, or {by_hand}."
         ) from e
     h = hashlib.sha256()
+    bar: tqdm[Any] | None = None
+    if progress is None and sys.stderr.isatty():
+        bar = tqdm(desc=f"downloading {dest.name}", unit="B", unit_scale=True, leave=False, file=sys.stderr)
+
+        def progress(done: int, total: int | None) -> None:
+            assert bar is not None
+            if total is not None and bar.total != total:
+                bar.total = total
+            bar.update(done - bar.n)
+
+    report = progress if callable(progress) else None
     try:
         with os.fdopen(fd, "wb") as out:
             try:
@@ -271,8 +286,8 @@ def download(
                             raise too_large(f"more than {_size(max_bytes)} arrived")
                         out.write(chunk)
                         h.update(chunk)
-                        if progress is not None:
-                            progress(done, total_n)
+                        if report is not None:
+                            report(done, total_n)
             except (InsecureURLError, SizeLimitError):
                 raise
             except (urllib.error.URLError, OSError, ValueError) as e:
@@ -290,6 +305,9 @@ def download(
     except BaseException:
         remove_quietly(tmp)
         raise
+    finally:
+        if bar is not None:
+            bar.close()
     return dest
 
 

@@ -5,29 +5,42 @@
 a contiguous run of it, optionally seen rotated by a multiple of 90 degrees, so subsets and
 rotation classes share storage.
 
-Preprocessing (decode, resize) runs once; the result is saved with :func:`save_cache` -
-``np.savez`` into a temporary file that is then moved into place with :func:`os.replace` -
-and reused when the cache key (format version, image size, source files) matches. A failure
-while preprocessing or writing leaves no cache file behind.
+Preprocessing (decode, resize; with a progress bar on a terminal) runs once; the result is saved
+with :func:`save_cache` - ``np.savez`` into a temporary file that is then moved into place with
+:func:`os.replace` - and reused when the cache key (format version, image size, source files)
+matches. A failure while preprocessing or writing leaves no cache file behind, and inside
+:func:`deferred_cache_writes` (a run building its task families) nothing is written unless the
+whole block succeeds.
+
+Where the cache goes (:func:`cache_root`): ``$INNERLOOP_CACHE`` when set, else the user cache
+directory (``platformdirs.user_cache_dir("innerloop")``: ``~/.cache/innerloop`` on Linux,
+``~/Library/Caches/innerloop`` on macOS); never the data folder, unless a ``cache_dir`` names it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import json
 import os
+import random
+import shutil
+import sys
 import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import platformdirs
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
+from tqdm import tqdm
 
 from innerloop.data.download import DataError, StrPath, remove_quietly
 from innerloop.io import current_umask
@@ -38,12 +51,16 @@ __all__ = [
     "ImageClassDataset",
     "MiniImageNet",
     "cache_key",
+    "cache_root",
     "cached",
     "default_cache_dir",
+    "deferred_cache_writes",
     "image_folder_dataset",
     "load_cache",
     "load_image",
     "save_cache",
+    "split_class_folder",
+    "split_classes",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -287,16 +304,65 @@ def writable(folder: Path) -> bool:
     return True
 
 
+CACHE_ENV = "INNERLOOP_CACHE"
+"""The environment variable that puts the preprocessed caches (and downloaded split files) elsewhere."""
+
+
+def cache_root() -> Path:
+    """Where caches go by default: ``$INNERLOOP_CACHE`` when set, else the user cache directory
+    (``platformdirs.user_cache_dir("innerloop")``, which honours ``$XDG_CACHE_HOME`` on Linux)."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path(platformdirs.user_cache_dir("innerloop", appauthor=False))
+
+
 def user_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/innerloop`` (default ``~/.cache/innerloop``)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "innerloop"
+    """The cache folder: :func:`cache_root` (kept under this name for callers of earlier versions)."""
+    return cache_root()
 
 
-def default_cache_dir(root: StrPath) -> Path:
-    """``<root>/.cache`` when it can be written, else :func:`user_cache_dir` (read-only data folders)."""
-    preferred = Path(root) / ".cache"
-    return preferred if writable(preferred) else user_cache_dir()
+def default_cache_dir(root: StrPath | None = None) -> Path:
+    """The preprocessed cache's folder for data read from ``root``: :func:`cache_root`, whatever
+    ``root`` is (a data folder is never written into unless a ``cache_dir`` names it)."""
+    return cache_root()
+
+
+_PENDING: list[list[tuple[Path, ImageClassDataset, str]]] = []
+
+
+@contextlib.contextmanager
+def deferred_cache_writes() -> Iterator[None]:
+    """Hold back the cache writes of :func:`cached` inside the block: they are written when it ends
+    without an exception and dropped when it raises, so a run that fails its checks after
+    preprocessing (more ways than classes, a missing split) leaves no cache behind."""
+    pending: list[tuple[Path, ImageClassDataset, str]] = []
+    _PENDING.append(pending)
+    try:
+        yield
+    except BaseException:
+        _PENDING.remove(pending)
+        raise
+    _PENDING.remove(pending)
+    for path, dataset, key in pending:
+        _write_cache(path, dataset, key)
+
+
+def _write_cache(path: Path, dataset: ImageClassDataset, key: str) -> None:
+    if _PENDING:  # inside deferred_cache_writes: written when the block succeeds
+        _PENDING[-1].append((path, dataset, key))
+        return
+    try:
+        save_cache(path, dataset, key)
+    except OSError as e:
+        warnings.warn(
+            f"could not write the preprocessed cache {path} ({e}); pass a writable cache_dir (or set "
+            f"{CACHE_ENV}) to avoid preprocessing again next time.",
+            stacklevel=3,
+        )
+
+
+def progress_bar(total: int, desc: str) -> tqdm[Any]:
+    """A tqdm bar on stderr, shown only when stderr is a terminal (logs and tests stay clean)."""
+    return tqdm(total=total, desc=desc, unit="img", leave=False, disable=not sys.stderr.isatty(), file=sys.stderr)
 
 
 def save_cache(path: StrPath, dataset: ImageClassDataset, key: str) -> Path:
@@ -358,7 +424,8 @@ def cached(
     """Load ``<cache_dir>/<name>-<key>.npz``, or ``build()`` the dataset and cache it there.
 
     ``cache_dir=None`` disables caching. If the cache cannot be written (e.g. a read-only
-    folder) a warning is issued and the built dataset is returned anyway.
+    folder) a warning is issued and the built dataset is returned anyway. Inside
+    :func:`deferred_cache_writes` the write waits for the block to succeed.
     """
     if cache_dir is None:
         return build()
@@ -367,14 +434,7 @@ def cached(
     if hit is not None:
         return hit
     dataset = build()  # an exception here leaves no cache file
-    try:
-        save_cache(path, dataset, key)
-    except OSError as e:
-        warnings.warn(
-            f"could not write the preprocessed cache {path} ({e}); pass a writable cache_dir to avoid "
-            "preprocessing again next time.",
-            stacklevel=2,
-        )
+    _write_cache(path, dataset, key)
     return dataset
 
 
@@ -450,11 +510,14 @@ def _stat_signature(files: Sequence[Path], root: Path) -> str:
     return h.hexdigest()
 
 
-def _decode_all(files: Sequence[Path], size: tuple[int, int], mode: str, resample: Image.Resampling) -> Tensor:
+def _decode_all(files: Sequence[Path], size: tuple[int, int], mode: str, resample: Image.Resampling,
+                desc: str = "preprocessing images") -> Tensor:
     channels = 1 if mode == "L" else len(mode)
     out = np.empty((len(files), channels, *size), dtype=np.uint8)
-    for i, f in enumerate(files):
-        out[i] = load_image(f, size, mode, resample)
+    with progress_bar(len(files), desc) as bar:
+        for i, f in enumerate(files):
+            out[i] = load_image(f, size, mode, resample)
+            bar.update()
     return torch.from_numpy(out)
 
 
@@ -482,8 +545,8 @@ def image_folder_dataset(
         root: the folder of class folders.
         size: ``(height, width)`` or an int for a square.
         mode: ``"RGB"`` or ``"L"``.
-        cache_dir: where the preprocessed arrays go; default ``<root>/.cache`` if writable, else
-            ``~/.cache/innerloop``.
+        cache_dir: where the preprocessed arrays go; default :func:`cache_root` (``$INNERLOOP_CACHE``,
+            else the user cache directory).
         resample: the Pillow resampling filter.
         use_cache: False to neither read nor write a cache.
     """
@@ -509,11 +572,95 @@ def image_folder_dataset(
 
     def build() -> ImageClassDataset:
         return ImageClassDataset(
-            _decode_all(files, hw, mode, resample), [len(fs) for _, fs in classes], [c for c, _ in classes]
+            _decode_all(files, hw, mode, resample, f"preprocessing {root.name}"),
+            [len(fs) for _, fs in classes], [c for c, _ in classes],
         )
 
     where = None if not use_cache else (cache_dir if cache_dir is not None else default_cache_dir(root))
     return cached(build, where, f"folder-{root.name}-{hw[0]}x{hw[1]}", key)
+
+
+def _count(value: float | int, n: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ValueError(f"{name} = {value!r} is invalid: give a share in [0, 1) or a number of classes >= 0.")
+    if isinstance(value, float):
+        if not value < 1:
+            raise ValueError(f"{name} = {value!r} is invalid: a share must be below 1 (or give a number of "
+                             "classes).")
+        return round(value * n)
+    return value
+
+
+def split_classes(names: Sequence[str], val: float | int = 0.16, test: float | int = 0.2,
+                  seed: int = 0) -> dict[str, list[str]]:
+    """``{"train": [...], "val": [...], "test": [...]}``: the class ``names`` split at random by ``seed``.
+
+    The names are sorted, shuffled with ``random.Random(seed)``, and the first ``test`` go to test,
+    the next ``val`` to val, the rest to train; ``val`` and ``test`` are shares of the classes (a
+    float in [0, 1), rounded to whole classes) or numbers of classes (an int). The same names and
+    seed give the same split on every machine; the parts are disjoint and sorted.
+
+    Raises:
+        ValueError: a repeated name, a share out of range, or sizes that leave a split empty
+            (``val = 0`` is allowed: no val split).
+    """
+    ordered = sorted(str(n) for n in names)
+    if len(set(ordered)) != len(ordered):
+        dup = sorted({n for n in ordered if ordered.count(n) > 1})[:5]
+        raise ValueError(f"class names must be unique; repeated: {dup}.")
+    n = len(ordered)
+    n_val, n_test = _count(val, n, "val"), _count(test, n, "test")
+    if n_test < 1 or n - n_val - n_test < 1:
+        raise ValueError(f"{n} classes cannot give {n_val} val and {n_test} test classes with at least one test "
+                         "and one train class; use more classes, or smaller val / test.")
+    random.Random(seed).shuffle(ordered)
+    parts = {"test": ordered[:n_test], "val": ordered[n_test : n_test + n_val], "train": ordered[n_test + n_val :]}
+    return {s: sorted(parts[s]) for s in ("train", "val", "test")}
+
+
+def split_class_folder(source: StrPath, dest: StrPath, val: float | int = 0.16, test: float | int = 0.2,
+                       seed: int = 0, copy: bool = False) -> dict[str, list[str]]:
+    """Lay out the class folders of ``source`` (``source/<class>/<images>``) as ``dest/train/``,
+    ``dest/val/`` and ``dest/test/`` by :func:`split_classes` (``seed``, ``val``, ``test``): the layout
+    ``task.family = "image-folder"`` reads (``task.data_root = dest``).
+
+    Each class becomes a symbolic link to its folder in ``source`` (``copy=True``: a copy of it). The
+    layout is made in a temporary folder beside ``dest`` and moved into place once whole, so ``dest``
+    is either absent or complete; an existing ``dest`` is refused (never overwritten). A split that
+    gets no class (``val = 0``) has no folder. Returns the split (class names per part).
+
+    Raises:
+        DataError: ``source`` is missing or holds no class folder with images, or ``dest`` exists.
+        ValueError: sizes :func:`split_classes` refuses.
+    """
+    source, dest = Path(source), Path(dest)
+    if not source.is_dir():
+        raise DataError(f"class folder {source} does not exist; give a folder with one sub-folder of images per "
+                        "class.")
+    classes = [c for c, _ in _folder_classes(source)]
+    if not classes:
+        raise DataError(f"no class folders with images in {source}: expected {source}/<class>/<image> files "
+                        f"ending in {', '.join(IMAGE_SUFFIXES)}.")
+    if dest.exists() or dest.is_symlink():
+        raise DataError(f"{dest} already exists; choose a new folder (nothing was written), or delete it first.")
+    parts = split_classes(classes, val, test, seed)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
+    try:
+        for split, names in parts.items():
+            for name in names:
+                target = tmp / split / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if copy:
+                    shutil.copytree(source / name, target)
+                else:
+                    target.symlink_to((source / name).resolve(), target_is_directory=True)
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700; the user's umask decides
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return parts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -558,8 +705,8 @@ class MiniImageNet(Mapping[str, ImageClassDataset]):
             class - ``images_root/<label>/<filename>``.
         split_root: the folder with ``train.csv``, ``val.csv``, ``test.csv`` (``filename,label``).
         size: ``(height, width)`` or an int for a square.
-        cache_dir: where preprocessed splits go; default ``<images_root>/.cache`` if writable,
-            else ``~/.cache/innerloop``.
+        cache_dir: where preprocessed splits go; default :func:`cache_root` (``$INNERLOOP_CACHE``,
+            else the user cache directory).
         use_cache: False to neither read nor write a cache.
     """
 
@@ -634,7 +781,8 @@ class MiniImageNet(Mapping[str, ImageClassDataset]):
         )
 
         def build() -> ImageClassDataset:
-            data = _decode_all(files, self.size, "RGB", Image.Resampling.LANCZOS)
+            data = _decode_all(files, self.size, "RGB", Image.Resampling.LANCZOS,
+                               f"preprocessing miniImageNet {split}")
             return ImageClassDataset(data, [len(by_label[k]) for k in labels], labels)
 
         where = None

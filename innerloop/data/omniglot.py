@@ -23,9 +23,10 @@ image at ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (see :func:`innerloop.data.images
 
 Preprocessing runs once: every PNG is converted to 8-bit grey, resized (default 28 x 28, Lanczos)
 and inverted so that ink = 1; images are stored as uint8 and read as float32 in [0, 1]. The result
-is cached atomically (see :mod:`innerloop.data.images`) in ``cache_dir`` (default ``<root>/.cache``
-when writable, else ``~/.cache/innerloop``) under a key made of the image size and the archives'
-SHA-256.
+is cached atomically (see :mod:`innerloop.data.images`) in ``cache_dir`` (default
+:func:`~innerloop.data.images.cache_root`: ``$INNERLOOP_CACHE``, else the user cache directory,
+``~/.cache/innerloop`` on Linux; never the data folder) under a key made of the image size and the
+archives' SHA-256. Preprocessing and downloads show a progress bar when stderr is a terminal.
 
 Splits (``split=``):
 
@@ -34,9 +35,9 @@ Splits (``split=``):
     ``splits/vinyals/{train,val,test}.txt`` (lines ``Alphabet/characterNN/rotDDD``): rotations by
     0/90/180/270 degrees are separate classes, 1028 / 172 / 423 characters = 4112 / 688 / 1692
     classes. The files are looked for in ``splits_root``, then ``<root>/splits/vinyals``, then
-    ``~/.cache/innerloop/omniglot-splits/vinyals``; if absent they are downloaded from the
-    Prototypical Networks repository into ``splits_root``, else ``<root>/splits/vinyals`` when
-    writable, else the user cache. No official checksum exists for them: they are validated by
+    ``<cache root>/omniglot-splits/vinyals``; if absent they are downloaded from the
+    Prototypical Networks repository into ``splits_root``, else the cache root (never the data
+    folder). No official checksum exists for them: they are validated by
     content instead (every line must name an existing character, the splits must be disjoint).
 ``lake``
     The original alphabet split: the 30 background alphabets for meta-training, of which
@@ -82,9 +83,9 @@ from innerloop.data.images import (
     cached,
     default_cache_dir,
     load_image,
+    progress_bar,
     size_pair,
     user_cache_dir,
-    writable,
 )
 from innerloop.tasks import SPLITS, Split
 
@@ -191,23 +192,26 @@ def _read_archive(
         names: list[str] = []
         counts: list[int] = []
         out = np.empty((len(pngs), 1, *size), dtype=np.uint8)
-        for i, info in enumerate(pngs):
-            parts = PurePosixPath(info.filename).parts
-            if len(parts) < 3:
-                raise DataError(
-                    f"unexpected member {info.filename!r} in {path}: Omniglot images are "
-                    "<set>/<Alphabet>/<characterNN>/<image>.png; use the official archive."
-                )
-            name = f"{parts[-3]}/{parts[-2]}"
-            if not names or names[-1] != name:
-                if name in names:
-                    raise DataError(f"{path}: the images of {name} are not contiguous; use the official archive.")
-                names.append(name)
-                counts.append(0)
-            counts[-1] += 1
-            png = read_member(zf, info, path, max_member_bytes)
-            grey = load_image(png, size, "L", Image.Resampling.LANCZOS, name=f"{path}:{info.filename}")
-            np.subtract(255, grey, out=out[i])
+        with progress_bar(len(pngs), f"preprocessing {path.name}") as bar:
+            for i, info in enumerate(pngs):
+                bar.update()
+                parts = PurePosixPath(info.filename).parts
+                if len(parts) < 3:
+                    raise DataError(
+                        f"unexpected member {info.filename!r} in {path}: Omniglot images are "
+                        "<set>/<Alphabet>/<characterNN>/<image>.png; use the official archive."
+                    )
+                name = f"{parts[-3]}/{parts[-2]}"
+                if not names or names[-1] != name:
+                    if name in names:
+                        raise DataError(f"{path}: the images of {name} are not contiguous; use the official "
+                                        "archive.")
+                    names.append(name)
+                    counts.append(0)
+                counts[-1] += 1
+                png = read_member(zf, info, path, max_member_bytes)
+                grey = load_image(png, size, "L", Image.Resampling.LANCZOS, name=f"{path}:{info.filename}")
+                np.subtract(255, grey, out=out[i])
     if not names:
         raise DataError(f"{path} holds no PNG images; delete it and download it again (or put a good copy there).")
     return names, counts, out
@@ -263,7 +267,7 @@ def _vinyals_files(folder: Path, splits_root: Path | None, download_missing: boo
     for c in candidates:
         if all((c / f"{s}.txt").is_file() for s in SPLITS):
             return {s: c / f"{s}.txt" for s in SPLITS}
-    target = splits_root or (candidates[-2] if writable(folder) else candidates[-1])
+    target = splits_root or candidates[-1]
     where = (
         f"put train.txt, val.txt and test.txt (from {VINYALS_SPLIT_URL.format(split='<split>')}) in "
         f"{target} (or pass splits_root=<folder>)"
@@ -336,8 +340,8 @@ class Omniglot(Mapping[str, ImageClassDataset]):
         split: ``"vinyals"``, ``"lake"`` or ``"maml"``.
         image_size: side (or ``(height, width)``) after resizing; 28 is standard, 105 keeps the
             originals.
-        cache_dir: where the preprocessed arrays go (default ``<root>/.cache`` if writable, else
-            ``~/.cache/innerloop``).
+        cache_dir: where the preprocessed arrays go (default
+            :func:`~innerloop.data.images.cache_root`: ``$INNERLOOP_CACHE``, else the user cache).
         download: download missing archives / split files (verified by checksum).
         rotations: add rotations by 90/180/270 degrees as separate classes; default: as the split
             defines it (vinyals and maml: yes, lake: no). False with ``vinyals`` keeps the rot000

@@ -45,7 +45,8 @@ class FewShotClassification:
         queries: query images per class.
         seed: the family seed.
         within_alphabet: draw all classes of a task from one group (the Omniglot alphabet): the group
-            is chosen uniformly among those with at least ``ways`` classes.
+            is chosen uniformly among those with at least ``ways`` classes. One flag for every split,
+            or ``{split: flag}`` (a split left out: ``False``), e.g. ``{"test": True}``.
     """
 
     objective: Objective = "classification"
@@ -57,13 +58,21 @@ class FewShotClassification:
         shots: int = 1,
         queries: int = 15,
         seed: int = 0,
-        within_alphabet: bool = False,
+        within_alphabet: bool | Mapping[str, bool] = False,
     ) -> None:
         self.ways = _check_count("ways (N)", ways)
         self.shots = _check_count("shots (K)", shots)
         self.queries = _check_count("queries", queries)
         self.seed = int(seed)
-        self.within_alphabet = bool(within_alphabet)
+        if isinstance(within_alphabet, Mapping):
+            for split in within_alphabet:
+                check_split(split)
+            self._within = {s: bool(within_alphabet.get(s, False)) for s in dataset_splits}
+        else:
+            self._within = {s: bool(within_alphabet) for s in dataset_splits}
+        self.within_alphabet: bool | dict[str, bool] = (
+            dict(within_alphabet) if isinstance(within_alphabet, Mapping) else bool(within_alphabet))
+        """As given: one flag for every split, or ``{split: flag}``; :meth:`within` reads one split's."""
         self.splits: dict[str, ImageClassDataset] = {}
         self._groups: dict[str, list[Tensor]] = {}
         for split in dataset_splits:
@@ -87,16 +96,20 @@ class FewShotClassification:
                     f"{ds.names[smallest]!r} of the {split} split has only {fewest}; "
                     f"use shots + queries <= {fewest}."
                 )
-        if self.within_alphabet:
+        if self._within[split]:
             groups = [torch.tensor(ix) for ix in ds.group_classes().values() if len(ix) >= self.ways]
             if not groups:
                 largest = max((len(ix) for ix in ds.group_classes().values()), default=0)
                 raise ValueError(
                     f"within-alphabet {self.ways}-way tasks need a group (alphabet) with {self.ways} classes, "
                     f"but the largest group of the {split} split has {largest}; use ways <= {largest} "
-                    "or within_alphabet=False."
+                    f"or within_alphabet=False for the {split} split."
                 )
             self._groups[split] = groups
+
+    def within(self, split: str) -> bool:
+        """Whether the tasks of ``split`` draw their classes from one group (alphabet)."""
+        return self._within.get(split, False)
 
     def _dataset(self, split: str) -> ImageClassDataset:
         check_split(split)
@@ -111,7 +124,7 @@ class FewShotClassification:
     def _draw(self, split: Split, index: int) -> tuple[list[int], torch.Generator]:
         ds = self._dataset(split)
         g = torch.Generator().manual_seed(task_seed(self.seed, split, index, "FewShotClassification"))
-        if self.within_alphabet:
+        if self._within[split]:
             groups = self._groups[split]
             pool = groups[int(torch.randint(len(groups), (1,), generator=g))]
             classes = pool[torch.randperm(len(pool), generator=g)[: self.ways]]
@@ -223,5 +236,7 @@ if TYPE_CHECKING:  # static check (mypy): the image task families are TaskFamili
     _FAMILY_TYPES: tuple[type[TaskFamily], ...] = (FewShotClassification, GlobalLabelBatches)
 
 
-IMAGE_FAMILIES: tuple[str, ...] = ("omniglot", "miniimagenet", "image-folder")
+IMAGE_FAMILIES: tuple[str, ...] = (
+    "omniglot", "miniimagenet", "image-folder", "cifar-fs", "fc100", "cub", "tiered-imagenet"
+)
 """The few-shot image families a config can name (``task.family``)."""

@@ -1,8 +1,14 @@
-"""Layers with faster kernels for the channels-last layout on CPU; the same functions and
-parameters as their ``torch.nn`` parents."""
+"""Layers of innerloop's backbones: a BatchNorm with faster kernels for the channels-last layout on
+CPU (the same function and parameters as its ``torch.nn`` parent), and the random regularisers of
+ResNet-12 and WRN (dropout, DropBlock) as pure functions of torch's generator that refuse ``vmap``
+clearly."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -49,3 +55,101 @@ class BatchNorm2d(nn.BatchNorm2d):
             # uncentred input its mean and variance lose digits (tests/models/test_layers.py).
             flat = flat - flat.detach().mean(0)
         return super().forward(flat).view(n, h, w, c).permute(0, 3, 1, 2)
+
+
+def _random_mask(draw: Callable[[], Tensor], layer: str) -> Tensor:
+    """``draw()``, with torch.func's refusal of a random op under ``vmap`` turned into one that names
+    the way out (vmap's default ``randomness="error"``, which :mod:`innerloop.execution` keeps)."""
+    try:
+        return draw()
+    except RuntimeError as err:
+        if "randomness" not in str(err):
+            raise
+        raise ValueError(
+            f"{layer} draws a random mask in training, which vmap over tasks refuses (torch.func's "
+            "randomness='error'); run the meta-batch as a loop (Execution(vectorize='auto') or 'loop'), "
+            "set drop_rate=0, or call model.eval()."
+        ) from err
+
+
+class Dropout(nn.Module):
+    """Element-wise dropout (as ``torch.nn.functional.dropout``): in training, each element is zeroed with
+    probability ``drop_rate`` and the rest scaled by ``1 / (1 - drop_rate)``; the identity in eval mode
+    or with ``drop_rate = 0``. Draws from torch's default generator (``torch.manual_seed``), so a
+    checkpointed inner step (``torch.utils.checkpoint`` restores the generator) recomputes the same
+    mask. Under ``vmap`` it refuses with the way out instead of torch.func's bare error.
+
+    Shapes: ``[N, ...] -> [N, ...]``.
+    """
+
+    def __init__(self, drop_rate: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= drop_rate < 1.0:
+            raise ValueError(f"drop_rate must lie in [0, 1), got {drop_rate!r}.")
+        self.drop_rate = float(drop_rate)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.drop_rate == 0.0:
+            return x
+        # the mask from torch.rand, not F.dropout: F.dropout's kernel under torch.func.grad draws other
+        # masks than under torch.autograd, so the inner loop's differentiation modes would disagree
+        draw = _random_mask(lambda: torch.rand(x.shape, dtype=x.dtype, device=x.device), "Dropout")
+        return x * draw.ge(self.drop_rate).to(x.dtype) / (1.0 - self.drop_rate)
+
+    def extra_repr(self) -> str:
+        return f"drop_rate={self.drop_rate}"
+
+
+class DropBlock(nn.Module):
+    """DropBlock (Ghiasi et al., 2018) as MetaOptNet's ResNet-12 applies it: in training, squares of
+    ``block_size x block_size`` around random seeds are zeroed in every channel map, and the output is
+    rescaled by ``elements / kept elements`` (of the whole batch); the identity in eval mode or with
+    ``drop_rate = 0``.
+
+    Seeds fall with probability ``gamma = drop_rate / b**2 * (H * W) / ((H - b + 1) * (W - b + 1))``
+    on the ``(H - b + 1) x (W - b + 1)`` positions where a whole block fits (``b = min(block_size, H,
+    W)``: a map smaller than the block is dropped as one block), so about ``drop_rate`` of the elements
+    are dropped. MetaOptNet ramps the rate up over its first 40,000 forwards from a counter kept in the
+    module; here the rate is fixed (a forward changes no state, as :mod:`innerloop.norm` requires).
+
+    Random state: torch's default generator (``torch.manual_seed``); a checkpointed inner step
+    recomputes the same mask (``torch.utils.checkpoint`` restores the generator). Under ``vmap`` it
+    refuses with the way out. With several task threads the masks depend on the threads' order.
+
+    Shapes: ``[N, C, H, W] -> [N, C, H, W]``.
+    """
+
+    def __init__(self, drop_rate: float = 0.0, block_size: int = 5) -> None:
+        super().__init__()
+        if not 0.0 <= drop_rate < 1.0:
+            raise ValueError(f"drop_rate must lie in [0, 1), got {drop_rate!r}.")
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}.")
+        self.drop_rate = float(drop_rate)
+        self.block_size = block_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.drop_rate == 0.0:
+            return x
+        if x.dim() != 4:
+            raise ValueError(f"DropBlock expects a 4-D input [N, C, H, W], got shape {tuple(x.shape)}")
+        n, c, h, w = x.shape
+        b = min(self.block_size, h, w)
+        gamma = self.drop_rate / b**2 * (h * w) / ((h - b + 1) * (w - b + 1))
+        seeds = _random_mask(
+            lambda: torch.rand(n, c, h - b + 1, w - b + 1, dtype=x.dtype, device=x.device), "DropBlock",
+        ).lt(gamma).to(x.dtype)
+        # a seed at (i, j) drops [i, i + b) x [j, j + b): a max over the b x b window ending at each element
+        dropped = F.max_pool2d(F.pad(seeds, (b - 1, b - 1, b - 1, b - 1)), b, stride=1) if b > 1 else seeds
+        keep = 1.0 - dropped
+        return x * keep * (keep.numel() / keep.sum().clamp_min(1.0))
+
+    def extra_repr(self) -> str:
+        return f"drop_rate={self.drop_rate}, block_size={self.block_size}"
+
+
+class GlobalAvgPool(nn.Module):
+    """The mean over the spatial dimensions: ``[N, C, H, W] -> [N, C]``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.mean(dim=(2, 3))

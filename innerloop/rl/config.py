@@ -26,6 +26,7 @@ from innerloop.training.config import (
     refuse_what_cannot_fit,
     training_bytes,
 )
+from innerloop.training.loggers import LOGGER_NAMES
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,9 @@ class RLTrainConfig:
     """Seed of the policy's initialisation."""
     checkpoint_every: int = 10
     """Write ``last.pt`` every this many iterations (and at the end)."""
+    loggers: list[str] = field(default_factory=lambda: ["jsonl"])
+    """Where the metrics go: any of ``jsonl`` (``metrics.jsonl``), ``csv``, ``tensorboard``, ``wandb``;
+    ``[]``: none. Not part of a checkpoint's identity."""
 
 
 @dataclass(frozen=True)
@@ -184,6 +188,9 @@ class RLConfig:
         need(0 < t.ppo_clip < 1, "train.ppo_clip", t.ppo_clip, "must lie in (0, 1)")
         need(t.ppo_lr > 0, "train.ppo_lr", t.ppo_lr, "must be > 0")
         need(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "must be >= 1")
+        need(all(n in LOGGER_NAMES for n in t.loggers), "train.loggers", t.loggers,
+             f"choose among {list(LOGGER_NAMES)}")
+        need(len(set(t.loggers)) == len(t.loggers), "train.loggers", t.loggers, "name each logger once")
         need(v.test_tasks >= 2, "eval.test_tasks", v.test_tasks, "must be >= 2 (a CI needs several tasks)")
         need(v.steps >= 0, "eval.steps", v.steps, "must be >= 0")
         need(v.rollouts >= 2, "eval.rollouts", v.rollouts, "must be >= 2")

@@ -122,7 +122,8 @@ class PolicyMAML(nn.Module):
             trains the pre-trained baseline: one policy for all tasks).
         first_order: treat the inner gradient as a constant (first-order MAML).
         estimator: ``vpg`` (the paper's ``log pi * A``) or ``lvc`` (``pi / stop_gradient(pi) * A``).
-        discount, gae_lambda: for the advantages (the paper's code: 0.99 and 1).
+        discount: the discount of the advantages (the paper's code: 0.99).
+        gae_lambda: the GAE lambda of the advantages (the paper's code: 1).
         normalize_advantages: standardise the advantages per task.
     """
 

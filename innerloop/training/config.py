@@ -8,6 +8,7 @@ file only overrides what it names.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 import itertools
 import json
@@ -24,6 +25,7 @@ from innerloop.data.regression import FAMILIES
 from innerloop.data.sampling import IMAGE_FAMILIES
 from innerloop.execution import Execution
 from innerloop.models.mlp import ACTIVATIONS
+from innerloop.training.loggers import LOGGER_NAMES
 from innerloop.typecheck import typed
 
 if sys.version_info >= (3, 11):
@@ -56,22 +58,79 @@ class TaskConfig:
     split: str = "vinyals"
     """Omniglot class split: ``vinyals``, ``lake`` or ``maml``."""
     within_alphabet: bool = False
-    """Omniglot: draw all classes of a task from one alphabet (the harder original protocol)."""
+    """Omniglot: draw all classes of a task from one alphabet (the harder original protocol), in every
+    split; ``sampling.<split>.within_alphabet`` sets it for one split."""
     image_size: int | None = None
-    """Side of the resized images (default 28 for Omniglot, 84 for miniImageNet and folders)."""
+    """Side of the resized images (default 28 for Omniglot, 32 for CIFAR-FS and FC100, 84 for the others)."""
     data_root: str | None = None
     """Omniglot: the folder with the archives (default ``$INNERLOOP_DATA/omniglot``);
     miniImageNet: the folder with the images (default ``$INNERLOOP_DATA/miniimagenet/images``);
     image-folder: a folder with ``train/``, ``val/``, ``test/`` each holding ``<class>/*.png``."""
     options: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments of the family (e.g. ``amplitude_range = [0.1, 5.0]``)."""
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig())
+    """How the tasks of each split are drawn: ``[task.sampling.train]``, ``[task.sampling.val]``,
+    ``[task.sampling.test]``."""
+    split_options: SplitOptions = field(default_factory=lambda: SplitOptions())
+    """How the Omniglot class split is made: ``[task.split_options]``."""
+
+
+@dataclass(frozen=True)
+class SplitSampling:
+    """How the tasks of one split are drawn (classification families)."""
+
+    within_alphabet: bool | None = None
+    """Draw all classes of a task from one alphabet (Omniglot; one group of an image dataset);
+    ``None``: ``task.within_alphabet``."""
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Per-split sampling options; a split's ``None`` keeps the value of ``task``."""
+
+    train: SplitSampling = field(default_factory=SplitSampling)
+    """Meta-training tasks."""
+    val: SplitSampling = field(default_factory=SplitSampling)
+    """Validation tasks (they pick ``best.pt``)."""
+    test: SplitSampling = field(default_factory=SplitSampling)
+    """Test tasks."""
+
+
+@dataclass(frozen=True)
+class SplitOptions:
+    """How Omniglot's classes are split (``task.split``); see :class:`innerloop.data.omniglot.Omniglot`."""
+
+    rotations: bool | None = None
+    """Rotations by 90/180/270 degrees as extra classes (``None``: the split's own rule: vinyals and
+    maml yes, lake no)."""
+    split_seed: int = 0
+    """Seeds the held-out validation alphabets of ``lake`` and the character order of ``maml``."""
+    lake_val_alphabets: int = 5
+    """``lake``: background alphabets held out for validation (0 to 29)."""
+    maml_train: int = 1200
+    """``maml``: characters for train + val (the rest is test)."""
+    maml_val: int = 100
+    """``maml``: of those, characters held out for validation (0: no val split)."""
+
+    def omniglot_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :class:`~innerloop.data.omniglot.Omniglot` these stand for."""
+        return dataclasses.asdict(self)
+
+
+def within_alphabet(task: TaskConfig) -> dict[str, bool]:
+    """``{split: within_alphabet}`` of a task config: each split's own value, else ``task.within_alphabet``."""
+    s = task.sampling
+    return {name: task.within_alphabet if part.within_alphabet is None else part.within_alphabet
+            for name, part in (("train", s.train), ("val", s.val), ("test", s.test))}
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """The network adapted to each task."""
 
-    name: Literal["mlp", "conv4"] = "mlp"
+    name: Literal["mlp", "conv4", "resnet12", "wrn28_10"] = "mlp"
+    """``mlp`` (regression); for images ``conv4``, ``resnet12`` (MetaOptNet / FEAT's ResNet-12) or
+    ``wrn28_10`` (WRN-28-10)."""
     hidden: list[int] = field(default_factory=lambda: [40, 40])
     """MLP hidden widths."""
     activation: str = "relu"
@@ -81,7 +140,30 @@ class ModelConfig:
     pool: Literal["max", "stride"] = "max"
     """conv4: 2x2 max-pool after each block, or stride-2 convolutions."""
     norm: Literal["batch", "none"] = "batch"
-    """conv4: BatchNorm with the statistics of each batch (transductive), or none."""
+    """conv4, resnet12, wrn28_10: BatchNorm with the statistics of each batch (transductive), or none."""
+    widths: list[int] = field(default_factory=lambda: [64, 160, 320, 640])
+    """resnet12: filters of the four blocks."""
+    drop_rate: float = 0.0
+    """resnet12: dropout (blocks 1-2) and DropBlock (blocks 3-4) rate; wrn28_10: dropout in each block.
+    Training only; a loop over tasks (``execution.vectorize = "vmap"`` cannot draw the masks)."""
+    dropblock_size: int = 5
+    """resnet12: DropBlock's block side."""
+    avg_pool: bool = True
+    """resnet12: global average pool (``[batch, 640]``) or flatten (MetaOptNet's ``640 * 5 * 5`` at 84 px)."""
+    pretrained: str | None = None
+    """A state dict (``torch.save(model.state_dict(), path)``, read with ``weights_only=True``) loaded into
+    the body before training; the head is left as built (:func:`innerloop.models.load_pretrained`)."""
+    pretrained_key: str | None = None
+    """The entry of the ``pretrained`` file that holds the state dict (``"state_dict"``, FEAT's ``"params"``)."""
+    pretrained_rename: dict[str, str] = field(default_factory=dict)
+    """Key prefixes of the ``pretrained`` file mapped to the model's (``{"encoder." = "features."}``)."""
+
+
+MODEL_ADDED_KEYS: tuple[str, ...] = ("widths", "drop_rate", "dropblock_size", "avg_pool", "pretrained",
+                                     "pretrained_key", "pretrained_rename")
+"""``model`` settings added after 0.1.0: part of a checkpoint identity only when they differ from
+their defaults (so older checkpoints still resume)."""
+IMAGE_MODELS: tuple[str, ...] = ("conv4", "resnet12", "wrn28_10")
 
 
 CONFIG_INNER_STEPS = 1
@@ -198,6 +280,9 @@ class TrainConfig:
     grad_clip: float | None = None
     """Clip the meta-gradient's global L2 norm to this (``None``: no clipping); the norm before
     clipping is logged as ``grad_norm``."""
+    loggers: list[str] = field(default_factory=lambda: ["jsonl"])
+    """Where the metrics go: any of ``jsonl`` (``metrics.jsonl`` in the run folder), ``tensorboard``,
+    ``wandb``, ``csv``; ``[]``: none."""
 
 
 @dataclass(frozen=True)
@@ -351,9 +436,31 @@ class Config:
              f"must be >= task.ways ({t.ways}) or null")
         need(t.split in ("vinyals", "lake", "maml"), "task.split", t.split, "choose vinyals, lake or maml")
         need(t.image_size is None or t.image_size >= 16, "task.image_size", t.image_size, "must be >= 16")
+        so = t.split_options
+        need(t.family == "omniglot" or so == SplitOptions(), "task.split_options", dataclasses.asdict(so),
+             f"these options make Omniglot's class split; task.family {t.family!r} takes none (leave them out)")
+        need(so.lake_val_alphabets >= 0, "task.split_options.lake_val_alphabets", so.lake_val_alphabets,
+             "must be >= 0 (and less than the 30 background alphabets)")
+        need(so.maml_train >= 1, "task.split_options.maml_train", so.maml_train, "must be >= 1")
+        need(0 <= so.maml_val < so.maml_train, "task.split_options.maml_val", so.maml_val,
+             f"must lie in 0..maml_train - 1 ({so.maml_train - 1})")
+        unknown = [n for n in tr.loggers if n not in LOGGER_NAMES]
+        need(not unknown, "train.loggers", tr.loggers, f"choose among {list(LOGGER_NAMES)}")
+        need(len(set(tr.loggers)) == len(tr.loggers), "train.loggers", tr.loggers, "name each logger once")
         images = t.family in IMAGE_FAMILIES
-        need(images == (m.name == "conv4"), "model.name", m.name,
-             f"task.family {t.family!r} needs model.name = {'conv4' if images else 'mlp'!r}")
+        need(images == (m.name in IMAGE_MODELS), "model.name", m.name,
+             f"task.family {t.family!r} needs model.name = "
+             + (f"one of {list(IMAGE_MODELS)}" if images else "'mlp'"))
+        need(len(m.widths) == 4 and all(w >= 1 for w in m.widths), "model.widths", m.widths,
+             "give four widths >= 1 (e.g. [64, 160, 320, 640])")
+        need(0.0 <= m.drop_rate < 1.0, "model.drop_rate", m.drop_rate, "must lie in [0, 1)")
+        need(m.dropblock_size >= 1, "model.dropblock_size", m.dropblock_size, "must be >= 1")
+        need(m.drop_rate == 0.0 or m.name in ("resnet12", "wrn28_10"), "model.drop_rate", m.drop_rate,
+             "only resnet12 and wrn28_10 have dropout; set 0")
+        need(m.drop_rate == 0.0 or self.execution.vectorize != "vmap", "model.drop_rate", m.drop_rate,
+             "dropout masks cannot be drawn under execution.vectorize = 'vmap'; use 'auto' or 'loop', or 0")
+        need(m.pretrained is None or m.name in IMAGE_MODELS, "model.pretrained", m.pretrained,
+             "pretrained weights are for the image backbones (conv4, resnet12, wrn28_10)")
         need(m.filters >= 1, "model.filters", m.filters, "must be >= 1")
         need("classification" in can.objectives or not images, "algorithm.name", a.name,
              f"{a.name} learns regression tasks only")
@@ -419,7 +526,7 @@ def _example_bytes(cfg: Config) -> int:
     """Bytes of one input example (float32) and its target."""
     t = cfg.task
     if t.family in IMAGE_FAMILIES:
-        side = t.image_size or (28 if t.family == "omniglot" else 84)
+        side = t.image_size or {"omniglot": 28, "cifar-fs": 32, "fc100": 32}.get(t.family, 84)
         channels = 1 if t.family == "omniglot" else 3
         return 4 * channels * side * side + 8
     dim = int(t.options.get("dim", 1)) if isinstance(t.options.get("dim", 1), int) else 1
@@ -472,6 +579,9 @@ def memory_estimates(cfg: Config) -> list[MemoryEstimate]:
 def _check(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against annotation ``tp`` (nested dataclasses from tables); raise ConfigError."""
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):  # a section built in Python: its fields are checked as a file's
+            check_types(value, key)
+            return value
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a table of settings, got {value!r}.")
         return from_dict(tp, value, key)
@@ -491,7 +601,9 @@ def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else key
         if key not in names:
-            raise ConfigError(f"unknown config key {full!r}; valid keys here are: {', '.join(names)}.")
+            close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+            hint = f" Did you mean {(f'{prefix}.' if prefix else '') + close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown config key {full!r}; valid keys here are: {', '.join(names)}.{hint}")
         if hints[key] is AlgorithmConfig or hints[key] == "AlgorithmConfig":
             values[key] = AlgorithmConfig.from_table(value, full)
         else:
@@ -520,10 +632,14 @@ def apply_overrides(data: dict[str, Any], changes: Mapping[str, Any]) -> dict[st
     for key, value in changes.items():
         *path, last = key.split(".")
         node = data
-        for part in path:
+        for depth, part in enumerate(path):
             if not isinstance(node.get(part), dict):
-                sections = ", ".join(k for k, v in data.items() if isinstance(v, dict))
-                raise ConfigError(f"unknown config key {key!r}: {part!r} is not a section (sections: {sections}).")
+                names = [k for k, v in node.items() if isinstance(v, dict)]
+                close = difflib.get_close_matches(part, names, n=1, cutoff=0.6)
+                fixed = [*path[:depth], close[0], *path[depth + 1 :], last] if close else []
+                hint = f" Did you mean {'.'.join(fixed)!r}?" if close else ""
+                raise ConfigError(f"unknown config key {key!r}: {part!r} is not a section (sections: "
+                                  f"{', '.join(names)}).{hint}")
             node = node[part]
         node[last] = value
     return data
@@ -587,7 +703,8 @@ def load_config(path: str | Path) -> Config:
 
 
 __all__ = [
-    "AlgorithmConfig", "Config", "ConfigError", "EvalConfig", "ModelConfig", "ObjectiveConfig", "TaskConfig",
-    "TrainConfig", "apply_overrides", "build_objective", "config_from_dict", "from_dict", "load_callable",
-    "load_config", "read_config_file", "upgrade",
+    "AlgorithmConfig", "Config", "ConfigError", "EvalConfig", "ModelConfig", "ObjectiveConfig",
+    "SamplingConfig", "SplitOptions", "SplitSampling", "TaskConfig", "TrainConfig", "apply_overrides",
+    "build_objective", "config_from_dict", "from_dict", "load_callable", "load_config", "read_config_file",
+    "upgrade", "within_alphabet",
 ]

@@ -13,13 +13,14 @@ from typing import Any, Generic, TypeVar
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from innerloop.algorithms.base import Algorithm
 from innerloop.io import atomic_write_text
 from innerloop.numerics import student_t_quantile
 from innerloop.tasks import Split, TaskFamily
 from innerloop.training.device import place, to_device
-from innerloop.training.distributed import gather_rows, shard
+from innerloop.training.distributed import gather_rows, rank, shard
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,8 @@ def meta_test(
     chunk: int = 100,
     *,
     device: torch.device | None = None,
+    progress: bool = True,
+    desc: str | None = None,
 ) -> EvalResult:
     """Evaluate on tasks ``0..tasks-1`` of ``split`` (a fixed set: every algorithm and run sees
     the same tasks). Tasks are processed ``chunk`` at a time to bound memory. Under
@@ -92,14 +95,21 @@ def meta_test(
     It runs on the algorithm's ``execution.device`` (resolved before any work, the algorithm moved
     there; ``device``: already resolved, as by :func:`~innerloop.training.loop.meta_train`) in its
     ``execution.precision``; each batch follows it, and the statistics come back on the CPU (per-task
-    scores in float64, whatever the model's dtype)."""
+    scores in float64, whatever the model's dtype).
+
+    ``progress``: a progress bar over the tasks (``desc`` its label, default ``meta-test <split>``), on
+    the lead process, where stderr is a terminal (tqdm's rule); ``False``: none."""
     if tasks < 1:
         raise ValueError(f"meta-test needs >= 1 task, got {tasks}.")
     if device is None:
         device = place(algorithm, algorithm.execution.device, algorithm.execution.precision)
     mine = shard(range(tasks))  # all tasks in one process; a disjoint share of them per rank
+    # a family whose tasks differ in shape (Meta-Dataset episodes) stacks at most max_meta_batch at once
+    chunk = min(chunk, int(getattr(family, "max_meta_batch", chunk)))
     was_training = algorithm.training
     algorithm.eval()
+    bar = tqdm(total=len(mine), desc=desc or f"meta-test {split}", unit="task", leave=False,
+               dynamic_ncols=True, disable=None if progress and rank() == 0 else True)
     try:
         rows = [torch.empty(0, 2, steps + 1, dtype=torch.float64, device="cpu")]
         for start in range(0, len(mine), chunk):
@@ -107,7 +117,9 @@ def meta_test(
             scores = algorithm.evaluate(batch, steps)
             both = torch.stack([scores["loss"], scores[algorithm.metric_name]], dim=1)
             rows.append(both.to("cpu", torch.float64))
+            bar.update(len(both))
     finally:
+        bar.close()
         algorithm.train(was_training)
     both = gather_rows(torch.cat(rows))
     lo, m = both[:, 0], both[:, 1]

@@ -8,9 +8,11 @@ meta-RL (:func:`innerloop.rl.train.meta_train_rl`). It owns everything around th
   resumes); log lines written after the checkpoint's step are dropped;
 * atomic checkpoints: ``last.pt`` every ``checkpoint_every`` steps, at every validation and at the
   end; ``best.pt`` at every new best validation value;
-* the JSON-lines log ``metrics.jsonl`` (window means of the outer step's metrics, tasks/s, wall
-  time, validation), the progress bar with those metrics, and data-parallel ranks (one rank
-  writes, every rank starts from rank 0's parameters);
+* the loggers (:mod:`innerloop.training.loggers`: by default the JSON-lines log ``metrics.jsonl``;
+  CSV, TensorBoard, Weights & Biases or the caller's own): window means of the outer step's
+  metrics, the outer and learned inner learning rates, tasks/s, peak memory, wall time and
+  validation with its 95% CI; the progress bar with those metrics, and data-parallel ranks (one
+  rank logs and writes, every rank starts from rank 0's parameters);
 * an exclusive lock on the run folder (:func:`innerloop.training.lock.run_lock`, held by rank 0):
   a second run on the same folder is refused, naming the owner;
 * the divergence policy: a non-finite metric of an outer step, non-finite parameters after it or
@@ -31,7 +33,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,9 +44,9 @@ from tqdm.auto import tqdm
 
 from innerloop.adapt import loss_scale
 from innerloop.algorithms.base import Algorithm
-from innerloop.io import clean_partial_writes, truncate_jsonl
-from innerloop.tasks import Split, TaskFamily
-from innerloop.training.checkpoint import resume_into, save_checkpoint
+from innerloop.io import clean_partial_writes
+from innerloop.tasks import Split, TaskBatch, TaskFamily
+from innerloop.training.checkpoint import plain_data, resume_into, save_checkpoint
 from innerloop.training.config import TrainConfig
 from innerloop.training.device import LossScaler, all_finite, module_device, place, to_device
 from innerloop.training.distributed import (
@@ -56,16 +58,25 @@ from innerloop.training.distributed import (
     world_size,
 )
 from innerloop.training.distributed import rank as dist_rank
-from innerloop.training.evaluate import meta_test
+from innerloop.training.evaluate import StepStats, meta_test
 from innerloop.training.lock import check_unlocked, run_lock
+from innerloop.training.loggers import (
+    Logger,
+    build_loggers,
+    check_loggers,
+    clear_logs,
+    inner_rates,
+    peak_memory_mb,
+)
+from innerloop.training.prefetch import Prefetcher
 from innerloop.training.schedule import set_outer_lr
 
 LAST, BEST, METRICS = "last.pt", "best.pt", "metrics.jsonl"
 GradHook = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 OuterStep = Callable[[int], Mapping[str, float]]
 """``step -> metrics``: one outer step (0-based index ``step``), updating the parameters in place."""
-Validate = Callable[[], float]
-"""``() -> value``: the validation score of the current parameters."""
+Validate = Callable[[], "float | StepStats"]
+"""``() -> value``: the validation score of the current parameters (a :class:`StepStats`: with its 95% CI)."""
 Postfix = Callable[[Mapping[str, float]], dict[str, str]]
 """Window means of the outer step's metrics -> what the progress bar shows of them."""
 
@@ -149,8 +160,9 @@ def clear_run(run_dir: str | Path) -> None:
 
 
 def _clear(run_dir: Path) -> None:
-    for file in (LAST, BEST, METRICS):
+    for file in (LAST, BEST):
         (Path(run_dir) / file).unlink(missing_ok=True)
+    clear_logs(run_dir)  # metrics.jsonl, metrics.csv, TensorBoard events
 
 
 def _better(a: float, b: float | None, higher: bool) -> bool:
@@ -179,6 +191,8 @@ def run_loop(
     extra_state: Mapping[str, Stateful] | None = None,
     finite_metrics: Collection[str] | None = None,
     divergence_cause: str | None = None,
+    loggers: Sequence[str | Logger] = ("jsonl",),
+    run_config: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Run ``outer_step(step)`` for ``step`` in ``[start, schedule.iterations)``, with resume,
     checkpoints, logging, a progress bar and validation around it.
@@ -189,14 +203,16 @@ def run_loop(
         outer_step: see :data:`OuterStep`; its metrics (floats) are logged as means over windows of
             ``schedule.log_every`` steps.
         schedule: iterations and the log, validation and checkpoint periods.
-        run_dir: where ``last.pt``, ``best.pt`` and ``metrics.jsonl`` go (None: nothing saved).
+        run_dir: where ``last.pt``, ``best.pt`` and the logs go (None: nothing saved; the loggers
+            named then write nothing, Logger objects are still called).
         name: the checkpoint's ``algorithm`` entry.
         optimizer: the outer optimiser whose state is checkpointed and resumed (None: one without
             state, as TRPO, or none).
         identity: what must match for a checkpoint to be resumed (e.g. the config); stored in
             every checkpoint, compared on resume.
         validate: see :data:`Validate`; called every ``schedule.validate_every`` steps and at the
-            end; its value is logged as ``val_key`` and picks ``best.pt``.
+            end; its value is logged as ``val_key`` (its CI half-width as ``{val_key}_ci95``) and
+            picks ``best.pt``.
         higher_is_better: whether a higher validation value is better.
         tasks_per_step: tasks per outer step, for the tasks/s figure.
         resume: continue from ``run_dir/last.pt`` when it exists; ``False``: start again from step 0,
@@ -211,6 +227,17 @@ def run_loop(
             that is not stops the run with :class:`DivergenceError`. ``outer_step`` may raise it
             itself (e.g. for a non-finite meta-gradient).
         divergence_cause: the likely cause a :class:`DivergenceError` names (e.g. the learning rates).
+        loggers: names from :data:`~innerloop.training.loggers.LOGGER_NAMES` (files in ``run_dir``)
+            and :class:`~innerloop.training.loggers.Logger` objects, called on the lead process only:
+            ``on_step`` at every logging step, ``on_validation``, ``on_checkpoint`` after each
+            checkpoint, ``on_end`` when the run completes, ``close`` always. An unknown name or a
+            missing optional package is refused before any work.
+        run_config: the run's whole resolved config as plain data (``Config.to_dict()``, what
+            ``innerloop config show --format json`` prints), stored in every checkpoint under ``config``
+            so ``innerloop eval`` can test as the run did (its ``[eval]`` section); the loggers get it
+            as the run's config (default: ``identity``). Not part of the identity: a run resumed with
+            another ``[eval]`` section still resumes, and its later checkpoints store its own config.
+            Refused before any work (:class:`TypeError`) unless it is plain data.
 
     Divergence: after every outer step the metrics in ``finite_metrics`` and the module's parameters
     are checked; a non-finite one (or a non-finite validation value) raises :class:`DivergenceError`
@@ -224,6 +251,11 @@ def run_loop(
     The module stays where it is (its device); checkpoints hold its tensors there and load on any
     device. The RNG states resumed are the CPU's and, for a module on a GPU, that GPU's.
     """
+    check_loggers(loggers)
+    if run_config is not None:  # refused here, not at the first checkpoint
+        if not isinstance(run_config, Mapping):
+            raise TypeError(f"run_config must be a mapping of settings (Config.to_dict()), got {run_config!r}.")
+        run_config = plain_data(dict(run_config), "run_config")
     run_dir = Path(run_dir) if run_dir is not None else None
     lead = dist_rank() == 0  # the one rank that writes checkpoints, logs and the progress bar
     with run_lock(run_dir) if run_dir is not None and lead else contextlib.nullcontext():
@@ -233,7 +265,8 @@ def run_loop(
             module, outer_step, schedule, run_dir, lead, name=name, optimizer=optimizer, identity=identity,
             validate=validate, val_key=val_key, higher_is_better=higher_is_better, tasks_per_step=tasks_per_step,
             resume=resume, progress=progress, desc=desc, postfix=postfix, extra_state=extra_state,
-            finite_metrics=finite_metrics, divergence_cause=divergence_cause)
+            finite_metrics=finite_metrics, divergence_cause=divergence_cause, loggers=loggers,
+            run_config=run_config)
 
 
 def _run_locked(
@@ -257,6 +290,8 @@ def _run_locked(
     extra_state: Mapping[str, Stateful] | None,
     finite_metrics: Collection[str] | None,
     divergence_cause: str | None,
+    loggers: Sequence[str | Logger],
+    run_config: Mapping[str, Any] | None,
 ) -> TrainResult:
     start, best_val, best_step, elapsed_before = 0, None, 0, 0.0
     if run_dir is not None and lead and run_dir.exists():
@@ -276,8 +311,6 @@ def _run_locked(
         for key, obj in (extra_state or {}).items():
             if key in (payload.get("extra") or {}):
                 obj.load_state_dict(payload["extra"][key])
-        if lead:
-            truncate_jsonl(run_dir / METRICS, start)
     broadcast_parameters(module)
     t0 = time.perf_counter()
 
@@ -294,22 +327,29 @@ def _run_locked(
             "best_val": best_val, "best_step": best_step, "torch_rng": torch.get_rng_state(),
             "wall_s": wall(),
         }
+        if run_config is not None:  # the whole config, beside (not in) the identity
+            payload["config"] = run_config
         on = module_device(module)
         if on.type == "cuda":
             payload["cuda_rng"] = torch.cuda.get_rng_state(on)
         if extra_state:
             payload["extra"] = {key: obj.state_dict() for key, obj in extra_state.items()}
         save_checkpoint(run_dir / file, payload)
+        for logger in active:
+            logger.on_checkpoint(step, run_dir / file)
 
     def show(means: Mapping[str, float]) -> dict[str, str]:
         return {k: f"{v:.3f}" for k, v in means.items()}
 
     writes = run_dir is not None and lead
-    log = None
-    if writes:
-        assert run_dir is not None
-        run_dir.mkdir(parents=True, exist_ok=True)
-        log = (run_dir / METRICS).open("a")
+    active: list[Logger] = []
+    if lead:
+        names = [x for x in loggers if isinstance(x, str)]
+        if run_dir is not None and names:  # the lines after the resumed step are dropped (start 0: all)
+            shown_config = run_config if run_config is not None else identity or {}
+            active = build_loggers(names, run_dir, run_config=shown_config, start=start)
+        active += [x for x in loggers if not isinstance(x, str)]
+    on = module_device(module)
     s = schedule
     bar = tqdm(total=s.iterations, initial=start, desc=desc, disable=not (progress and lead),
                dynamic_ncols=True, leave=True)
@@ -330,46 +370,69 @@ def _run_locked(
             window += 1
             bar.update(1)
             final = done == s.iterations
-            record: dict[str, Any] = {}
+            scalars: dict[str, float] | None = None
             if done % s.log_every == 0 or final:
                 speed = steps_run * tasks_per_step / max(time.perf_counter() - t0, 1e-9)
                 speed_s = f"{speed:.0f}"
                 last_means = {k: v / window for k, v in sums.items()}
-                record = {"step": done, **last_means, "tasks_per_s": speed}
+                scalars = {**last_means, "tasks_per_s": speed}
+                if active:
+                    scalars.update(_monitor(module, optimizer, on))
                 sums, window = {}, 0
             validated = validate is not None and (
                 final or (s.validate_every is not None and done % s.validate_every == 0))
+            val_scalars: dict[str, float] = {}
             if validated:
                 assert validate is not None
-                val = validate()
+                got = validate()
+                val, ci = (got.mean, got.ci95) if isinstance(got, StepStats) else (float(got), math.nan)
                 if not math.isfinite(val):
                     raise divergence(done, f"the validation value {val_key} ({val})", divergence_cause, run_dir)
-                record = {**(record or {"step": done}), val_key: val}
-                if _better(val, best_val, higher_is_better):
-                    best_val, best_step = val, done
-                    if writes:
-                        checkpoint(BEST, done)
-            if record:
-                record["wall_s"] = wall()
-                if log is not None:  # the line goes in before the checkpoint that covers it
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
+                val_scalars = {val_key: val, **({f"{val_key}_ci95": ci} if math.isfinite(ci) else {})}
+            if scalars is not None or validated:
+                now = wall()
+                for logger in active:  # the lines go in before the checkpoints that cover them
+                    if scalars is not None:
+                        logger.on_step(done, {**scalars, "wall_s": now})
+                    if validated:
+                        logger.on_validation(done, {**val_scalars, "wall_s": now})
                 shown = (postfix or show)(last_means)
                 if validate is not None:
                     shown["val"] = "-" if val is None else f"{val:.3f}"
                 bar.set_postfix({**shown, "tasks_s": speed_s})
+            if validated and val is not None and _better(val, best_val, higher_is_better):
+                best_val, best_step = val, done
+                if writes:
+                    checkpoint(BEST, done)
             periodic = s.checkpoint_every is not None and done % s.checkpoint_every == 0
             if writes and (validated or periodic or final):
                 checkpoint(LAST, done)
+        elapsed = time.perf_counter() - t0
+        result = TrainResult(s.iterations, best_step, float("nan") if best_val is None else best_val,
+                             elapsed_before + elapsed, steps_run * tasks_per_step / max(elapsed, 1e-9),
+                             {k: float(v) for k, v in metrics.items()})
+        for logger in active:
+            logger.on_end({"steps": result.steps, "best_step": result.best_step, "best_val": result.best_val,
+                           "wall_time_s": result.wall_time_s, "tasks_per_s": result.tasks_per_s})
     finally:
         bar.close()
-        if log is not None:
-            log.close()
+        for logger in active:
+            logger.close()
     barrier("barrier at the end of training")  # the checkpoints are written before anyone reads them
-    elapsed = time.perf_counter() - t0
-    return TrainResult(s.iterations, best_step, float("nan") if best_val is None else best_val,
-                       elapsed_before + elapsed, steps_run * tasks_per_step / max(elapsed, 1e-9),
-                       {k: float(v) for k, v in metrics.items()})
+    return result
+
+
+def _monitor(module: nn.Module, optimizer: torch.optim.Optimizer | None, device: torch.device) -> dict[str, float]:
+    """What every logging step adds for the loggers: the outer learning rate ``lr``, the learned
+    inner rates (:func:`~innerloop.training.loggers.inner_rates`) and the peak memory ``memory_mb``."""
+    out: dict[str, float] = {}
+    if optimizer is not None and optimizer.param_groups:
+        out["lr"] = float(optimizer.param_groups[0]["lr"])
+    out.update(inner_rates(module))
+    memory = peak_memory_mb(device)
+    if memory is not None:
+        out["memory_mb"] = memory
+    return out
 
 
 def make_optimizer(algorithm: Algorithm, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -394,6 +457,9 @@ def meta_train(
     grad_hook: GradHook | None = None,
     val_family: TaskFamily | None = None,
     grad_clip: float | None = None,
+    loggers: Sequence[str | Logger] = ("jsonl",),
+    prefetch: int = 2,
+    run_config: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Meta-train ``algorithm`` on ``family``'s train split (the :func:`run_loop` of meta-batches).
 
@@ -405,7 +471,10 @@ def meta_train(
     Device and precision are the algorithm's ``execution.device`` and ``execution.precision``: the
     device is resolved once, before any work (a device this machine lacks, or ``fp16`` on a CPU, is
     refused here), the algorithm is moved there before the optimiser is built, and every meta-batch
-    follows it (pinned and copied asynchronously to a GPU). With ``fp16`` a dynamic loss scale
+    follows it (pinned and copied asynchronously to a GPU). Meta-batches are built ``prefetch`` steps
+    ahead on a background thread (:class:`~innerloop.training.prefetch.Prefetcher`, pinned there
+    for a GPU), off the critical path; batch ``t`` is the one the inline path builds, so a run is the
+    same bit for bit with or without it. With ``fp16`` a dynamic loss scale
     (:class:`~innerloop.training.device.LossScaler`, checkpointed) guards the meta-gradient: a step
     whose meta-gradient is not finite is skipped and the scale halved; ``loss_scale`` and
     ``skipped`` are logged with the metrics.
@@ -422,7 +491,8 @@ def meta_train(
         algorithm: any :class:`Algorithm`; its parameters are the meta-parameters.
         family: the task family (train and val splits are used).
         cfg: iterations, meta-batch size, outer optimiser, validation schedule.
-        run_dir: where ``last.pt``, ``best.pt`` and ``metrics.jsonl`` go (None: nothing saved).
+        run_dir: where ``last.pt``, ``best.pt`` and the logs (``metrics.jsonl``, ...) go (None:
+            nothing saved).
         identity: what must match for a checkpoint to be resumed (e.g. the config); stored in
             every checkpoint, compared on resume. Default (:func:`default_identity`): the algorithm's
             name and options, the model's parameter names and shapes, the family's type and seed and
@@ -437,10 +507,19 @@ def meta_train(
         val_family: the family whose ``val`` split validates (default: ``family``), e.g. with the
             test protocol's ways when training uses more.
         grad_clip: clip the meta-gradient's global L2 norm to this (``None``: no clipping); the norm
-            before clipping is logged as ``grad_norm``.
+            before clipping is logged as ``grad_norm`` (with or without clipping).
+        loggers: where the metrics go (see :func:`run_loop`): names from
+            :data:`~innerloop.training.loggers.LOGGER_NAMES` (``"jsonl"``, ``"csv"``, ``"tensorboard"``,
+            ``"wandb"``) and :class:`~innerloop.training.loggers.Logger` objects.
+        prefetch: meta-batches built ahead on a background thread (0: built inline, in the training thread).
+        run_config: the run's whole config as plain data, stored in every checkpoint beside the identity
+            (see :func:`run_loop`); :func:`innerloop.training.run.run` passes ``Config.to_dict()``.
     """
     if grad_clip is not None and not (math.isfinite(grad_clip) and grad_clip > 0):
         raise ValueError(f"grad_clip must be a finite number > 0 (or None), got {grad_clip!r}.")
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+        raise ValueError(f"prefetch must be an int >= 0 (meta-batches built ahead; 0: inline), got {prefetch!r}.")
+    check_loggers(loggers)
     if identity is None:
         identity = default_identity(algorithm, family, cfg)
     val_family = val_family or family
@@ -458,11 +537,18 @@ def meta_train(
     metric = algorithm.metric_name
     cause = learning_rates(algorithm, cfg)
 
+    def mine_of(step: int) -> list[int]:
+        return shard(range(step * b, (step + 1) * b))  # all of it in one process
+
+    prefetcher = Prefetcher(lambda step: load_batch(family, mine_of(step), device), prefetch, cfg.iterations,
+                            name="innerloop-meta-batches") if prefetch > 0 else None
+
     def outer_step(step: int) -> dict[str, float]:
         algorithm.set_progress(step, cfg.iterations)  # MAML++'s annealing; a no-op for most
         set_outer_lr(optimizer, cfg, step)  # lr_schedule; nothing for "constant"
-        mine = shard(range(step * b, (step + 1) * b))  # all of it in one process
-        batch = to_device(family.batch("train", mine), device)
+        mine = mine_of(step)
+        raw = prefetcher.get(step) if prefetcher is not None else family.batch("train", mine)
+        batch = to_device(raw, device)
         if scaler is None:
             grads, metrics = algorithm.meta_gradient(batch)
         else:
@@ -491,24 +577,40 @@ def meta_train(
             p.grad = grads[n]
         if grad_clip is not None:
             norm = torch.nn.utils.clip_grad_norm_(list(params.values()), grad_clip)
-            out["grad_norm"] = float(norm)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()])
+                                            ) if grads else torch.zeros(())
+        out["grad_norm"] = float(norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return out
 
-    def validate() -> float:
-        return meta_test(algorithm, val_family, "val", cfg.val_tasks, steps=val_steps,
-                         device=device).per_step[val_steps].mean
+    def validate() -> StepStats:
+        return meta_test(algorithm, val_family, "val", cfg.val_tasks, steps=val_steps, device=device,
+                         progress=False).per_step[val_steps]
 
     run_path = Path(run_dir) if run_dir is not None else None
     schedule = Schedule(cfg.iterations, log_every=cfg.log_every, validate_every=cfg.validate_every)
-    return run_loop(algorithm, outer_step, schedule, run_dir, name=algorithm.name, optimizer=optimizer,
-                    identity=identity, validate=validate, val_key=f"val_{metric}",
-                    higher_is_better=algorithm.higher_is_better, tasks_per_step=b, resume=resume,
-                    progress=progress, desc=desc,
-                    extra_state=None if scaler is None else {"loss_scale": scaler},
-                    # fp16: a skipped step's loss may be inf; outer_step checks the loss of steps taken
-                    finite_metrics=() if scaler is not None else ("loss", metric), divergence_cause=cause)
+    try:
+        return run_loop(algorithm, outer_step, schedule, run_dir, name=algorithm.name, optimizer=optimizer,
+                        identity=identity, validate=validate, val_key=f"val_{metric}",
+                        higher_is_better=algorithm.higher_is_better, tasks_per_step=b, resume=resume,
+                        progress=progress, desc=desc,
+                        extra_state=None if scaler is None else {"loss_scale": scaler},
+                        # fp16: a skipped step's loss may be inf; outer_step checks the loss of steps taken
+                        finite_metrics=() if scaler is not None else ("loss", metric), divergence_cause=cause,
+                        loggers=loggers, run_config=run_config)
+    finally:
+        if prefetcher is not None:
+            prefetcher.close()  # also on an error or KeyboardInterrupt: no thread outlives the run
+
+
+def load_batch(family: TaskFamily, indices: Sequence[int], device: torch.device) -> TaskBatch:
+    """Tasks ``indices`` of ``family``'s ``train`` split as one batch, in pinned memory when it goes to a
+    GPU (the part of loading a meta-batch that :class:`~innerloop.training.prefetch.Prefetcher` moves
+    off the critical path; :func:`~innerloop.training.device.to_device` then copies it asynchronously)."""
+    batch = family.batch("train", indices)
+    return batch.pin_memory() if device.type == "cuda" else batch
 
 
 MIN_LOSS_SCALE = 2.0**-24

@@ -4,8 +4,9 @@ draws the plots from the returned :class:`~innerloop.training.evaluate.RunResult
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,24 @@ from torch import nn
 from innerloop.algorithms.base import Algorithm
 from innerloop.algorithms.registry import ALGORITHMS, head_ways
 from innerloop.data.factory import MissingDataError, task_family
+from innerloop.data.images import deferred_cache_writes
 from innerloop.data.sampling import IMAGE_FAMILIES
 from innerloop.models.conv4 import Conv4
 from innerloop.models.mlp import MLP
-from innerloop.tasks import TaskFamily
+from innerloop.models.pretrained import load_pretrained
+from innerloop.models.resnet import ResNet12
+from innerloop.models.wrn import WRN28_10
+from innerloop.tasks import Split, TaskFamily
 from innerloop.training.checkpoint import CheckpointError, check_state_compatible, load_checkpoint
-from innerloop.training.config import Config, ConfigError, apply_overrides, build_objective, config_from_dict
+from innerloop.training.config import (
+    MODEL_ADDED_KEYS,
+    Config,
+    ConfigError,
+    apply_overrides,
+    build_objective,
+    config_from_dict,
+    within_alphabet,
+)
 from innerloop.training.device import check_run_precision, run_device
 from innerloop.training.distributed import barrier
 from innerloop.training.distributed import rank as dist_rank
@@ -34,19 +47,23 @@ from innerloop.training.evaluate import (
     run_note,
     write_results,
 )
-from innerloop.training.loop import BEST, MissingSplitError, TrainResult, clear_run, meta_train
+from innerloop.training.loop import BEST, MissingSplitError, TrainResult, clear_run, meta_train, plain_json
 
 
 def build_family(cfg: Config, shots: int | None = None, queries: int | None = None,
-                 ways: int | None = None) -> TaskFamily:
-    """The configured task family; ``shots``/``queries``/``ways`` override the training ones."""
+                 ways: int | None = None, splits: Sequence[Split] | None = None) -> TaskFamily:
+    """The configured task family; ``shots``/``queries``/``ways`` override the training ones;
+    ``splits``: only these splits (default all), so sizes are checked against them alone (a test
+    family's 20 images per class need not serve the train split)."""
     t = cfg.task
     evaluation = shots is not None or queries is not None or ways is not None
     keys = "eval.shots, eval.queries and eval.ways" if evaluation else "task.shots, task.queries and task.ways"
     try:
         return task_family(t.family, shots=shots or t.shots, queries=queries or t.queries, seed=t.seed,
-                           ways=ways or t.ways, split=t.split, within_alphabet=t.within_alphabet,
-                           image_size=t.image_size, data_root=t.data_root, options=t.options)
+                           ways=ways or t.ways, split=t.split, within_alphabet=within_alphabet(t),
+                           image_size=t.image_size, data_root=t.data_root, options=t.options,
+                           split_options=t.split_options.omniglot_kwargs() if t.family == "omniglot" else None,
+                           splits=splits)
     except MissingDataError as err:
         raise ConfigError(str(err)) from err
     except TypeError as err:  # a key of task.options the family does not take
@@ -71,7 +88,20 @@ def build_model(cfg: Config, family: TaskFamily, name: str | None = None) -> nn.
     ways = head_ways(name or cfg.algorithm.name, cfg.task.ways, family)
     # algorithm.batch_norm = running / per_step needs BatchNorm layers that keep running statistics
     tracking = m.norm == "batch" and getattr(cfg.algorithm.options, "batch_norm", "batch") != "batch"
-    return Conv4(channels, ways, m.filters, size, m.pool, m.norm, track_running_stats=tracking)
+    model: nn.Module
+    if m.name == "resnet12":
+        model = ResNet12(channels, ways, m.widths, size, m.drop_rate, m.dropblock_size, m.avg_pool, m.norm,
+                         track_running_stats=tracking)
+    elif m.name == "wrn28_10":
+        model = WRN28_10(channels, ways, drop_rate=m.drop_rate, norm=m.norm, track_running_stats=tracking)
+    else:
+        model = Conv4(channels, ways, m.filters, size, m.pool, m.norm, track_running_stats=tracking)
+    if m.pretrained is not None:  # the body only: the head is sized for this run's ways
+        try:
+            load_pretrained(model, m.pretrained, key=m.pretrained_key, rename=m.pretrained_rename)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"model.pretrained = {m.pretrained!r}: {err}") from err
+    return model
 
 
 def build_algorithm(cfg: Config, family: TaskFamily, name: str | None = None) -> Algorithm:
@@ -91,10 +121,43 @@ def build_algorithm(cfg: Config, family: TaskFamily, name: str | None = None) ->
     return entry.build(build_model(cfg, family, name), objective, options, cfg.execution)
 
 
+DATASET_NAMES: dict[str, str] = {"omniglot": "Omniglot", "miniimagenet": "miniImageNet", "cifar-fs": "CIFAR-FS",
+                                 "fc100": "FC100", "cub": "CUB-200-2011", "tiered-imagenet": "tieredImageNet"}
+"""How titles and tables name a family's dataset (others by their ``task.family``)."""
+SPLIT_NAMES: dict[str, str] = {"miniimagenet": "Ravi & Larochelle split"}
+"""The class split of a family with one fixed split (Omniglot's is ``task.split``)."""
+
+
+def dataset_title(cfg: Config, split: str | None = None) -> str:
+    """The dataset and class split a results title names: ``Omniglot (vinyals split)``, ``Omniglot (lake
+    split, 5 validation alphabets, within one alphabet)``, ``miniImageNet (Ravi & Larochelle split)``,
+    ``image folder 'birds'`` (the folder's name, its own train/val/test), ``sinusoid``. ``split``: the
+    split tested (named when it is not ``test``), whose sampling is named when within one alphabet."""
+    t = cfg.task
+    parts: list[str] = []
+    if t.family == "omniglot":
+        parts.append(f"{t.split} split")
+        if t.split == "lake" and t.split_options.lake_val_alphabets != 5:
+            parts.append(f"{t.split_options.lake_val_alphabets} validation alphabets")
+        if t.split_options.split_seed and t.split in ("lake", "maml"):
+            parts.append(f"split seed {t.split_options.split_seed}")
+    elif t.family in SPLIT_NAMES:
+        parts.append(SPLIT_NAMES[t.family])
+    if t.family in IMAGE_FAMILIES and within_alphabet(t)[split or "test"]:
+        parts.append("within one alphabet" if t.family == "omniglot" else "within one group")
+    if split not in (None, "test"):
+        parts.append(f"{split} tasks")
+    if t.family == "image-folder":
+        name = f"image folder {Path(t.data_root).name!r}" if t.data_root else "image folder"
+    else:
+        name = DATASET_NAMES.get(t.family, t.family)
+    return f"{name} ({', '.join(parts)})" if parts else name
+
+
 def batch_norm_of(cfg: Config) -> str:
     """The BatchNorm policy a results table names: ``none`` for an MLP or ``model.norm = "none"``, else
     ``algorithm.batch_norm``'s (``batch``: the statistics of each batch, transductive)."""
-    norm = cfg.model.norm if cfg.model.name == "conv4" else None
+    norm = cfg.model.norm if cfg.model.name != "mlp" else None
     return batch_norm_policy(norm, str(getattr(cfg.algorithm.options, "batch_norm", "batch")))
 
 
@@ -111,6 +174,7 @@ in that layout (one key per option, under its 0.1.0 name), so a 0.1.0 run resume
 _NEW = object()  # an option 0.1.0 did not have: always part of the identity
 _FIRST_ALGORITHM_KEYS = ("name", "inner_lr", "inner_steps", "first_order", "lr_mode", "adapt", "vectorize")
 _ADDED_TRAIN_KEYS = ("lr_schedule", "final_outer_lr", "grad_clip")
+_ADDED_TASK_KEYS = ("sampling", "split_options")
 _LEGACY_NAMES = {"weight_decay": "inner_weight_decay", "wd_mode": "weight_decay_mode", "betas": "inner_betas"}
 
 
@@ -135,7 +199,9 @@ def identity(cfg: Config, algorithm: str) -> dict[str, Any]:
             if k in _FIRST_ALGORITHM_KEYS or v != LEGACY_ALGORITHM_DEFAULTS.get(k, _NEW)}
     train = {k: tr[k] for k in ("meta_batch_size", "outer_lr", "optimizer", "seed")}
     train.update({k: tr[k] for k in _ADDED_TRAIN_KEYS if tr[k] != default["train"][k]})
-    out = {"algorithm": algorithm, "task": d["task"], "model": d["model"], "algorithm_cfg": algo, "train": train}
+    task = {k: v for k, v in d["task"].items() if k not in _ADDED_TASK_KEYS or v != default["task"][k]}
+    model = {k: v for k, v in d["model"].items() if k not in MODEL_ADDED_KEYS or v != default["model"][k]}
+    out = {"algorithm": algorithm, "task": task, "model": model, "algorithm_cfg": algo, "train": train}
     if d["objective"] != default["objective"]:  # a loss of one's own (absent otherwise, as in 0.1.0)
         out["objective"] = d["objective"]
     return out
@@ -176,7 +242,8 @@ def _train_one(cfg: Config, families: tuple[TaskFamily, TaskFamily], name: str, 
     try:
         result = meta_train(algorithm, family, train_cfg, run_dir, identity=identity(cfg, name),
                             val_steps=algorithm.validation_steps, resume=resume, progress=progress,
-                            desc=name, val_family=val_family, grad_clip=getattr(cfg.train, "grad_clip", None))
+                            desc=name, val_family=val_family, grad_clip=getattr(cfg.train, "grad_clip", None),
+                            loggers=cfg.train.loggers, run_config=plain_json(cfg.to_dict()))
     except MissingSplitError as err:  # checked before the first step: a data/config mistake, one clear line
         raise ConfigError(str(err)) from err
     best = load_checkpoint(run_dir / BEST)
@@ -201,9 +268,10 @@ def run(cfg: Config, *, progress: bool = True, overwrite: bool = False) -> RunRe
     barrier("barrier after --overwrite")
     out.mkdir(parents=True, exist_ok=True)
     try:  # bad data or sizes (more ways than classes, ...) fail here, before any training
-        family = build_family(cfg, ways=cfg.task.train_ways)
-        val_family = build_family(cfg, ways=cfg.eval.ways)
-        test_family = build_family(cfg, cfg.eval.shots, cfg.eval.queries, cfg.eval.ways)
+        with deferred_cache_writes():  # and then leave no preprocessed cache behind
+            family = build_family(cfg, ways=cfg.task.train_ways)
+            val_family = build_family(cfg, ways=cfg.eval.ways)
+            test_family = build_family(cfg, cfg.eval.shots, cfg.eval.queries, cfg.eval.ways)
     except ValueError as err:
         raise ConfigError(str(err)) from err
     names = [cfg.algorithm.name]
@@ -215,7 +283,7 @@ def run(cfg: Config, *, progress: bool = True, overwrite: bool = False) -> RunRe
     report: dict[str, Any] = {
         "config": cfg.to_dict(), "machine": machine(device), "runs": {},
         "execution": {"device": str(device), "precision": cfg.execution.precision, "batch_norm": batch_norm,
-                      "model_norm": cfg.model.norm if cfg.model.name == "conv4" else None},
+                      "model_norm": cfg.model.norm if cfg.model.name != "mlp" else None},
     }
     for name in names:
         is_baseline = name != cfg.algorithm.name
@@ -230,9 +298,9 @@ def run(cfg: Config, *, progress: bool = True, overwrite: bool = False) -> RunRe
             "train_wall_s": tr.wall_time_s, "eval_wall_s": time.perf_counter() - t0, "test": res.to_dict(),
         }
     e = cfg.eval
-    title = f"{cfg.task.family}: {e.shots or cfg.task.shots}-shot {results[names[0]].metric}"
+    title = f"{dataset_title(cfg)}: {e.shots or cfg.task.shots}-shot {results[names[0]].metric}"
     if family.objective == "classification":
-        title = (f"{cfg.task.family} ({cfg.task.split} split): {e.ways or cfg.task.ways}-way "
+        title = (f"{dataset_title(cfg)}: {e.ways or cfg.task.ways}-way "
                  f"{e.shots or cfg.task.shots}-shot {results[names[0]].metric}, BatchNorm: {batch_norm}")
     title += f", {e.test_tasks} fixed test tasks (mean ± 95% CI)"
     report["table"] = format_table(results, e.report_steps, title,
@@ -254,25 +322,115 @@ def check_device(cfg: Config) -> torch.device:
     return device
 
 
-def load_for_eval(checkpoint: str | Path, overrides: Mapping[str, Any] | None = None) -> tuple[Config, Algorithm]:
+STORED_CONFIG_SOURCE = "the checkpoint's own config"
+"""How ``innerloop eval`` names the config a checkpoint stores (``payload["config"]``) as its settings' source."""
+_MACHINE_KEYS = ("device", "precision")  # the evaluating machine's choice (--device, --precision), not the run's
+
+
+def stored_config(payload: Mapping[str, Any], source: str = "the checkpoint") -> dict[str, Any] | None:
+    """The run's whole config a checkpoint stores beside its identity (``payload["config"]``: the
+    tables of ``Config.to_dict()``, written since innerloop 0.2), or None for an older checkpoint
+    without one; :class:`CheckpointError` for an entry that is not a table of settings."""
+    if "config" not in payload or payload["config"] is None:
+        return None
+    data = payload["config"]
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        shown = repr(data) if len(repr(data)) <= 80 else repr(data)[:77] + "..."
+        raise CheckpointError(
+            f"{source} stores a config that is not a table of settings ({type(data).__name__}: {shown}); the "
+            "file is damaged or was not written by `innerloop train`. Evaluate the run's other checkpoint "
+            "(best.pt or last.pt) or train again.")
+    for section in ("task", "model", "algorithm", "train", "eval", "execution", "objective"):
+        if section in data and not isinstance(data[section], dict):
+            raise CheckpointError(
+                f"{source} stores a config whose [{section}] is not a table of settings ({data[section]!r}); the "
+                "file is damaged or was not written by `innerloop train`. Evaluate the run's other checkpoint "
+                "(best.pt or last.pt) or train again.")
+    return data
+
+
+def checkpoint_config(payload: Mapping[str, Any], overrides: Mapping[str, Any] | None = None,
+                      source: str = "the checkpoint") -> Config:
+    """The config a checkpoint's payload was trained with (written by innerloop 0.1.0 too), with the
+    dotted keys of ``overrides`` changed and ``eval.baseline = false`` (evaluating trains nothing).
+
+    What the weights need (task, model, algorithm, objective, the identity's training keys) comes from
+    the checkpoint's identity, which resuming checks; everything else (``[eval]``, ``[execution]`` but
+    its ``device`` and ``precision``, which stay this machine's defaults) from the config the checkpoint
+    stores (:func:`stored_config`), or the defaults for a checkpoint without one (see
+    :func:`run_eval_settings`). A stored config that does not build is a :class:`CheckpointError`."""
+    ident = payload.get("identity")
+    if not ident or "task" not in ident:
+        raise CheckpointError(f"{source} carries no config; it was not written by `innerloop train`.")
+    own = stored_config(payload, source)
+    default = Config().to_dict()
+    d = {**default, **{k: v for k, v in (own or {}).items() if k in default}}
+    algorithm_table, execution_table = config_tables_from_identity(ident)
+    execution = {**d["execution"], **{k: default["execution"][k] for k in _MACHINE_KEYS}, **execution_table}
+    # keys added since a checkpoint was written (absent from its identity) keep their defaults
+    d.update(task={**default["task"], **ident["task"]}, model=ident["model"], algorithm=algorithm_table,
+             execution=execution, objective=ident.get("objective", default["objective"]),
+             train={**d["train"], **ident["train"]}, eval={**d["eval"], "baseline": False})
+    if own is not None:
+        try:
+            config_from_dict(d)
+        except ConfigError as err:
+            raise CheckpointError(f"the config stored in {source} is invalid: {err} The file is damaged or was "
+                                  "written by another version of innerloop; evaluate the run's other checkpoint "
+                                  "(best.pt or last.pt) or train again.") from None
+    return config_from_dict(apply_overrides(d, overrides or {}))
+
+
+def _eval_settings(cfg: Config) -> dict[str, Any]:
+    e = cfg.eval
+    return {"ways": e.ways or cfg.task.ways, "shots": e.shots or cfg.task.shots,
+            "queries": e.queries or cfg.task.queries, "test_tasks": e.test_tasks, "steps": e.steps}
+
+
+def run_eval_settings(checkpoint: str | Path, payload: Mapping[str, Any],
+                      cfg: Config) -> tuple[dict[str, Any], str]:
+    """``(eval settings, where they come from)``: the ``[eval]`` section (``ways``, ``shots``, ``queries``,
+    ``test_tasks``, ``steps``) of the run that wrote ``checkpoint``, in this order: the config the
+    checkpoint stores (``cfg``'s, see :func:`checkpoint_config`; source :data:`STORED_CONFIG_SOURCE`);
+    for an older checkpoint without one, the ``results.json`` beside it (or one folder up, for
+    ``baseline/``) when that report's config has the checkpoint's identity; otherwise derived from
+    the checkpoint's training tasks: a classification run's ways, shots and queries, a regression
+    run's default test protocol (5 + 100 points). ``ways`` is None for regression."""
+    def settings(c: Config) -> dict[str, Any]:
+        return {**_eval_settings(c), **({} if c.objective_kind == "classification" else {"ways": None})}
+
+    if stored_config(payload, str(checkpoint)) is not None:
+        return settings(cfg), STORED_CONFIG_SOURCE
+    ident = payload.get("identity")
+    here = Path(checkpoint).parent
+    for report_path in (here / "results.json", here.parent / "results.json"):
+        try:
+            report = json.loads(report_path.read_text())
+            saved = config_from_dict(report["config"])
+        except (OSError, ValueError, KeyError, TypeError):  # absent, unreadable, or of another version
+            continue
+        if ident is not None and any(identity(saved, n) == ident for n in (saved.algorithm.name, "pretrain")):
+            return settings(saved), str(report_path)
+    e, t = cfg.eval, cfg.task
+    if cfg.objective_kind == "classification":
+        return ({"ways": t.ways, "shots": t.shots, "queries": t.queries, "test_tasks": e.test_tasks,
+                 "steps": e.steps}, "the checkpoint's training tasks")
+    return ({"ways": None, "shots": e.shots or t.shots, "queries": e.queries or t.queries,
+             "test_tasks": e.test_tasks, "steps": e.steps}, "the default test protocol")
+
+
+def load_for_eval(checkpoint: str | Path, overrides: Mapping[str, Any] | None = None,
+                  payload: Mapping[str, Any] | None = None) -> tuple[Config, Algorithm]:
     """Rebuild the algorithm a checkpoint was trained with (by innerloop 0.1.0 too) and load its weights
     (written on any device: they load on the CPU and follow the model). ``overrides``: dotted config keys
-    to change, e.g. ``{"execution.device": "cuda", "execution.precision": "bf16"}``; the model is built
+    to change, e.g. ``{"execution.device": "cuda", "execution.precision": "bf16"}``; ``payload``: the
+    checkpoint already read (:func:`~innerloop.training.checkpoint.load_checkpoint`). The model is built
     on the CPU and :func:`~innerloop.training.evaluate.meta_test` moves it to ``execution.device``."""
-    payload = load_checkpoint(checkpoint)
-    ident = payload.get("identity")
-    if not ident:
-        raise CheckpointError(f"{checkpoint} carries no config; it was not written by `innerloop train`.")
-    d = Config().to_dict()
-    algorithm_table, execution_table = config_tables_from_identity(ident)
-    d.update(task=ident["task"], model=ident["model"], algorithm=algorithm_table, execution=execution_table)
-    if "objective" in ident:
-        d["objective"] = ident["objective"]
-    d["eval"]["baseline"] = False  # evaluating trains nothing; the default would refuse image families
-    d["train"].update(ident["train"])
-    cfg = config_from_dict(apply_overrides(d, overrides or {}))
+    if payload is None:
+        payload = load_checkpoint(checkpoint)
+    cfg = checkpoint_config(payload, overrides, str(checkpoint))
     check_device(cfg)  # before building: the algorithm refuses a device this machine lacks
-    algorithm = build_algorithm(cfg, build_family(cfg), ident["algorithm"])
+    algorithm = build_algorithm(cfg, build_family(cfg), payload["identity"]["algorithm"])
     check_state_compatible(algorithm, payload["state"], str(checkpoint))
     algorithm.load_state_dict(payload["state"])
     return cfg, algorithm

@@ -151,23 +151,35 @@ def test_root_from_argument_or_environment(tmp_path, monkeypatch, fake_omniglot)
     assert omniglot_root(tmp_path / "parent") == tmp_path / "parent" / "omniglot"  # the data folder works too
 
 
-def test_read_only_root_falls_back_to_user_cache(fake_omniglot, tmp_path, monkeypatch):
+def test_default_cache_is_the_user_cache_never_the_data_folder(fake_omniglot, tmp_path, monkeypatch):
     root = fake_omniglot()
+    monkeypatch.delenv("INNERLOOP_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # platformdirs' user cache on Linux
+    load_omniglot_characters(root)
+    assert not (root / ".cache").exists()
+    assert len(_files(tmp_path / "xdg" / "innerloop")) == 1
+
+
+def test_innerloop_cache_puts_the_cache_elsewhere(fake_omniglot, tmp_path, monkeypatch):
+    root = fake_omniglot()
+    monkeypatch.setenv("INNERLOOP_CACHE", str(tmp_path / "mine"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    load_omniglot_characters(root)
+    assert len(_files(tmp_path / "mine")) == 1
+    assert not (tmp_path / "xdg").exists() and not (root / ".cache").exists()
+    again = load_omniglot_characters(root)[0]  # read back from there
+    assert again.num_classes == N_CHARS
+
+
+def test_read_only_root_is_left_alone(fake_omniglot, tmp_path, monkeypatch):
+    root = fake_omniglot()
+    monkeypatch.setenv("INNERLOOP_CACHE", str(tmp_path / "mine"))
     root.chmod(0o555)
     try:
         load_omniglot_characters(root)
     finally:
         root.chmod(0o755)
-    assert not (root / ".cache").exists()
-    assert len(_files(tmp_path / "xdg" / "innerloop")) == 1
-
-
-def test_writable_root_gets_its_own_cache(fake_omniglot, tmp_path, monkeypatch):
-    root = fake_omniglot()
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    load_omniglot_characters(root)
-    assert len(_files(root / ".cache")) == 1 and not (tmp_path / "xdg").exists()
+    assert not (root / ".cache").exists() and len(_files(tmp_path / "mine")) == 1
 
 
 def _vinyals_files(folder: Path, parts: dict[str, list[str]]) -> Path:
