@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	# The pinned CPU torch first: an unpinned torch pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	# dev tools, the MuJoCo extra (so the HalfCheetah tests run rather than skip) and the docs tools
-	$(PY) -m pip install -q -e ".[dev,rl,docs]"
+	$(PY) -m pip install -q -e ".[dev,rl,docs,tensorboard,wandb]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -32,6 +32,8 @@ from innerloop.algorithms import (
     MAMLPlusPlus,
     MAMLPlusPlusOptions,
     MatchingNet,
+    MetaOptNet,
+    MetaOptNetOptions,
     ObjectiveFns,
     Pretrain,
     PretrainOptions,
@@ -51,7 +53,7 @@ from innerloop.data import (
     task_family,
 )
 from innerloop.execution import Execution
-from innerloop.models import MLP, Conv4
+from innerloop.models import MLP, WRN28_10, Conv4, ResNet12, load_pretrained
 from innerloop.tasks import Task, TaskBatch, TaskFamily
 from innerloop.training import (
     CheckpointError,
@@ -75,14 +77,15 @@ except importlib.metadata.PackageNotFoundError:  # on PYTHONPATH without being i
     __version__ = "0.0.0+unknown"
 
 __all__ = [
-    "ALGORITHMS", "ANIL", "BOIL", "IMAML", "MAML", "MLP", "ANILOptions", "Adam", "Algorithm",
+    "ALGORITHMS", "ANIL", "BOIL", "IMAML", "MAML", "MLP", "WRN28_10", "ANILOptions", "Adam", "Algorithm",
     "AlgorithmOptions", "Baseline", "BaselineOptions", "BaselinePP", "BaselinePPOptions", "Capabilities",
     "CheckpointError", "Config", "ConfigError", "Conv4", "EvalResult", "Execution", "FewShotClassification",
     "GradientBased", "GradientOptions", "IMAMLOptions", "InnerLR", "InnerWeightDecay", "LinearRegression",
-    "MAMLOptions", "MAMLPlusPlus", "MAMLPlusPlusOptions", "MatchingNet", "MiniImageNet", "ObjectiveFns",
-    "Omniglot", "Pretrain", "PretrainOptions", "ProtoNet", "Reptile", "ReptileOptions", "Sinusoid", "Task",
-    "TaskBatch", "TaskFamily", "TrainConfig", "TrainResult", "UpdateRule", "adam", "adapt", "adapt_trajectory",
-    "config_from_dict", "custom_objective", "image_folder_dataset", "load_checkpoint", "load_config",
-    "load_for_eval", "make_family", "meta_test", "meta_train", "model_loss", "run", "sgd", "sgd_step",
-    "task_family", "unroll",
+    "MAMLOptions", "MAMLPlusPlus", "MAMLPlusPlusOptions", "MatchingNet", "MetaOptNet", "MetaOptNetOptions",
+    "MiniImageNet", "ObjectiveFns", "Omniglot", "Pretrain", "PretrainOptions", "ProtoNet", "Reptile",
+    "ReptileOptions", "ResNet12", "Sinusoid",
+    "Task", "TaskBatch", "TaskFamily", "TrainConfig", "TrainResult", "UpdateRule", "adam", "adapt",
+    "adapt_trajectory", "config_from_dict", "custom_objective", "image_folder_dataset", "load_checkpoint",
+    "load_config", "load_for_eval", "load_pretrained", "make_family", "meta_test", "meta_train", "model_loss",
+    "run", "sgd", "sgd_step", "task_family", "unroll",
 ]

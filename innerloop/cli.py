@@ -30,7 +30,7 @@ from innerloop.training.device import place
 from innerloop.training.distributed import DistributedError, barrier, init_from_env, rank
 from innerloop.training.evaluate import EvalResult, StepStats, format_table, meta_test, run_note
 from innerloop.training.lock import RunLockedError
-from innerloop.training.loggers import LOGGER_NAMES
+from innerloop.training.loggers import LOGGER_NAMES, MissingExtraError
 from innerloop.training.loop import DivergenceError
 from innerloop.training.run import (
     batch_norm_of,
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         {"train": _train, "eval": _eval, "rl": _rl, "config": _config_show}[args.command](args)
     except (ConfigError, CheckpointError, DataError, DistributedError, MissingMuJoCoError, DivergenceError,
-            RunLockedError) as err:
+            RunLockedError, MissingExtraError) as err:
         print(f"innerloop: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # the disk, not innerloop: one line with the file and what to do

@@ -149,9 +149,20 @@ def clean_partial_writes(folder: str | Path) -> list[Path]:
 
 def truncate_jsonl(path: str | Path, step: int, key: str = "step") -> None:
     """Drop the lines of the JSON-lines file ``path`` whose ``key`` exceeds ``step`` (the log lines
-    a run wrote after its last checkpoint, before it died); nothing when ``path`` does not exist."""
+    a run wrote after its last checkpoint, before it died), and any line a crash or a full disk cut
+    short (one that does not parse, or has no ``key``); nothing when ``path`` does not exist."""
     path = Path(path)
     if not path.exists():
         return
-    kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)[key] <= step]
+    kept = [ln for ln in path.read_text().splitlines() if (at := _step_of(ln, key)) is not None and at <= step]
     atomic_write_text(path, "".join(ln + "\n" for ln in kept))
+
+
+def _step_of(line: str, key: str) -> float | None:
+    """The number under ``key`` of one JSON-lines record, or ``None`` for a line that is not one."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    value = record.get(key) if isinstance(record, dict) else None
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else None

@@ -241,7 +241,7 @@ class _QP(torch.autograd.Function):
             t = t.movedim(d, 0) if d is not None else t.expand(V, *t.shape)
             flat.append(t.reshape(V * t.shape[1], *t.shape[2:]))
         z, lam, nu = _apply(flat, tol, max_iter, iterations)
-        B = p.shape[1] if in_dims[1] is not None else p.shape[0]
+        B = flat[1].shape[0] // V  # p's batch, wherever vmap put the mapped dimension
         return (z.reshape(V, B, -1), lam.reshape(V, B, -1), nu.reshape(V, B, -1)), (0, 0, 0)
 
 

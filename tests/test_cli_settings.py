@@ -138,3 +138,18 @@ def test_logger_flags_set_train_loggers():
     assert _resolved(Config(), args, "innerloop train").train.loggers == ["csv", "jsonl"]  # the flag wins
     args = _parser().parse_args(["rl", "train", "--logger", "tensorboard"])
     assert _resolved(RLConfig(), args, "innerloop rl train").train.loggers == ["tensorboard"]
+
+
+@pytest.mark.parametrize("command", [["train"], ["rl", "train"]])
+def test_a_missing_logger_package_is_one_line_before_overwrite_deletes(tmp_path, monkeypatch, capsys, command):
+    import sys
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pt").write_bytes(b"an earlier run's checkpoint")
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if the extra were not installed
+    assert main([*command, "--out", str(out), "--iterations", "1", "--logger", "tensorboard", "--overwrite",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("innerloop: error: ") and "pip install 'innerloop[tensorboard]'" in err
+    assert (out / "last.pt").read_bytes() == b"an earlier run's checkpoint"  # refused before --overwrite

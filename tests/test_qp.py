@@ -195,3 +195,14 @@ def test_bad_input_is_refused_before_work(kwargs, message):
     args = {"Q": torch.eye(2, dtype=f64), "p": torch.zeros(2, dtype=f64), **kwargs}
     with pytest.raises(ValueError, match=message):
         qp_solve(**args)
+
+
+def test_the_vmap_rule_takes_the_mapped_dimension_anywhere():
+    """The rule reads p's batch size after moving the mapped dimension first (here vmap maps p's
+    dimension 1, which qp_solve's own expand would normally move to 0)."""
+    from innerloop.qp import _apply
+
+    Q, p, G, h, A, b = random_problem(4, batch=2)
+    P = torch.randn(2, 3, p.shape[-1], dtype=f64)  # [batch, mapped, n]
+    out = vmap(lambda p_: _apply([Q, p_, G, h, A, b], 1e-9, 50, [])[0], in_dims=1)(P)
+    torch.testing.assert_close(out, torch.stack([qp_solve(Q, P[:, i], G, h, A, b).z for i in range(3)]))

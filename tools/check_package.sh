@@ -30,8 +30,11 @@ step "build the sdist and the wheel"
 mkdir "$WORK/src"
 if git -C "$ROOT" rev-parse --is-inside-work-tree > /dev/null 2>&1; then
   # what git would commit: tracked files and new ones it does not ignore (a deleted file is skipped)
+  # (a file deleted in the working tree but still in the index is skipped; any other copy error fails)
   (cd "$ROOT" && git ls-files -z --cached --others --exclude-standard) \
-    | (cd "$ROOT" && xargs -0 cp --parents -t "$WORK/src" 2>/dev/null || true)
+    | (cd "$ROOT" && while IFS= read -r -d '' f; do
+         if [ -e "$f" ] || [ -L "$f" ]; then printf '%s\0' "$f"; fi
+       done | xargs -0 -r cp --parents -t "$WORK/src")
 else  # not a git checkout (an unpacked sdist): what the build reads
   (cd "$ROOT" && cp -R --parents pyproject.toml README.md innerloop "$WORK/src")
   find "$WORK/src" -name __pycache__ -prune -exec rm -rf {} +

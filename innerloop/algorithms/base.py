@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from innerloop.adapt import Params, UpdateRule, select, sgd, unroll
 from innerloop.algorithms.rates import InnerLR, InnerWeightDecay
-from innerloop.execution import Execution, TaskTensors, map_tasks, resolve_device
+from innerloop.execution import Execution, TaskTensors, check_precision, map_tasks, resolve_device
 from innerloop.norm import BATCH_NORM_POLICIES, BatchNormPolicy, NormState
 from innerloop.split import TaskView, head_split
 from innerloop.tasks import Objective, TaskBatch, TaskFamily
@@ -251,7 +251,8 @@ class Algorithm(nn.Module):
         exec_names = [f.name for f in dataclasses.fields(Execution)]
         exec_over = {k: overrides.pop(k) for k in list(overrides) if k in exec_names}
         self.execution = dataclasses.replace(execution or Execution(), **exec_over)
-        resolve_device(self.execution.device)  # a device this machine lacks fails here, before any work
+        # a device this machine lacks, or a precision its device cannot run, fails here, before any work
+        check_precision(self.execution.precision, resolve_device(self.execution.device))
         if isinstance(objective, ObjectiveFns):
             fns = objective
         elif isinstance(objective, str) and objective in OBJECTIVES:

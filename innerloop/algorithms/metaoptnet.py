@@ -1,10 +1,12 @@
 """MetaOptNet (Lee et al. 2019) and R2D2 (Bertinetto et al. 2019): a linear classifier fitted to each
-task's support embeddings by a convex problem solved exactly, differentiated through its solution.
+task's support embeddings by a convex problem (solved in closed form, or as a QP to a tolerance),
+differentiated through its solution.
 
 An embedding network maps each example to a vector; per task a linear head is fitted to the support
 embeddings ``X [n, d]`` with one-hot labels ``Y [n, ways]``, and a query's logits are its embedding
-times the head's weights, times a learned scale. Both heads are solved in the dual, on the
-``n x n`` support Gram matrix ``K = X X^T``, so their cost does not grow with the embedding size:
+times the head's weights, times a learned scale. The SVM is solved in the dual, on the ``n x n``
+support Gram matrix ``K = X X^T`` (its QP's size does not grow with the embedding size); the ridge
+head solves whichever of its dual and primal systems is smaller:
 
 * ``ridge`` (R2D2): ridge regression onto the one-hot labels in closed form,
   ``W = X^T (X X^T + lambda I)^{-1} Y`` (Woodbury's form of ``(X^T X + lambda I)^{-1} X^T Y``; the smaller
@@ -118,7 +120,10 @@ class MetaOptNetOptions(AlgorithmOptions):
     learn_scale: bool = True
     """Meta-learn the logit scale (MetaOptNet and R2D2 both do)."""
     qp_tol: float = 1e-8
-    """The SVM QP's convergence tolerance (:func:`innerloop.qp.qp_solve`, relative)."""
+    """The SVM QP's convergence tolerance (:func:`innerloop.qp.qp_solve`, relative). The gradient is the
+    implicit one at the point reached: where constraints are nearly degenerate (a small multiplier and a
+    small slack, as with large Gram matrices) it can differ from the exact one by 1e-2 (relative) or more
+    at 1e-8; tighten it (1e-10 to 1e-12, 2-4 more iterations) where the gradient must be exact."""
     qp_max_iter: int = 50
     """Interior-point iterations of the SVM QP before it is refused as not converged."""
 

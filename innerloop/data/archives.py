@@ -14,10 +14,12 @@
   SHA-256 where one is registered) before it takes its final name.
 * :func:`packaged_split` reads a class list shipped with the package (``innerloop/data/splits``).
 * :func:`restricted_unpickle` loads a pickle that may hold only plain data - ``None``, bools,
-  numbers, ``str``, ``bytes``, lists, tuples, dicts, sets - and numpy arrays, dtypes and
-  scalars of non-object dtype. Any other global a pickle names (a function, a class, ``os.system``,
-  ...) is refused *before* it is looked up, so loading cannot run code: an
-  :class:`UnsafePickleError`.
+  numbers, ``str``, ``bytes``, lists, tuples, dicts, sets - and numpy arrays and scalars of a
+  plain dtype (bool, integer, float, complex, bytes or str: no object, void or structured dtype).
+  Any other global a pickle names (a function, a class, ``os.system``, ...) is refused *before* it
+  is looked up, so loading cannot run code: an :class:`UnsafePickleError`. ``numpy.ndarray`` is
+  not callable from the pickle, and a dtype or array state that a pickle's BUILD rewrites (flags,
+  fields) is checked before numpy applies it.
 """
 
 from __future__ import annotations
@@ -270,9 +272,12 @@ def _member(
 # restricted unpickling
 
 _RECONSTRUCT_MODULES = ("numpy.core.multiarray", "numpy._core.multiarray")
+_PLAIN_KINDS = "biufcSU"  # bool, integers, floats, complex, bytes, str: no void, structured or object
 
 
 def _plain_dtype(dt: Any, where: str) -> np.dtype[Any]:
+    """``dt`` as a numpy dtype, refused unless it is a plain one (see :data:`_PLAIN_KINDS`) exactly as
+    numpy itself builds it: a pickle's BUILD can rewrite a dtype's flags and fields after it was made."""
     try:
         out: np.dtype[Any] = np.dtype(dt)
     except TypeError as e:
@@ -282,7 +287,42 @@ def _plain_dtype(dt: Any, where: str) -> np.dtype[Any]:
             f"{where}: the pickle holds a numpy array of object dtype, which would unpickle arbitrary "
             "objects; only arrays of numbers, bytes or strings are accepted."
         )
+    fresh = np.dtype(out.str) if out.kind in _PLAIN_KINDS and out.fields is None and out.subdtype is None else None
+    if fresh is None or fresh.flags != out.flags or fresh.itemsize != out.itemsize:
+        raise UnsafePickleError(
+            f"{where}: the pickle holds the numpy dtype {out!r} (kind {out.kind!r}, flags {out.flags}); only "
+            "plain numbers, bytes and strings, unaltered, are accepted."
+        )
     return out
+
+
+class _NdarrayName:
+    """What the global ``numpy.ndarray`` unpickles to: a marker for ``_reconstruct``, not callable, so a
+    pickle cannot call ``numpy.ndarray(shape, dtype, buffer, ...)`` itself."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "numpy.ndarray"
+
+
+_NDARRAY = _NdarrayName()
+
+
+class _GuardedArray(np.ndarray):
+    """The arrays being unpickled: their ``__setstate__`` (the pickle's BUILD) checks the dtype and the
+    data before numpy copies them in; :func:`_plain` turns them into plain arrays afterwards."""
+
+    _where = "<pickle>"
+
+    def __setstate__(self, state: Any) -> None:
+        where = self._where
+        if not (isinstance(state, tuple) and len(state) == 5):
+            raise UnsafePickleError(f"{where}: a numpy array with a state of {type(state).__name__}.")
+        if not isinstance(state[2], np.dtype) or not isinstance(state[4], bytes | str):
+            raise UnsafePickleError(f"{where}: a numpy array whose state is not a dtype and raw bytes.")
+        _plain_dtype(state[2], where)
+        super().__setstate__(state)
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -297,9 +337,17 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if module in _RECONSTRUCT_MODULES and name == "_reconstruct":
 
             def reconstruct(subtype: Any, shape: Any, dtype: Any) -> Any:
-                if subtype is not np.ndarray:
+                if subtype is not _NDARRAY:
                     raise UnsafePickleError(f"{where}: the pickle rebuilds an array of type {subtype!r}.")
-                return np.ndarray.__new__(np.ndarray, shape, _plain_dtype(dtype, where))
+                if not isinstance(shape, tuple) or not all(type(n) is int and n >= 0 for n in shape) or (
+                    int(np.prod(shape)) != 0
+                ):  # numpy pickles an empty array, then fills it from its state: anything else is not numpy's
+                    raise UnsafePickleError(
+                        f"{where}: the pickle rebuilds an array of shape {shape!r}, not an empty one."
+                    )
+                arr = np.ndarray.__new__(_GuardedArray, shape, _plain_dtype(dtype, where))
+                arr._where = where
+                return arr
 
             return reconstruct
         if module in _RECONSTRUCT_MODULES and name == "scalar":
@@ -313,11 +361,15 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
             return scalar
         if module == "numpy" and name == "ndarray":
-            return np.ndarray
+            return _NDARRAY
         if module == "numpy" and name == "dtype":
 
             def dtype(obj: Any, align: bool = False, copy: bool = False) -> np.dtype[Any]:
-                made: np.dtype[Any] = np.dtype(obj, align, copy)
+                if not isinstance(obj, str):
+                    raise UnsafePickleError(
+                        f"{where}: the pickle builds a numpy dtype from a {type(obj).__name__}, not a name."
+                    )
+                made: np.dtype[Any] = np.dtype(obj, bool(align), bool(copy))
                 return _plain_dtype(made, where)
 
             return dtype
@@ -337,24 +389,23 @@ class _RestrictedUnpickler(pickle.Unpickler):
         )
 
 
-def _check_plain(obj: Any, where: str, depth: int = 0) -> None:
+def _plain(obj: Any, where: str, depth: int = 0) -> Any:
+    """``obj`` checked to be plain data, with the arrays being unpickled turned into plain ndarrays."""
     if depth > 64:
         raise UnsafePickleError(f"{where}: the pickled data is nested more than 64 levels deep.")
     if isinstance(obj, np.ndarray | np.generic):
         if obj.dtype.hasobject:
             raise UnsafePickleError(f"{where}: the pickle holds a numpy array of object dtype.")
-        return
+        _plain_dtype(obj.dtype, where)
+        return obj.view(np.ndarray) if isinstance(obj, np.ndarray) else obj
     if obj is None or isinstance(obj, bool | int | float | complex | str | bytes | bytearray):
-        return
-    if isinstance(obj, list | tuple | set | frozenset):
-        for x in obj:
-            _check_plain(x, where, depth + 1)
-        return
+        return obj
+    if isinstance(obj, list):
+        return [_plain(x, where, depth + 1) for x in obj]
+    if isinstance(obj, tuple | set | frozenset):
+        return type(obj)(_plain(x, where, depth + 1) for x in obj)
     if isinstance(obj, dict):
-        for k, v in obj.items():
-            _check_plain(k, where, depth + 1)
-            _check_plain(v, where, depth + 1)
-        return
+        return {_plain(k, where, depth + 1): _plain(v, where, depth + 1) for k, v in obj.items()}
     raise UnsafePickleError(f"{where}: the pickle holds an object of type {type(obj).__name__}.")
 
 
@@ -381,5 +432,4 @@ def restricted_unpickle(source: StrPath | bytes, name: str | None = None) -> Any
             f"cannot unpickle {where}: {type(e).__name__}: {e}. The file is truncated or not the expected "
             "pickle; delete it and get it again."
         ) from e
-    _check_plain(obj, where)
-    return obj
+    return _plain(obj, where)

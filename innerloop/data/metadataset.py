@@ -49,6 +49,7 @@ from torch import Tensor
 
 from innerloop.data.factory import MissingDataError, image_splits
 from innerloop.data.images import ImageClassDataset, size_pair
+from innerloop.data.omniglot import META_DATASET_VAL_ALPHABETS
 from innerloop.data.sampling import IMAGE_FAMILIES
 from innerloop.tasks import SPLITS, Objective, Split, Task, TaskBatch, check_split, task_seed
 
@@ -434,16 +435,21 @@ def load_sources(
         sources: source names, or ``{name: folder}``. A name :func:`~innerloop.data.factory.image_splits`
             knows (:data:`~innerloop.data.sampling.IMAGE_FAMILIES`: ``omniglot``, ``miniimagenet``, ...)
             loads that family from ``folder`` (``None``: its default under ``$INNERLOOP_DATA``); Omniglot
-            takes its alphabet split (``lake``: background alphabets to train and validate, evaluation
-            alphabets to test), as Meta-Dataset does. Any other name is a folder of ``train/``, ``val/``,
-            ``test/`` holding ``<class>/<image>`` files.
+            takes Meta-Dataset's alphabet split (``lake`` with
+            :data:`~innerloop.data.omniglot.META_DATASET_VAL_ALPHABETS`: the other 25 background
+            alphabets to train, those 5 to validate, the 20 evaluation alphabets to test). Any other
+            name is a folder of ``train/``, ``val/``, ``test/`` holding ``<class>/<image>`` files.
         image_size: height and width of every image.
     """
     items = list(sources.items()) if isinstance(sources, Mapping) else [(n, None) for n in sources]
     out: dict[str, SourceSplits] = {}
     for name, root in items:
+        if name == "omniglot":
+            val_alphabets = (("lake_val_alphabets", META_DATASET_VAL_ALPHABETS),)
+            out[name] = image_splits(name, root, "lake", image_size, val_alphabets)
+            continue
         if name in IMAGE_FAMILIES and name != "image-folder":
-            out[name] = image_splits(name, root, "lake" if name == "omniglot" else "vinyals", image_size)
+            out[name] = image_splits(name, root, "vinyals", image_size)
             continue
         if root is None:
             raise MissingDataError(f"source {name!r} is not a built-in image family "

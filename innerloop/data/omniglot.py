@@ -42,7 +42,8 @@ Splits (``split=``):
 ``lake``
     The original alphabet split: the 30 background alphabets for meta-training, of which
     ``lake_val_alphabets`` (default 5, chosen by a ``split_seed``-seeded draw from the sorted
-    names) are held out for meta-validation, and the 20 evaluation alphabets for meta-testing.
+    names; or the alphabets named, e.g. :data:`META_DATASET_VAL_ALPHABETS`, Meta-Dataset's)
+    are held out for meta-validation, and the 20 evaluation alphabets for meta-testing.
     No rotation classes unless ``rotations=True``.
 ``maml``
     The split of the MAML code (Finn et al. 2017): the 1623 characters in a ``split_seed``-seeded
@@ -91,6 +92,7 @@ from innerloop.tasks import SPLITS, Split
 
 __all__ = [
     "ARCHIVES",
+    "META_DATASET_VAL_ALPHABETS",
     "SHA256",
     "SIZES",
     "URLS",
@@ -102,6 +104,15 @@ __all__ = [
 ]
 
 OmniglotSplit = Literal["vinyals", "lake", "maml"]
+META_DATASET_VAL_ALPHABETS: tuple[str, ...] = (
+    "Alphabet_of_the_Magi",
+    "Blackfoot_(Canadian_Aboriginal_Syllabics)",
+    "Inuktitut_(Canadian_Aboriginal_Syllabics)",
+    "Ojibwe_(Canadian_Aboriginal_Syllabics)",
+    "Tagalog",
+)
+"""The background alphabets Meta-Dataset holds out for validation (its Omniglot converter: the five
+smallest, 81 characters), for ``lake_val_alphabets``."""
 ARCHIVES: tuple[str, str] = ("images_background", "images_evaluation")
 URLS: dict[str, str] = {
     name: f"https://github.com/brendenlake/omniglot/raw/master/python/{name}.zip" for name in ARCHIVES
@@ -347,7 +358,8 @@ class Omniglot(Mapping[str, ImageClassDataset]):
             defines it (vinyals and maml: yes, lake: no). False with ``vinyals`` keeps the rot000
             classes only.
         split_seed: seeds the held-out alphabets of ``lake`` and the character order of ``maml``.
-        lake_val_alphabets: background alphabets held out for ``val`` in the ``lake`` split.
+        lake_val_alphabets: background alphabets held out for ``val`` in the ``lake`` split: how
+            many (drawn by ``split_seed``), or their names (e.g. :data:`META_DATASET_VAL_ALPHABETS`).
         maml_train: characters for train + val in the ``maml`` split (the rest is test).
         maml_val: of those, characters held out for ``val`` (0: no ``val`` split).
         splits_root: the folder with the Vinyals ``{train,val,test}.txt``.
@@ -363,7 +375,7 @@ class Omniglot(Mapping[str, ImageClassDataset]):
         download: bool = True,
         rotations: bool | None = None,
         split_seed: int = 0,
-        lake_val_alphabets: int = 5,
+        lake_val_alphabets: int | Sequence[str] = 5,
         maml_train: int = 1200,
         maml_val: int = 100,
         splits_root: StrPath | None = None,
@@ -384,12 +396,22 @@ class Omniglot(Mapping[str, ImageClassDataset]):
         elif split == "lake":
             rot = bool(rotations)
             background = sorted(self.background_alphabets)
-            if not 0 <= lake_val_alphabets < len(background):
+            if not isinstance(lake_val_alphabets, int):
+                names = [lake_val_alphabets] if isinstance(lake_val_alphabets, str) else lake_val_alphabets
+                val = {str(a) for a in names}
+                unknown = sorted(val - set(background))
+                if unknown or len(val) >= len(background):
+                    raise ValueError(
+                        f"lake_val_alphabets names {', '.join(unknown) or 'every background alphabet'}: name "
+                        f"background alphabets ({', '.join(background[:3])}, ...), leaving at least one to train."
+                    )
+            elif not 0 <= lake_val_alphabets < len(background):
                 raise ValueError(
                     f"lake_val_alphabets={lake_val_alphabets} but there are {len(background)} background "
                     f"alphabets; hold out between 0 and {len(background) - 1}."
                 )
-            val = set(random.Random(split_seed).sample(background, lake_val_alphabets))
+            else:
+                val = set(random.Random(split_seed).sample(background, lake_val_alphabets))
             bg = set(background)
             parts = {
                 "train": [i for i, g in enumerate(chars.groups) if g in bg and g not in val],

@@ -156,8 +156,9 @@ class TieredImageNet(Mapping[str, ImageClassDataset]):
     Args:
         root: the folder with the release files or the ImageNet class folders.
         image_size: side (or ``(height, width)``) of the stored images.
-        cache_dir: where the preprocessed splits go (default ``<root>/.cache`` if writable,
-            else the user cache).
+        cache_dir: where the preprocessed splits go (default
+            :func:`~innerloop.data.images.cache_root`: ``$INNERLOOP_CACHE``, else the user cache;
+            never the data folder).
         use_cache: False to neither read nor write a cache.
 
     Raises (on first access of a split):

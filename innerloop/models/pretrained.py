@@ -98,8 +98,8 @@ def load_pretrained(
         prefix: prefix(es) stripped from the file's keys where present (``"module."`` of
             ``DataParallel``, ``"encoder."``).
         rename: prefix replacements applied after ``prefix`` (the longest match wins), e.g.
-            ``{"encoder.": "features."}`` for a FEAT or MetaOptNet ResNet-12, ``{"": "features."}`` for
-            a body saved on its own.
+            ``{"encoder.": "features."}`` for a FEAT ResNet-12, ``{"": "features."}`` for a body saved
+            on its own (MetaOptNet's: ``key="embedding", prefix="module."`` with it).
         head: also load ``head.*`` (same ways as the file's); ``False`` (default) leaves the model's
             head as it is and skips the file's.
         strict: refuse missing and unexpected keys (outside the head); ``False`` loads what matches

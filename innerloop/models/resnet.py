@@ -12,8 +12,9 @@ Names: the body is ``features`` and the last layer ``head``, as in :class:`~inne
 (ANIL adapts ``head.*``, BOIL ``features.*``, the Baseline runs ``features`` then ``head``).
 Inside ``features`` the blocks are ``layer1`` ... ``layer4``, each a one-block ``Sequential`` with
 ``conv1``/``bn1``/``conv2``/``bn2``/``conv3``/``bn3``/``downsample``: MetaOptNet's and FEAT's
-parameter names, so their state dicts load with ``rename={"encoder.": "features."}`` (see
-:func:`~innerloop.models.load_pretrained`).
+parameter names, so their checkpoints load with :func:`~innerloop.models.load_pretrained`: FEAT's
+with ``key="params", rename={"encoder.": "features."}``, MetaOptNet's (``{"embedding": ...}``, saved
+from ``DataParallel``) with ``key="embedding", prefix="module.", rename={"": "features."}``.
 
 The max-pool runs before the last LeakyReLU: LeakyReLU is strictly increasing, so
 ``leaky(maxpool(x)) == maxpool(leaky(x))`` exactly, gradients included, and the activation runs on a

@@ -38,7 +38,7 @@ from innerloop.training.evaluate import (
     run_note,
     write_results,
 )
-from innerloop.training.loggers import Logger
+from innerloop.training.loggers import Logger, check_loggers
 from innerloop.training.loop import Schedule, clear_run, plain_json, run_loop
 
 
@@ -183,7 +183,8 @@ def run_rl(cfg: RLConfig, *, progress: bool = True, overwrite: bool = False,
     initialisation, and write ``results.json`` and ``results.md`` into ``cfg.out_dir``.
 
     ``loggers``: where the training metrics go (see :func:`meta_train_rl`; default: the config's
-    ``train.loggers`` where it has them, else ``metrics.jsonl``).
+    ``train.loggers``); an unknown name or a logger's missing package is refused before anything is
+    touched (before ``overwrite`` deletes the old checkpoints).
 
     Returns:
         the report (as a mapping: ``result["table"]``, ``result["runs"]``), with the policies and
@@ -191,7 +192,8 @@ def run_rl(cfg: RLConfig, *, progress: bool = True, overwrite: bool = False,
     """
     out = Path(cfg.out_dir)
     if loggers is None:
-        loggers = tuple(getattr(cfg.train, "loggers", ("jsonl",)))
+        loggers = tuple(cfg.train.loggers)
+    check_loggers(loggers)  # an unknown name or a missing package: before --overwrite deletes anything
     try:  # a device this machine lacks fails here, before anything is touched
         device = run_device(cfg.execution.device)
     except ValueError as err:

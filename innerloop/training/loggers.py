@@ -28,7 +28,9 @@ import csv
 import importlib
 import io
 import json
+import math
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -166,6 +168,16 @@ class JSONLLogger(_Rows, LoggerBase):
         self.file.close()
 
 
+def _step_of(row: Mapping[str, Any]) -> float:
+    """The step of a row read back from ``metrics.csv``; ``inf`` (dropped) for a row a crash cut short:
+    fewer cells than the header (``csv`` gives the missing ones as ``None``; a complete row has ``""``),
+    more, or no step."""
+    try:
+        return math.inf if None in row or None in row.values() else int(row["step"])
+    except ValueError:
+        return math.inf
+
+
 class CSVLogger(_Rows, LoggerBase):
     """``metrics.csv``: a ``step`` column and one column per scalar (empty where a row lacks it); a
     new scalar adds its column (the file rewritten once, atomically); rows after step ``start`` are
@@ -181,7 +193,7 @@ class CSVLogger(_Rows, LoggerBase):
             with self.path.open(newline="") as f:
                 reader = csv.DictReader(f)
                 self.columns = list(reader.fieldnames or ["step"])
-                rows = [r for r in reader if int(r["step"]) <= start]
+                rows = [r for r in reader if _step_of(r) <= start]
         self._write_all(rows)
 
     def _write_all(self, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -276,7 +288,7 @@ class WandbLogger(LoggerBase):
         self.run = wandb.init(dir=str(out), mode=os.environ.get("WANDB_MODE", "offline"),
                               project=os.environ.get("WANDB_PROJECT", "innerloop"), name=out.name,
                               config=json.loads(json.dumps(dict(run_config or {}), default=repr)),
-                              reinit="create_new")
+                              reinit=_reinit(wandb))
 
     def on_step(self, step: int, scalars: Mapping[str, float]) -> None:
         self.run.log({_tag("train", k): float(v) for k, v in scalars.items()}, step=step)
@@ -289,6 +301,13 @@ class WandbLogger(LoggerBase):
 
     def close(self) -> None:
         self.run.finish()
+
+
+def _reinit(wandb: ModuleType) -> str | bool:
+    """``wandb.init``'s ``reinit``: ``"create_new"`` (a new run beside any the caller has open) where the
+    installed wandb knows it (0.19.10 and later), else ``True`` (a new run; older versions take a bool only)."""
+    found = re.match(r"(\d+)\.(\d+)\.(\d+)", str(getattr(wandb, "__version__", "")))
+    return "create_new" if found and tuple(int(x) for x in found.groups()) >= (0, 19, 10) else True
 
 
 def _require(name: str) -> ModuleType:
@@ -330,7 +349,8 @@ def build_loggers(names: Sequence[str], out_dir: str | Path, *, run_config: Mapp
                   start: int = 0) -> list[Logger]:
     """The built-in loggers ``names`` (from :data:`LOGGER_NAMES`, each at most once) writing into
     ``out_dir``; ``start``: the step a resumed run continues from (what was logged after it is
-    dropped). ``run_config``: the run's settings (TensorBoard's ``config`` text, W&B's config).
+    dropped; ``0``: everything, TensorBoard's event files in ``out_dir/tensorboard`` too).
+    ``run_config``: the run's settings (TensorBoard's ``config`` text, W&B's config).
 
     Raises before anything is created: ``ValueError`` for an unknown name, :class:`MissingExtraError`
     (naming the ``pip install`` command) for ``tensorboard`` / ``wandb`` without their package."""
@@ -346,6 +366,8 @@ def build_loggers(names: Sequence[str], out_dir: str | Path, *, run_config: Mapp
             elif name == "csv":
                 made.append(CSVLogger(out / CSV_FILE, start))
             elif name == "tensorboard":
+                if start == 0:  # a run from step 0 keeps no events of an earlier one (as metrics.jsonl)
+                    _clear_events(out / TENSORBOARD_DIR)
                 made.append(TensorBoardLogger(out / TENSORBOARD_DIR, start, run_config))
             else:
                 made.append(WandbLogger(out, start, run_config))
@@ -363,9 +385,13 @@ def clear_logs(out_dir: str | Path) -> None:
     out = Path(out_dir)
     for file in (JSONL_FILE, CSV_FILE):
         (out / file).unlink(missing_ok=True)
-    tb = out / TENSORBOARD_DIR
-    if tb.is_dir():
-        for event in tb.glob("events.out.tfevents.*"):
+    _clear_events(out / TENSORBOARD_DIR)
+
+
+def _clear_events(log_dir: Path) -> None:
+    """Delete the TensorBoard event files in ``log_dir`` (nothing else)."""
+    if log_dir.is_dir():
+        for event in log_dir.glob("events.out.tfevents.*"):
             event.unlink()
 
 

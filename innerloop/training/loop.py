@@ -201,7 +201,7 @@ def run_loop(
         module: what is trained and checkpointed (``state_dict``); its parameters are the ones
             ``outer_step`` updates.
         outer_step: see :data:`OuterStep`; its metrics (floats) are logged as means over windows of
-            ``schedule.log_every`` steps.
+            ``schedule.log_every`` steps (a metric only some steps report, over those steps).
         schedule: iterations and the log, validation and checkpoint periods.
         run_dir: where ``last.pt``, ``best.pt`` and the logs go (None: nothing saved; the loggers
             named then write nothing, Logger objects are still called).
@@ -354,6 +354,7 @@ def _run_locked(
     bar = tqdm(total=s.iterations, initial=start, desc=desc, disable=not (progress and lead),
                dynamic_ncols=True, leave=True)
     sums: dict[str, float] = {}
+    counts: dict[str, int] = {}  # per metric: a metric of only some steps (grad_norm of an fp16 step taken)
     window, val, last_means, speed_s, steps_run = 0, None, {}, "-", 0
     metrics: Mapping[str, float] = {}
     try:
@@ -367,6 +368,7 @@ def _run_locked(
                 raise divergence(done, "a parameter after the outer step", divergence_cause, run_dir)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
+                counts[k] = counts.get(k, 0) + 1
             window += 1
             bar.update(1)
             final = done == s.iterations
@@ -374,11 +376,11 @@ def _run_locked(
             if done % s.log_every == 0 or final:
                 speed = steps_run * tasks_per_step / max(time.perf_counter() - t0, 1e-9)
                 speed_s = f"{speed:.0f}"
-                last_means = {k: v / window for k, v in sums.items()}
+                last_means = {k: v / counts[k] for k, v in sums.items()}  # over the steps that had it
                 scalars = {**last_means, "tasks_per_s": speed}
                 if active:
                     scalars.update(_monitor(module, optimizer, on))
-                sums, window = {}, 0
+                sums, counts, window = {}, {}, 0
             validated = validate is not None and (
                 final or (s.validate_every is not None and done % s.validate_every == 0))
             val_scalars: dict[str, float] = {}

@@ -47,6 +47,7 @@ from innerloop.training.evaluate import (
     run_note,
     write_results,
 )
+from innerloop.training.loggers import check_loggers
 from innerloop.training.loop import BEST, MissingSplitError, TrainResult, clear_run, meta_train, plain_json
 
 
@@ -262,6 +263,7 @@ def run(cfg: Config, *, progress: bool = True, overwrite: bool = False) -> RunRe
     out = Path(cfg.out_dir)
     lead = dist_rank() == 0  # under torchrun, one rank writes the files
     device = check_device(cfg)  # a device this machine lacks, or fp16 on a CPU: before anything is touched
+    check_loggers(cfg.train.loggers)  # a logger's missing package too: before --overwrite deletes anything
     if overwrite and lead:
         for sub in (out, out / "baseline"):
             clear_run(sub)
@@ -291,7 +293,8 @@ def run(cfg: Config, *, progress: bool = True, overwrite: bool = False) -> RunRe
         algorithm, tr = _train_one(cfg, (family, val_family), name,
                                    out / "baseline" if is_baseline else out, iters, progress, resume=True)
         t0 = time.perf_counter()
-        res = meta_test(algorithm, test_family, "test", cfg.eval.test_tasks, cfg.eval.steps)
+        res = meta_test(algorithm, test_family, "test", cfg.eval.test_tasks, cfg.eval.steps, progress=progress,
+                        desc=f"meta-test {name}")
         trained[name], results[name] = algorithm, res
         report["runs"][name] = {
             "iterations": iters, "best_step": tr.best_step, "best_val": tr.best_val,

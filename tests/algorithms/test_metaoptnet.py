@@ -196,3 +196,13 @@ def test_task_threads_give_the_same_meta_gradient():
     for k in one[0]:
         torch.testing.assert_close(one[0][k], two[0][k])
     assert abs(one[1]["loss"] - two[1]["loss"]) < 1e-12
+
+
+def test_every_registered_algorithm_and_its_options_are_exported_at_the_top_level():
+    import innerloop
+    from innerloop.algorithms.registry import CLASSES
+
+    for cls in CLASSES:
+        assert getattr(innerloop, cls.__name__, None) is cls and cls.__name__ in innerloop.__all__, cls.__name__
+        if cls.Options.__name__ != "NoOptions":
+            assert getattr(innerloop, cls.Options.__name__, None) is cls.Options, cls.Options.__name__

@@ -243,3 +243,31 @@ def test_shipped_split_files() -> None:
     # TADAM's superclass indices (CIFAR's sorted coarse labels)
     assert [coarse.index(c) for c in fc["val"]] == [8, 11, 13, 16]
     assert [coarse.index(c) for c in fc["test"]] == [0, 7, 12, 14]
+
+
+def _with_dtype_state(blob: bytes, old: bytes, new: bytes) -> bytes:
+    assert blob.count(old) == 1
+    return blob.replace(old, new)
+
+
+def test_pickle_cannot_rewrite_a_dtype_or_call_ndarray() -> None:
+    """A pickle's BUILD can rewrite a numpy dtype's flags after it is made (numpy then treats raw bytes as
+    object pointers); the state is checked before numpy applies it, and ``numpy.ndarray`` is not callable."""
+    plain = pickle.dumps(np.zeros(2, np.uint8), protocol=2)
+    # the dtype's state ends with its flags (BININT1 0, TUPLE): make them claim object references
+    tail = b"J\xff\xff\xff\xffJ\xff\xff\xff\xffK"
+    for flags, message in ((b"\x3f", "object dtype"), (b"\x02", "unaltered")):
+        with pytest.raises(UnsafePickleError, match=message):
+            restricted_unpickle(_with_dtype_state(plain, tail + b"\x00t", tail + flags + b"t"), "flags")
+    call = b"\x80\x02cnumpy\nndarray\nK\x10\x85X\x02\x00\x00\x00u1\x86R."  # numpy.ndarray((16,), "u1")
+    with pytest.raises(CorruptArchiveError, match="not callable"):
+        restricted_unpickle(call, "call")
+    huge = b"\x80\x02cnumpy._core.multiarray\n_reconstruct\ncnumpy\nndarray\nJ\x00\x00\x00\x40\x85C\x01b\x87R."
+    with pytest.raises(UnsafePickleError, match="not an empty one"):
+        restricted_unpickle(huge, "huge")
+    structured = pickle.dumps(np.zeros(2, [("a", "<u8")]), protocol=2)
+    with pytest.raises(UnsafePickleError, match="only plain"):
+        restricted_unpickle(structured, "structured")
+    got = restricted_unpickle(plain)
+    assert type(got) is np.ndarray and got.tolist() == [0, 0]  # numpy's own pickles still load, as plain arrays
+    assert type(restricted_unpickle(pickle.dumps([np.arange(3)]))[0]) is np.ndarray

@@ -280,3 +280,14 @@ def test_load_sources_reads_image_folders(tmp_path: Path, monkeypatch: pytest.Mo
     assert task.support_x.shape[1:] == (3, 12, 12) and task.query_y.numel() == 5  # 5 ways, q = 1
     with pytest.raises(MissingDataError, match="give its folder"):
         load_sources(["my-birds"])
+
+
+def test_load_sources_gives_omniglot_meta_datasets_alphabet_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    import innerloop.data.metadataset as md
+    from innerloop.data.omniglot import META_DATASET_VAL_ALPHABETS
+
+    calls = []
+    monkeypatch.setattr(md, "image_splits", lambda *args: calls.append(args) or {})
+    md.load_sources(["omniglot"], image_size=28)
+    assert calls == [("omniglot", None, "lake", 28, (("lake_val_alphabets", META_DATASET_VAL_ALPHABETS),))]
+    assert len(META_DATASET_VAL_ALPHABETS) == 5 and "Tagalog" in META_DATASET_VAL_ALPHABETS

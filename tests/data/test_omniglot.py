@@ -259,3 +259,15 @@ def test_maml_split(fake_omniglot, tmp_path):
         no_val["val"]
     with pytest.raises(ValueError, match="unknown Omniglot split"):
         Omniglot(root, "nope", cache_dir=tmp_path / "cache")  # type: ignore[arg-type]
+
+
+def test_lake_split_with_named_val_alphabets(fake_omniglot, tmp_path):
+    root = fake_omniglot()
+    data = Omniglot(root, "lake", cache_dir=tmp_path / "cache", lake_val_alphabets=["Beta"])
+    assert set(data["val"].groups) == {"Beta"} and set(data["train"].groups) == {"Alpha", "Gamma"}
+    assert set(Omniglot(root, "lake", cache_dir=tmp_path / "cache", lake_val_alphabets="Gamma")["val"].groups) == {
+        "Gamma"}  # one name, not its letters
+    with pytest.raises(ValueError, match="names Tagalog"):
+        Omniglot(root, "lake", cache_dir=tmp_path / "cache", lake_val_alphabets=["Beta", "Tagalog"])
+    with pytest.raises(ValueError, match="every background alphabet"):
+        Omniglot(root, "lake", cache_dir=tmp_path / "cache", lake_val_alphabets=["Alpha", "Beta", "Gamma"])

@@ -180,3 +180,17 @@ def test_config_mistakes_are_named(tmp_path, fewshot_folder):
     cfg = _cfg(fewshot_folder, pretrained=str(tmp_path / "absent.pt"))
     with pytest.raises(ConfigError, match=r"model\.pretrained = .*absent\.pt.*not found"):
         build_algorithm(cfg, build_family(cfg))
+
+
+def test_a_metaoptnet_checkpoint_loads_as_the_resnet12_docstring_says(tmp_path):
+    """MetaOptNet saves ``{"embedding": DataParallel(net).state_dict(), "head": ...}``: keys
+    ``module.layer1.0.conv1.weight``, no ``encoder.``."""
+    torch.manual_seed(0)
+    trained = ResNet12(3, 0, TINY, 16, track_running_stats=True)
+    body = {f"module.{k[len('features.'):]}": v for k, v in trained.state_dict().items()}
+    path = _save(tmp_path / "best_model.pth", {"embedding": body, "head": {"scale": torch.ones(1)}})
+    model = ResNet12(3, 0, TINY, 16, track_running_stats=True)
+    report = load_pretrained(model, path, key="embedding", prefix="module.", rename={"": "features."})
+    assert len(report.loaded) == len(body) and not report.missing and not report.unexpected
+    conv = "features.layer3.0.downsample.0.weight"
+    assert torch.equal(model.get_parameter(conv), trained.get_parameter(conv))

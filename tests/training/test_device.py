@@ -109,6 +109,11 @@ def test_a_missing_device_fails_before_any_training(tmp_path):
         MAML(MLP(1, 1, (8,)), "regression", execution=Execution(device="cuda:0"))  # refused when built
 
 
+def test_an_algorithm_with_fp16_on_the_cpu_is_refused_when_built():
+    with pytest.raises(ValueError, match=re.escape("precision = 'fp16' on the CPU is refused")):
+        MAML(MLP(1, 1, (8,)), "regression", device="cpu", precision="fp16")
+
+
 def test_fp16_on_the_cpu_is_refused_before_any_work(tmp_path):
     cfg = _cfg(tmp_path / "run", **{"execution.precision": "fp16"})
     with pytest.raises(ConfigError, match=re.escape("execution.precision = 'fp16' on the CPU is refused")):
@@ -202,6 +207,7 @@ def _overflowing(cfg):
 
 def test_fp16_skips_overflowing_steps_halves_the_scale_and_resumes_exactly(tmp_path, monkeypatch):
     monkeypatch.setattr("innerloop.training.device.check_precision", lambda precision, device: None)
+    monkeypatch.setattr("innerloop.algorithms.base.check_precision", lambda precision, device: None)
     cfg = _cfg(tmp_path, **{"train.validate_every": 4})
     family = build_family(cfg)
     straight = _overflowing(cfg)

@@ -225,3 +225,73 @@ def test_wandb_offline_writes_its_run_folder(tmp_path, monkeypatch):
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert list(runs[0].glob("*.wandb"))  # the run's records, for `wandb sync`
+
+
+def test_a_metric_of_some_steps_is_averaged_over_those_steps(tmp_path):
+    from innerloop.training.loop import Schedule, run_loop
+
+    def outer_step(step):  # grad_norm only on the steps taken, as an fp16 run's skipped steps lack it
+        return {"loss": float(step), **({"grad_norm": 4.0} if step % 2 == 0 else {})}
+
+    run_loop(torch.nn.Linear(1, 1), outer_step, Schedule(4, log_every=4), tmp_path, name="t", progress=False)
+    (row,) = _jsonl(tmp_path / "metrics.jsonl")
+    assert row["loss"] == pytest.approx(1.5) and row["grad_norm"] == pytest.approx(4.0)
+
+
+def test_a_run_from_step_zero_keeps_no_tensorboard_events_of_an_earlier_one(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    stray = TensorBoardLogger(tmp_path / "tensorboard")  # a run that stopped before its first checkpoint
+    stray.on_step(1, {"loss": 9.0})
+    stray.close()
+    cfg, family, alg = _setup(tmp_path, iterations=2)
+    meta_train(alg, family, cfg.train, tmp_path, progress=False, loggers=("tensorboard",))  # no last.pt: step 0
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert 9.0 not in [e.value for e in events.Scalars("train/loss")]
+    assert [e.step for e in events.Scalars("train/loss")] == [2]
+
+
+@pytest.mark.parametrize(("version", "reinit"), [("0.16.6", True), ("0.19.9", True), ("0.19.10", "create_new"),
+                                                 ("0.31.0", "create_new")])
+def test_wandb_reinit_is_what_the_installed_version_takes(tmp_path, monkeypatch, version, reinit):
+    import types
+
+    calls = []
+    fake = types.ModuleType("wandb")
+    fake.__version__ = version
+    fake.init = lambda **kw: calls.append(kw) or types.SimpleNamespace(finish=lambda: None)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    from innerloop.training.loggers import WandbLogger
+
+    WandbLogger(tmp_path).close()
+    assert calls[0]["reinit"] == reinit
+
+
+def test_run_without_progress_shows_no_meta_test_bar(tmp_path, monkeypatch):
+    run_module = importlib.import_module("innerloop.training.run")  # the package's `run` is the function
+
+    seen = []
+    real = run_module.meta_test
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs.get("progress"), kwargs.get("desc")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "meta_test", spy)
+    cfg = Config().override({"model.hidden": [8], "train.iterations": 2, "train.meta_batch_size": 2,
+                             "train.val_tasks": 4, "eval.test_tasks": 4, "eval.steps": 1,
+                             "eval.report_steps": [0, 1], "eval.baseline": False, "out_dir": str(tmp_path)})
+    run_module.run(cfg, progress=False)
+    assert seen == [(False, "meta-test maml")]
+
+
+def test_csv_resume_drops_a_row_a_crash_cut_short(tmp_path):
+    path = tmp_path / "metrics.csv"
+    path.write_text("step,loss,wall_s\n1,0.5,0.1\n2,0.4,0.2\n1")  # the crash came while writing step 12
+    CSVLogger(path, start=10).close()
+    assert path.read_text() == "step,loss,wall_s\n1,0.5,0.1\n2,0.4,0.2\n"
+    path.write_text("step,loss,wall_s\n1,0.5,0.1\n\n,,\n3,0.3,0.3,9\n")
+    CSVLogger(path, start=10).close()
+    assert path.read_text() == "step,loss,wall_s\n1,0.5,0.1\n"
