@@ -42,6 +42,7 @@ from innerloop.algorithms import (
     ReptileOptions,
     custom_objective,
 )
+from innerloop.continual import ANML, OML, ANMLNet, ContinualOmniglot, OMLNet, stream_eval
 from innerloop.data import (
     FewShotClassification,
     LinearRegression,
@@ -77,15 +78,17 @@ except importlib.metadata.PackageNotFoundError:  # on PYTHONPATH without being i
     __version__ = "0.0.0+unknown"
 
 __all__ = [
-    "ALGORITHMS", "ANIL", "BOIL", "IMAML", "MAML", "MLP", "WRN28_10", "ANILOptions", "Adam", "Algorithm",
-    "AlgorithmOptions", "Baseline", "BaselineOptions", "BaselinePP", "BaselinePPOptions", "Capabilities",
-    "CheckpointError", "Config", "ConfigError", "Conv4", "EvalResult", "Execution", "FewShotClassification",
+    "ALGORITHMS", "ANIL", "ANML", "BOIL", "IMAML", "MAML", "MLP", "OML", "WRN28_10", "ANILOptions", "ANMLNet",
+    "Adam", "Algorithm", "AlgorithmOptions", "Baseline", "BaselineOptions", "BaselinePP", "BaselinePPOptions",
+    "Capabilities",
+    "CheckpointError", "Config", "ConfigError", "ContinualOmniglot", "Conv4", "EvalResult", "Execution",
+    "FewShotClassification",
     "GradientBased", "GradientOptions", "IMAMLOptions", "InnerLR", "InnerWeightDecay", "LinearRegression",
     "MAMLOptions", "MAMLPlusPlus", "MAMLPlusPlusOptions", "MatchingNet", "MetaOptNet", "MetaOptNetOptions",
-    "MiniImageNet", "ObjectiveFns", "Omniglot", "Pretrain", "PretrainOptions", "ProtoNet", "Reptile",
+    "MiniImageNet", "OMLNet", "ObjectiveFns", "Omniglot", "Pretrain", "PretrainOptions", "ProtoNet", "Reptile",
     "ReptileOptions", "ResNet12", "Sinusoid",
     "Task", "TaskBatch", "TaskFamily", "TrainConfig", "TrainResult", "UpdateRule", "adam", "adapt",
     "adapt_trajectory", "config_from_dict", "custom_objective", "image_folder_dataset", "load_checkpoint",
     "load_config", "load_for_eval", "load_pretrained", "make_family", "meta_test", "meta_train", "model_loss",
-    "run", "sgd", "sgd_step", "task_family", "unroll",
+    "run", "sgd", "sgd_step", "stream_eval", "task_family", "unroll",
 ]

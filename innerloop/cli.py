@@ -42,6 +42,7 @@ from innerloop.training.run import (
     run_eval_settings,
 )
 from innerloop.training.settings import cli_changes, describe_fields, to_toml
+from innerloop.tuning.tune import TuneConfig, load_tune_config, run_tune
 
 DESCRIPTION = """\
 innerloop: meta-learning on PyTorch.
@@ -126,10 +127,40 @@ def _add_rl_parser(sub: Any) -> None:
     e.add_argument("--rollouts", type=int, help="episodes per step (default: the run's eval.rollouts)")
 
 
+def _add_tune_parser(sub: Any) -> None:
+    """``tune``: hypergradient tuning of a training run (:mod:`innerloop.tuning`)."""
+    t = sub.add_parser("tune", help="tune the learning rates, weight decay or data weights of a training run by "
+                       "hypergradients", description="Gradient descent on the hyperparameters of an SGD training "
+                       "run (unrolled or implicit hypergradient of the validation loss), then a fresh run with "
+                       "the tuned values; writes OUT/results.json. A run resumes from OUT/last.pt when it exists "
+                       "and matches the config.", epilog=describe_fields(TuneConfig(), "innerloop tune"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("--config", type=Path, help="a .toml or .json tuning config; omitted keys keep defaults")
+    add_set_argument(t, "innerloop tune")
+    t.add_argument("--out", help="run folder (default: the config's out_dir)")
+    t.add_argument("--overwrite", action="store_true", help="discard checkpoints in the run folder")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _tune(args: argparse.Namespace) -> None:
+    cfg = load_tune_config(args.config) if args.config is not None else TuneConfig()
+    changes = cli_changes(cfg, args.settings, "innerloop tune")
+    if args.out is not None:
+        changes["out_dir"] = args.out
+    cfg = cfg.override(changes)
+    done = run_tune(cfg, progress=not args.no_progress, overwrite=args.overwrite,
+                    command="innerloop " + " ".join(sys.argv[1:]))
+    tuned = {k: v if isinstance(v, float) else f"[{len(v)} values]" for k, v in done.results["tuned"].items()}
+    print(f"tuned ({cfg.method.name}): {tuned}")
+    print(f"validation loss {done.start_val_loss:.4f} -> {done.val_loss:.4f}; held-out test loss "
+          f"{done.results['start_test_loss']:.4f} -> {done.test_loss:.4f}")
+    print(f"results in {cfg.out_dir}/results.json")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="innerloop", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,eval,config,rl}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,eval,config,rl,tune}")
     t = sub.add_parser("train", help="meta-train, meta-test and report (default: MAML on sinusoids)",
                        description="Meta-train, then meta-test with 95% CIs. A run resumes from "
                        "OUT/last.pt when it exists and matches the config.",
@@ -169,6 +200,7 @@ def _parser() -> argparse.ArgumentParser:
                       "(default %(default)s; TOML has no null: such a key is written as a comment)")
     add_set_argument(show, "innerloop train")
     _add_rl_parser(sub)
+    _add_tune_parser(sub)
     return p
 
 
@@ -339,7 +371,7 @@ _DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFB
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        {"train": _train, "eval": _eval, "rl": _rl, "config": _config_show}[args.command](args)
+        {"train": _train, "eval": _eval, "rl": _rl, "config": _config_show, "tune": _tune}[args.command](args)
     except (ConfigError, CheckpointError, DataError, DistributedError, MissingMuJoCoError, DivergenceError,
             RunLockedError, MissingExtraError) as err:
         print(f"innerloop: error: {err}", file=sys.stderr)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,7 @@ from innerloop.continual.family import seeded
 from innerloop.continual.nets import ANMLNet, OMLNet
 from innerloop.data.images import ImageClassDataset
 from innerloop.execution import Execution, TaskTensors, map_tasks, meta_gradient
+from innerloop.split import TaskView, head_split
 from innerloop.tasks import Objective, TaskBatch
 
 __all__ = ["ANML", "OML", "ContinualLearner", "ContinualOptions", "StreamResult", "continual_net_check",
@@ -59,16 +60,18 @@ class ContinualNet(Protocol):
     def embed(self, x: Tensor) -> Tensor: ...
 
 
-def continual_net_check(model: nn.Module) -> None:
-    """Refuse a network that does not name its continual parts (``train_adapt``, ``test_head``,
-    ``out_name``, ``embed``), naming the way out."""
+def continual_net_check(model: nn.Module) -> ContinualNet:
+    """``model`` seen as a :class:`ContinualNet`; a network that does not name its continual parts
+    (``train_adapt``, ``test_head``, ``out_name``, ``embed``) is refused, naming the way out."""
     missing = [a for a in ("train_adapt", "test_head", "out_name", "embed") if not hasattr(model, a)]
     if missing:
         raise TypeError(f"{type(model).__name__} lacks {', '.join(missing)}; continual learners need a network "
                         "like innerloop.continual.OMLNet or ANMLNet.")
-    out = model.get_submodule(model.out_name)  # type: ignore[arg-type]
+    net = cast(ContinualNet, model)
+    out = model.get_submodule(net.out_name)
     if not isinstance(out, nn.Linear):
-        raise TypeError(f"the output layer {model.out_name!r} must be an nn.Linear, got {type(out).__name__}.")
+        raise TypeError(f"the output layer {net.out_name!r} must be an nn.Linear, got {type(out).__name__}.")
+    return net
 
 
 def fresh_rows(rows: int, fan_in: int, like: Tensor, generator: torch.Generator) -> Tensor:
@@ -138,16 +141,17 @@ class ContinualLearner(Algorithm):
     def __init__(self, model: nn.Module, objective: Objective | ObjectiveFns = "classification",
                  options: AlgorithmOptions | None = None, execution: Execution | None = None,
                  **overrides: Any) -> None:
-        continual_net_check(model)
+        net = continual_net_check(model)
         if self.net_type is not None and not isinstance(model, self.net_type):
             raise TypeError(f"{self.name} meta-learns a {self.net_type.__name__}, got {type(model).__name__}; "
                             "use ContinualLearner for another network.")
         super().__init__(model, objective, options, execution, **overrides)
         names = [n for n, _ in model.named_parameters()]
         adapt = self.options.adapt
-        which = tuple(getattr(model, "train_adapt")) if adapt == "auto" else adapt
+        which = tuple(net.train_adapt) if adapt == "auto" else adapt
         self.adapt_names = select(names, which)
-        self.out_name: str = getattr(model, "out_name")
+        self.split = head_split(model, self.adapt_names) if self.execution.reuse_features else None
+        self.out_name: str = net.out_name
         self.progress = 0
 
     def set_progress(self, step: int, total: int) -> None:
@@ -158,15 +162,27 @@ class ContinualLearner(Algorithm):
         w = dict(self.model.named_parameters())[f"{self.out_name}.weight"]
         return fresh_rows(w.shape[0], w.shape[1], w, seeded(self.options.seed, self.progress))
 
+    def _view(self, model: nn.Module, start: Params, sx: Tensor, qx: Tensor) -> TaskView:
+        """One task's predictions: the head alone on features captured once where only a head adapts
+        (OML's PLN on the RLN's output: :mod:`innerloop.split`, the same function and gradient), else
+        full forwards."""
+        return TaskView(model, start, {}, sx, qx, self.split)
+
     def _inner(self, model: nn.Module, params: Params, sx: Tensor, sy: Tensor, fresh: Tensor | None,
-               steps: int, first_order: bool) -> list[Params]:
+               steps: int, first_order: bool, qx: Tensor | None = None) -> tuple[list[Params], TaskView]:
+        """``[theta_0 (reset), theta_1, ..., theta_steps]``: one SGD step per trajectory image, and the
+        task's :class:`~innerloop.split.TaskView` (query inputs ``qx``, default none)."""
         start = reset_rows(params, self.out_name, sy, fresh) if fresh is not None else params
+        view = self._view(model, start, sx, sx[:0] if qx is None else qx)
 
         def objective(p: Params, j: int) -> Tensor:
-            return F.cross_entropy(functional_call(model, p, (sx[j : j + 1],)), sy[j : j + 1])
+            logits = (view.support(p)[j : j + 1] if view.reuses_features
+                      else functional_call(model, p, (sx[j : j + 1],)))
+            return F.cross_entropy(logits, sy[j : j + 1])
 
-        return [start, *unroll(objective, start, steps=steps, rule=sgd(float(self.options.inner_lr)),
-                                adapt_names=self.adapt_names, first_order=first_order)]
+        trajectory = [start, *unroll(objective, start, steps=steps, rule=sgd(float(self.options.inner_lr)),
+                                     adapt_names=self.adapt_names, first_order=first_order)]
+        return trajectory, view
 
     def task_loss(self, model: nn.Module, params: Params, task: TaskTensors, fresh: Tensor | None) -> tuple[
             Tensor, Tensor]:
@@ -175,9 +191,10 @@ class ContinualLearner(Algorithm):
         ``task``: ``(trajectory_x [T, C, H, W], trajectory_y [T], remember_x [R, C, H, W], remember_y [R])``;
         ``fresh``: ``[classes, features]`` rows for the reset (``None``: no reset)."""
         sx, sy, qx, qy = task
-        trajectory = self._inner(model, params, sx, sy, fresh, sx.shape[0], bool(self.options.first_order))
+        trajectory, view = self._inner(model, params, sx, sy, fresh, sx.shape[0], bool(self.options.first_order),
+                                       qx)
         adapted = trajectory[-1]
-        logits = functional_call(model, adapted, (torch.cat([sx, qx]),))
+        logits = torch.cat([view.support(adapted), view.query(adapted)])
         y = torch.cat([sy, qy])
         loss = F.cross_entropy(logits, y)
         acc = (logits.detach().argmax(-1) == y).to(logits.dtype).mean()
@@ -206,8 +223,9 @@ class ContinualLearner(Algorithm):
         def one(model: nn.Module, p: Params, task: TaskTensors) -> Tensor:
             sx, sy, qx, qy = task
             out = []
-            for q in self._inner(model, p, sx, sy, fresh, steps, True):
-                logits = functional_call(model, q, (qx,))
+            trajectory, view = self._inner(model, p, sx, sy, fresh, steps, True, qx)
+            for q in trajectory:
+                logits = view.query(q)
                 out.append(torch.stack([F.cross_entropy(logits, qy), (logits.argmax(-1) == qy).to(logits.dtype)
                                         .mean()]))
             return torch.stack(out, -1)
@@ -222,8 +240,8 @@ class ContinualLearner(Algorithm):
                 raise ValueError(f"the {what} labels must be int64 [tasks, n] class indices, got {y.dtype} "
                                  f"{tuple(y.shape)}.")
             if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
-                raise ValueError(f"a {what} label is outside 0..{classes - 1} (the output layer's rows); build the "
-                                 "network with classes >= the number of meta-training classes.")
+                raise ValueError(f"a {what} label is outside 0..{classes - 1} (the output layer's rows); build "
+                                 "the network with classes >= the number of meta-training classes.")
 
 
 class OML(ContinualLearner):
@@ -284,8 +302,8 @@ def stream_split(dataset: ImageClassDataset, classes: int, seed: int, train_per_
             dataset.gather(order.repeat_interleave(test_per_class), te), labels.repeat_interleave(test_per_class))
 
 
-def _embed(model: nn.Module, x: Tensor, chunk: int) -> Tensor:
-    embed = getattr(model, "embed")
+def _embed(model: ContinualNet, x: Tensor, chunk: int) -> Tensor:
+    embed = model.embed
     return torch.cat([embed(x[i : i + chunk]) for i in range(0, len(x), chunk)]) if len(x) else x.new_zeros(0)
 
 
@@ -307,19 +325,19 @@ def stream_eval(model: nn.Module, dataset: ImageClassDataset, *, classes: int, l
         classes: ``N``, the stream's classes; lr: the online rate.
         chunk: images per forward of the frozen part.
     """
-    continual_net_check(model)
+    net = continual_net_check(model)
     if not (isinstance(lr, int | float) and 0 < lr < float("inf")):
         raise ValueError(f"lr must be > 0 (and finite), got {lr!r}.")
     train_x, train_y, test_x, test_y = stream_split(dataset, classes, seed, train_per_class, test_per_class)
-    head_name: str = getattr(model, "test_head")
-    out_name: str = getattr(model, "out_name")
+    head_name, out_name = net.test_head, net.out_name
     head = model.get_submodule(head_name)
     rel = out_name[len(head_name):].lstrip(".")
     prefix = f"{rel}." if rel else ""
     with torch.no_grad():
-        device = next(model.parameters()).device
-        f_train = _embed(model, train_x.to(device), chunk)
-        f_test = _embed(model, test_x.to(device), chunk)
+        ref = next(model.parameters())
+        f_train = _embed(net, train_x.to(ref.device, ref.dtype), chunk)
+        f_test = _embed(net, test_x.to(ref.device, ref.dtype), chunk)
+        device = ref.device
         params = {n: p.detach() for n, p in head.named_parameters()}
         w = params[f"{prefix}weight"]
         params[f"{prefix}weight"] = fresh_rows(classes, w.shape[1], w, seeded(seed, classes))

@@ -9,7 +9,7 @@ continual learners need:
 
 Sizes (the papers': OML, Javed & White 2019, an RLN of 6 conv layers of 256 channels on 84 x 84
 images and a PLN of 2 linear layers; ANML, Beaulieu et al. 2020, 3 conv layers of 256 channels in
-the prediction network and of 112 in the NM network on 28 x 28 images, BatchNorm after each conv)
+the prediction network and a narrower NM network on 28 x 28 images, BatchNorm after each conv)
 are arguments; the benchmark states what it uses. No normalisation layers here: every step of the
 continual inner loop sees one image, and the nets stay pure functions of their parameters.
 """
@@ -119,7 +119,7 @@ class ANMLNet(nn.Module):
     out_name = "head"
 
     def __init__(self, classes: int, channels: Sequence[int] = (256, 256, 256),
-                 nm_channels: Sequence[int] = (112, 112, 112), image_size: int = 28, in_channels: int = 1) -> None:
+                 nm_channels: Sequence[int] = (128, 128, 128), image_size: int = 28, in_channels: int = 1) -> None:
         super().__init__()
         if classes < 2:
             raise ValueError(f"need classes >= 2, got {classes}.")

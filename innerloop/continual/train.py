@@ -63,27 +63,29 @@ def meta_train_continual(
         optimizer.step()
         return metrics
 
-    return run_loop(learner, outer_step, Schedule(iterations, log_every=log_every, checkpoint_every=checkpoint_every),
-                    run_dir, name=learner.name, optimizer=optimizer, identity=who, tasks_per_step=family.tasks,
-                    resume=resume, progress=progress, desc=f"meta-train {learner.name}")
+    schedule = Schedule(iterations, log_every=log_every, checkpoint_every=checkpoint_every)
+    return run_loop(learner, outer_step, schedule, run_dir, name=learner.name, optimizer=optimizer, identity=who,
+                    tasks_per_step=family.tasks, resume=resume, progress=progress,
+                    desc=f"meta-train {learner.name}")
 
 
 def pretrain_continual(
-    model: nn.Module, dataset: ImageClassDataset, *, iterations: int, lr: float = 0.01, batch_size: int = 64,
-    seed: int = 0, run_dir: str | Path | None = None, checkpoint_every: int | None = 200, log_every: int = 50,
+    model: nn.Module, dataset: ImageClassDataset, *, iterations: int, lr: float = 0.01, momentum: float = 0.9,
+    batch_size: int = 64, seed: int = 0, run_dir: str | Path | None = None, checkpoint_every: int | None = 200,
+    log_every: int = 50,
     resume: bool = True, progress: bool = True,
 ) -> TrainResult:
-    """The non-meta-learned baseline: every parameter of ``model`` trained by SGD (rate ``lr``, no
-    momentum) on minibatches of ``batch_size`` images drawn uniformly from all classes of
+    """The non-meta-learned baseline: every parameter of ``model`` trained by SGD (rate ``lr``,
+    ``momentum``) on minibatches of ``batch_size`` images drawn uniformly from all classes of
     ``dataset`` (minibatch ``t`` depends on ``(seed, t)`` only); labels are class indices.
 
     Args:
         model: ``[n, C, H, W] -> [n, classes]`` with ``classes >= dataset.num_classes``.
     """
     _check(iterations, lr)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    if batch_size < 1 or not 0 <= momentum < 1:
+        raise ValueError(f"need batch_size >= 1 and 0 <= momentum < 1, got {batch_size} and {momentum}.")
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
 
     def outer_step(step: int) -> dict[str, float]:
         g = seeded(seed, step)
@@ -96,10 +98,10 @@ def pretrain_continual(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
-        return {"loss": float(loss), "accuracy": float((logits.argmax(-1) == y).float().mean())}
+        return {"loss": float(loss.detach()), "accuracy": float((logits.argmax(-1) == y).float().mean())}
 
-    who = {"algorithm": "pretrain", "lr": lr, "batch_size": batch_size, "seed": seed,
+    who = {"algorithm": "pretrain", "lr": lr, "momentum": momentum, "batch_size": batch_size, "seed": seed,
            "classes": dataset.num_classes}
-    return run_loop(model, outer_step, Schedule(iterations, log_every=log_every, checkpoint_every=checkpoint_every),
-                    run_dir, name="pretrain", optimizer=optimizer, identity=who, tasks_per_step=batch_size,
-                    resume=resume, progress=progress, desc="pretrain")
+    schedule = Schedule(iterations, log_every=log_every, checkpoint_every=checkpoint_every)
+    return run_loop(model, outer_step, schedule, run_dir, name="pretrain", optimizer=optimizer, identity=who,
+                    tasks_per_step=batch_size, resume=resume, progress=progress, desc="pretrain")

@@ -31,15 +31,15 @@ import io
 import lzma
 import os
 import pickle
-import re
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator
 from importlib import resources
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+import platformdirs
 
 from innerloop.data.download import (
     MAX_MEMBER_BYTES,
@@ -48,8 +48,12 @@ from innerloop.data.download import (
     SizeLimitError,
     StrPath,
     UnsafeArchiveError,
+    corrupt_archive,
     download,
+    member_problem,
     remove_quietly,
+    size_text,
+    unsafe_archive,
 )
 
 __all__ = [
@@ -59,12 +63,10 @@ __all__ = [
     "file_identity",
     "iter_tar",
     "md5_file",
-    "member_problem",
     "packaged_split",
     "restricted_unpickle",
 ]
 
-_DRIVE = re.compile(r"^[A-Za-z]:")
 _CHUNK = 1 << 20
 
 
@@ -76,8 +78,9 @@ def data_folder(root: StrPath | None, name: str, present: Callable[[Path], bool]
     """Where a dataset's files are (or will go).
 
     ``root`` when given (or ``root/<name>`` when only that holds the files, by ``present``);
-    else ``$INNERLOOP_DATA/<name>``; else ``$XDG_DATA_HOME/innerloop/<name>`` (default
-    ``~/.local/share/innerloop/<name>``).
+    else ``$INNERLOOP_DATA/<name>``; else ``<user data directory>/<name>``
+    (``platformdirs.user_data_dir("innerloop")``: ``$XDG_DATA_HOME/innerloop``, default
+    ``~/.local/share/innerloop``, on Linux).
     """
     if root is not None:
         folder = Path(root).expanduser()
@@ -85,8 +88,7 @@ def data_folder(root: StrPath | None, name: str, present: Callable[[Path], bool]
     env = os.environ.get("INNERLOOP_DATA")
     if env:
         return Path(env).expanduser() / name
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base).expanduser() / "innerloop" / name
+    return Path(platformdirs.user_data_dir("innerloop", appauthor=False)) / name
 
 
 def file_identity(path: Path) -> dict[str, object]:
@@ -147,35 +149,6 @@ def fetch_verified(url: str, dest: StrPath, *, md5: str, size: int, sha256: str 
     return dest
 
 
-def member_problem(name: str) -> str | None:
-    """Why the archive path ``name`` is unsafe (absolute, ``..``, drive letter, NUL), or None."""
-    if not name or "\x00" in name:
-        return "an empty name or a NUL byte in its name"
-    if name.startswith(("/", "\\")) or _DRIVE.match(name):
-        return "an absolute path"
-    if ".." in PurePosixPath(name.replace("\\", "/")).parts:
-        return "a '..' component (it would escape the extraction folder)"
-    return None
-
-
-def _size(n: int) -> str:
-    return f"{n / (1 << 20):.1f} MiB ({n} bytes)" if n >= 1 << 20 else f"{n} bytes"
-
-
-def _corrupt(path: Path, err: BaseException) -> CorruptArchiveError:
-    return CorruptArchiveError(
-        f"the tar archive {path} is truncated or corrupt: {err}. Delete it and download it again "
-        f"(or put a good copy of {path.name} in {path.parent})."
-    )
-
-
-def _unsafe(path: Path, name: str, problem: str) -> UnsafeArchiveError:
-    return UnsafeArchiveError(
-        f"refusing to use the tar archive {path}: member {name!r} has {problem}. The archive is damaged "
-        "or malicious; delete it and get the file from its official source."
-    )
-
-
 def iter_tar(
     path: StrPath,
     select: Callable[[str], bool] | None = None,
@@ -211,7 +184,7 @@ def iter_tar(
     except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError) as e:
         if isinstance(e, FileNotFoundError):
             raise
-        raise _corrupt(path, e) from e
+        raise corrupt_archive("tar", path, e) from e
 
 
 def _decompressed(raw: IO[bytes], path: Path) -> IO[bytes]:
@@ -251,20 +224,21 @@ def _member(
     if problem is None and not (info.isfile() or info.isdir()):
         problem = "a special file type (device, FIFO, ...)"
     if problem is not None:
-        raise _unsafe(path, name, problem)
+        raise unsafe_archive("tar", path, name, problem)
     if info.isdir() or (select is not None and not select(name)):
         return
     limit = cap(name)
     if info.size > limit:
         raise SizeLimitError(
-            f"refusing to read member {name!r} of the tar archive {path}: it is {_size(info.size)}, over the "
-            f"cap of {_size(limit)} for it. The archive is damaged or hostile; delete it and get it from its "
-            "official source."
+            f"refusing to read member {name!r} of the tar archive {path}: it is {size_text(info.size)}, over "
+            f"the cap of {size_text(limit)} for it. The archive is damaged or hostile; delete it and get it from "
+            "its official source."
         )
     f = tf.extractfile(info)
     data = b"" if f is None else f.read()
     if len(data) != info.size:
-        raise _corrupt(path, EOFError(f"member {name!r} ends after {len(data)} of {info.size} bytes"))
+        short = EOFError(f"member {name!r} ends after {len(data)} of {info.size} bytes")
+        raise corrupt_archive("tar", path, short)
     yield name, data
 
 

@@ -14,7 +14,8 @@ grouped into 20 superclasses of 5. Both few-shot benchmarks use all 600 images o
 Each class's group is its superclass (for ``within_alphabet`` tasks).
 
 Where the files come from, in ``folder`` (``root``, or ``root/cifar100``, else
-``$INNERLOOP_DATA/cifar100``, else ``~/.local/share/innerloop/cifar100``), first found:
+``$INNERLOOP_DATA/cifar100``, else ``cifar100`` in the user data directory, see
+:func:`~innerloop.data.archives.data_folder`), first found:
 
 1. the extracted binary version ``cifar-100-binary/`` (``train.bin``, ``test.bin``,
    ``fine_label_names.txt``, ``coarse_label_names.txt``);
@@ -52,7 +53,7 @@ from innerloop.data.archives import (
     restricted_unpickle,
 )
 from innerloop.data.download import DataError, DownloadError, StrPath, verify_checksum_list
-from innerloop.data.images import ImageClassDataset, cache_key, cached, default_cache_dir, size_pair
+from innerloop.data.images import ImageClassDataset, cache_folder, cache_key, cached, size_pair
 from innerloop.tasks import SPLITS
 
 __all__ = ["ARCHIVE", "MD5", "SHA256", "SIZE", "URL", "cifar100_root", "cifar_fs", "fc100", "load_cifar100"]
@@ -267,19 +268,28 @@ def load_cifar100(
             [coarse_names[int(g)] for g in group],
         )
 
-    where = None
-    if use_cache:
-        where = Path(cache_dir) if cache_dir is not None else default_cache_dir(folder)
-    return cached(build, where, f"cifar100-{hw[0]}x{hw[1]}", key)
+    return cached(build, cache_folder(cache_dir, use_cache, folder), f"cifar100-{hw[0]}x{hw[1]}", key)
 
 
-def _check_names(wanted: list[str], have: Sequence[str], what: str, split_file: str) -> None:
-    missing = [n for n in wanted if n not in set(have)]
-    if missing:
-        raise DataError(
-            f"the {what} split file {split_file} names {', '.join(missing[:5])}, which the CIFAR-100 data does "
-            f"not have ({len(missing)} in all); use the official CIFAR-100 files."
-        )
+def _split(full: ImageClassDataset, what: str, lists: str, by_superclass: bool) -> dict[str, ImageClassDataset]:
+    """``full`` split by the package's ``splits/<lists>/<split>.txt``: lists of class names, or of
+    superclass names (``by_superclass``: every class of a listed superclass, in CIFAR's label order)."""
+    out: dict[str, ImageClassDataset] = {}
+    for s in SPLITS:
+        wanted = packaged_split(lists, f"{s}.txt")
+        have = set(full.groups if by_superclass else full.names)
+        missing = [n for n in wanted if n not in have]
+        if missing:
+            raise DataError(
+                f"the {what} split file splits/{lists}/{s}.txt names {', '.join(missing[:5])}, which the "
+                f"CIFAR-100 data does not have ({len(missing)} in all); use the official CIFAR-100 files."
+            )
+        if by_superclass:
+            chosen = set(wanted)
+            out[s] = full.subset([i for i, g in enumerate(full.groups) if g in chosen])
+        else:
+            out[s] = full.subset([full.class_index(n) for n in wanted])
+    return out
 
 
 def cifar_fs(
@@ -294,13 +304,7 @@ def cifar_fs(
     Arguments as :func:`load_cifar100`; the class lists are the package's
     ``splits/cifar-fs/<split>.txt``.
     """
-    full = load_cifar100(root, image_size, cache_dir, download, use_cache)
-    out: dict[str, ImageClassDataset] = {}
-    for s in SPLITS:
-        names = packaged_split("cifar-fs", f"{s}.txt")
-        _check_names(names, full.names, "CIFAR-FS", f"splits/cifar-fs/{s}.txt")
-        out[s] = full.subset([full.class_index(n) for n in names])
-    return out
+    return _split(load_cifar100(root, image_size, cache_dir, download, use_cache), "CIFAR-FS", "cifar-fs", False)
 
 
 def fc100(
@@ -315,11 +319,4 @@ def fc100(
     Arguments as :func:`load_cifar100`; the superclass lists are the package's
     ``splits/fc100/<split>.txt``. Classes keep CIFAR's label order within a split.
     """
-    full = load_cifar100(root, image_size, cache_dir, download, use_cache)
-    out: dict[str, ImageClassDataset] = {}
-    for s in SPLITS:
-        supers = packaged_split("fc100", f"{s}.txt")
-        _check_names(supers, full.groups, "FC100", f"splits/fc100/{s}.txt")
-        chosen = set(supers)
-        out[s] = full.subset([i for i, g in enumerate(full.groups) if g in chosen])
-    return out
+    return _split(load_cifar100(root, image_size, cache_dir, download, use_cache), "FC100", "fc100", True)

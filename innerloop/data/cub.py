@@ -12,7 +12,8 @@ class ``i`` is in ``train`` (their "base") if ``i % 2 == 0``, ``val`` if ``i % 4
 ``innerloop/data/splits/cub/{train,val,test}.txt``.
 
 Where the files come from, in ``folder`` (``root``, or ``root/cub``, else ``$INNERLOOP_DATA/cub``,
-else ``~/.local/share/innerloop/cub``), first found:
+else ``cub`` in the user data directory, see :func:`~innerloop.data.archives.data_folder`), first
+found:
 
 1. the extracted folder ``CUB_200_2011/images/<class>/*.jpg``;
 2. the archive ``CUB_200_2011.tgz``, read as a stream (nothing is extracted to disk; every member
@@ -28,7 +29,6 @@ under a key made of the image size and the source files' identity.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -40,11 +40,12 @@ from innerloop.data.download import MAX_MEMBER_BYTES, DataError, DownloadError, 
 from innerloop.data.images import (
     IMAGE_SUFFIXES,
     ImageClassDataset,
+    cache_folder,
     cache_key,
     cached,
-    default_cache_dir,
     load_image,
     size_pair,
+    stat_signature,
 )
 from innerloop.tasks import SPLITS
 
@@ -110,11 +111,8 @@ def _folder_files(top: Path) -> list[tuple[str, str, Path]]:
 def _identity(src: Path) -> object:
     if src.is_file():
         return file_identity(src)
-    h = hashlib.sha256()
-    for cls, name, f in _folder_files(src):
-        st = f.stat()
-        h.update(f"{cls}/{name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return {"folder": str(src.resolve()), "files": h.hexdigest()}
+    files = [f for _, _, f in _folder_files(src)]
+    return {"folder": str(src.resolve()), "files": stat_signature(files, src / "images")}
 
 
 def _check_classes(found: list[str], src: Path, classes_txt: bytes | None) -> None:
@@ -188,10 +186,7 @@ def load_cub(
         stored = torch.from_numpy(np.stack([a for _, _, a in items]))
         return ImageClassDataset(stored, counts, names)
 
-    where = None
-    if use_cache:
-        where = Path(cache_dir) if cache_dir is not None else default_cache_dir(folder)
-    return cached(build, where, f"cub-{hw[0]}x{hw[1]}", key)
+    return cached(build, cache_folder(cache_dir, use_cache, folder), f"cub-{hw[0]}x{hw[1]}", key)
 
 
 def cub(

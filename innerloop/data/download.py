@@ -59,14 +59,18 @@ __all__ = [
     "UnsafeArchiveError",
     "check_member_size",
     "check_url",
+    "corrupt_archive",
     "download",
     "extract_zip",
     "https_opener",
     "iter_zip",
+    "member_problem",
     "open_zip",
     "read_member",
     "safe_members",
     "sha256_file",
+    "size_text",
+    "unsafe_archive",
     "verify_checksum_list",
 ]
 
@@ -185,7 +189,8 @@ def https_opener(*handlers: urllib.request.BaseHandler) -> urllib.request.Opener
     return urllib.request.build_opener(HttpsOnlyRedirectHandler(), *handlers)
 
 
-def _size(n: int) -> str:
+def size_text(n: int) -> str:
+    """``n`` bytes for a message: ``"1.5 MiB (1572864 bytes)"``, or ``"512 bytes"`` under 1 KiB."""
     for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= scale:
             return f"{n / scale:.1f} {unit} ({n} bytes)"
@@ -241,7 +246,7 @@ def download(
 
     def too_large(what: str) -> SizeLimitError:
         return SizeLimitError(
-            f"refusing to download {url}: {what}, over the cap of {_size(max_bytes)} (max_bytes). "
+            f"refusing to download {url}: {what}, over the cap of {size_text(max_bytes)} (max_bytes). "
             f"Nothing was written to {dest}. If the file is genuinely this large, pass a larger "
             f"max_bytes, or {by_hand} after checking it."
         )
@@ -278,12 +283,12 @@ def download(
                     total = response.headers.get("Content-Length")
                     total_n = int(total) if total and total.isdigit() else None
                     if total_n is not None and total_n > max_bytes:
-                        raise too_large(f"the server announces {_size(total_n)}")
+                        raise too_large(f"the server announces {size_text(total_n)}")
                     done = 0
                     for chunk in iter(lambda: response.read(_CHUNK), b""):
                         done += len(chunk)
                         if done > max_bytes:
-                            raise too_large(f"more than {_size(max_bytes)} arrived")
+                            raise too_large(f"more than {size_text(max_bytes)} arrived")
                         out.write(chunk)
                         h.update(chunk)
                         if report is not None:
@@ -373,8 +378,9 @@ def verify_checksum_list(path: StrPath, sums_name: str = SUMS_FILE) -> bool:
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
 
-def _name_problem(name: str) -> str | None:
-    """Why the path ``name`` (inside an archive or a marker) is unsafe, or None if it is fine."""
+def member_problem(name: str) -> str | None:
+    """Why the path ``name`` (of a zip or tar member, or in an extraction marker) is unsafe (empty,
+    NUL byte, absolute, drive letter, ``..``), or None if it is fine."""
     if not name or "\x00" in name:
         return "an empty name or a NUL byte in its name"
     if name.startswith(("/", "\\")) or _DRIVE.match(name):
@@ -386,7 +392,7 @@ def _name_problem(name: str) -> str | None:
 
 def _member_problem(info: zipfile.ZipInfo) -> str | None:
     """Why ``info`` is unsafe to use, or None if it is fine."""
-    problem = _name_problem(info.filename)
+    problem = member_problem(info.filename)
     if problem is not None:
         return problem
     mode = info.external_attr >> 16
@@ -395,18 +401,27 @@ def _member_problem(info: zipfile.ZipInfo) -> str | None:
     return None
 
 
-def _corrupt(path: Path, err: BaseException, member: str | None = None) -> CorruptArchiveError:
+def corrupt_archive(kind: str, path: Path, err: BaseException, member: str | None = None) -> CorruptArchiveError:
+    """The error for a truncated or damaged ``kind`` (``"zip"``, ``"tar"``) archive, naming the way out."""
     where = f" (member {member!r})" if member else ""
     return CorruptArchiveError(
-        f"the zip archive {path} is truncated or corrupt{where}: {err}. Delete it and download it again "
+        f"the {kind} archive {path} is truncated or corrupt{where}: {err}. Delete it and download it again "
         f"(or put a good copy of {path.name} in {path.parent})."
+    )
+
+
+def unsafe_archive(kind: str, path: StrPath | None, member: str, problem: str) -> UnsafeArchiveError:
+    """The error for a ``kind`` archive whose ``member`` has ``problem`` (see :func:`member_problem`)."""
+    return UnsafeArchiveError(
+        f"refusing to use the {kind} archive {path}: member {member!r} has {problem}. The archive is damaged "
+        "or malicious; delete it and get the file from its official source."
     )
 
 
 def _too_big_member(path: StrPath, member: str, what: str, max_bytes: int) -> SizeLimitError:
     return SizeLimitError(
         f"refusing to read member {member!r} of the zip archive {path}: {what}, over the cap of "
-        f"{_size(max_bytes)} per member (max_member_bytes). The archive is damaged or hostile; delete it "
+        f"{size_text(max_bytes)} per member (max_member_bytes). The archive is damaged or hostile; delete it "
         "and get it from its official source (if the member is genuinely this large, pass a larger "
         "max_member_bytes)."
     )
@@ -419,7 +434,7 @@ def check_member_size(info: zipfile.ZipInfo, path: StrPath, max_bytes: int = MAX
         SizeLimitError: naming the member, the archive, its size and the cap.
     """
     if info.file_size > max_bytes:
-        raise _too_big_member(path, info.filename, f"it is {_size(info.file_size)} uncompressed", max_bytes)
+        raise _too_big_member(path, info.filename, f"it is {size_text(info.file_size)} uncompressed", max_bytes)
 
 
 def safe_members(archive: zipfile.ZipFile, path: StrPath | None = None) -> list[zipfile.ZipInfo]:
@@ -434,10 +449,7 @@ def safe_members(archive: zipfile.ZipFile, path: StrPath | None = None) -> list[
     for info in infos:
         problem = _member_problem(info)
         if problem is not None:
-            raise UnsafeArchiveError(
-                f"refusing to use the zip archive {shown}: member {info.filename!r} has {problem}. "
-                "The archive is damaged or malicious; delete it and get the file from its official source."
-            )
+            raise unsafe_archive("zip", shown, info.filename, problem)
     return infos
 
 
@@ -455,13 +467,13 @@ def open_zip(path: StrPath) -> Iterator[tuple[zipfile.ZipFile, list[zipfile.ZipI
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, zlib.error, EOFError) as e:
-        raise _corrupt(path, e) from e
+        raise corrupt_archive("zip", path, e) from e
     with zf:
         members = safe_members(zf, path)
         try:
             yield zf, members
         except (zipfile.BadZipFile, zlib.error, EOFError) as e:
-            raise _corrupt(path, e) from e
+            raise corrupt_archive("zip", path, e) from e
 
 
 def _copy_member(
@@ -475,11 +487,11 @@ def _copy_member(
             for chunk in iter(lambda: src.read(_CHUNK), b""):
                 done += len(chunk)
                 if done > max_bytes:
-                    what = f"more than {_size(max_bytes)} decompressed"
+                    what = f"more than {size_text(max_bytes)} decompressed"
                     raise _too_big_member(path, info.filename, what, max_bytes)
                 write(chunk)
     except (zipfile.BadZipFile, zlib.error, EOFError) as e:
-        raise _corrupt(Path(path), e, info.filename) from e
+        raise corrupt_archive("zip", Path(path), e, info.filename) from e
 
 
 def read_member(
@@ -562,7 +574,7 @@ def _previous_extraction(path: Path, dest: Path) -> tuple[set[str], set[str]]:
                 "changed. Choose another destination."
             )
         for name in files | folders:
-            problem = _name_problem(name)
+            problem = member_problem(name)
             if problem is not None or not _inside(dest, dest / name):
                 raise DataError(
                     f"{refuse}: its record {marker} lists {name!r}, which is outside the folder; nothing was "

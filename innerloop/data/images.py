@@ -31,6 +31,7 @@ import sys
 import tempfile
 import warnings
 import zipfile
+from abc import abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,9 @@ from innerloop.tasks import SPLITS, check_split
 __all__ = [
     "IMAGE_SUFFIXES",
     "ImageClassDataset",
+    "LazySplits",
     "MiniImageNet",
+    "cache_folder",
     "cache_key",
     "cache_root",
     "cached",
@@ -61,6 +64,7 @@ __all__ = [
     "save_cache",
     "split_class_folder",
     "split_classes",
+    "stat_signature",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -326,6 +330,14 @@ def default_cache_dir(root: StrPath | None = None) -> Path:
     return cache_root()
 
 
+def cache_folder(cache_dir: StrPath | None, use_cache: bool, root: StrPath | None = None) -> Path | None:
+    """The ``cache_dir`` a loader hands to :func:`cached`: None when ``use_cache`` is False (no cache),
+    else ``cache_dir`` when given, else :func:`default_cache_dir` of the data folder ``root``."""
+    if not use_cache:
+        return None
+    return Path(cache_dir) if cache_dir is not None else default_cache_dir(root)
+
+
 _PENDING: list[list[tuple[Path, ImageClassDataset, str]]] = []
 
 
@@ -501,8 +513,9 @@ def load_image(
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
-def _stat_signature(files: Sequence[Path], root: Path) -> str:
-    """A hash of the files' relative paths, sizes and modification times (the source identity)."""
+def stat_signature(files: Sequence[Path], root: Path) -> str:
+    """A hash of the files' paths relative to ``root`` (``/``-separated), sizes and modification times:
+    the identity of a folder of source images in a cache key."""
     h = hashlib.sha256()
     for f in files:
         st = f.stat()
@@ -567,7 +580,7 @@ def image_folder_dataset(
         size=hw,
         mode=mode,
         resample=int(resample),
-        files=_stat_signature(files, root),
+        files=stat_signature(files, root),
     )
 
     def build() -> ImageClassDataset:
@@ -576,8 +589,7 @@ def image_folder_dataset(
             [len(fs) for _, fs in classes], [c for c, _ in classes],
         )
 
-    where = None if not use_cache else (cache_dir if cache_dir is not None else default_cache_dir(root))
-    return cached(build, where, f"folder-{root.name}-{hw[0]}x{hw[1]}", key)
+    return cached(build, cache_folder(cache_dir, use_cache, root), f"folder-{root.name}-{hw[0]}x{hw[1]}", key)
 
 
 def _count(value: float | int, n: int, name: str) -> int:
@@ -692,7 +704,48 @@ def _read_split_csv(path: Path) -> list[tuple[str, str]]:
     return out
 
 
-class MiniImageNet(Mapping[str, ImageClassDataset]):
+class LazySplits(Mapping[str, ImageClassDataset]):
+    """A mapping ``split -> ImageClassDataset`` (``train``, ``val``, ``test``) that loads a split on its
+    first access (:meth:`_load`, which subclasses write) and keeps it; :meth:`_cached` caches what a
+    split builds as :func:`cached` does.
+
+    Args:
+        size: ``(height, width)`` or an int for a square: the stored images' size.
+        cache_dir: where preprocessed splits go; default :func:`cache_root`.
+        use_cache: False to neither read nor write a cache.
+    """
+
+    def __init__(self, size: int | tuple[int, int], cache_dir: StrPath | None, use_cache: bool) -> None:
+        self.size = size_pair(size)
+        self._cache_dir = None if cache_dir is None else Path(cache_dir)
+        self.use_cache = use_cache
+        self._splits: dict[str, ImageClassDataset] = {}
+
+    @abstractmethod
+    def _load(self, split: str) -> ImageClassDataset:
+        """Build (or read from the cache) the split ``split``."""
+
+    def __getitem__(self, split: str) -> ImageClassDataset:
+        check_split(split)
+        if split not in self._splits:
+            self._splits[split] = self._load(split)
+        return self._splits[split]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(SPLITS)
+
+    def __len__(self) -> int:
+        return len(SPLITS)
+
+    def _cached(
+        self, build: Callable[[], ImageClassDataset], name: str, key: str, root: Path
+    ) -> ImageClassDataset:
+        """``build()``, cached as ``<name>-<H>x<W>-<key>`` in :func:`cache_folder` (data read from ``root``)."""
+        where = cache_folder(self._cache_dir, self.use_cache, root)
+        return cached(build, where, f"{name}-{self.size[0]}x{self.size[1]}", key)
+
+
+class MiniImageNet(LazySplits):
     """miniImageNet (Vinyals et al. 2016) with the Ravi & Larochelle split: 64 / 16 / 20 classes.
 
     A mapping ``split -> ImageClassDataset`` (``train``, ``val``, ``test``), each split loaded on
@@ -719,28 +772,13 @@ class MiniImageNet(Mapping[str, ImageClassDataset]):
         use_cache: bool = True,
     ) -> None:
         self.images_root, self.split_root = Path(images_root), Path(split_root)
-        self.size = size_pair(size)
-        self._cache_dir = None if cache_dir is None else Path(cache_dir)
-        self.use_cache = use_cache
-        self._splits: dict[str, ImageClassDataset] = {}
+        super().__init__(size, cache_dir, use_cache)
         if not self.images_root.is_dir():
             raise DataError(
                 f"the miniImageNet image folder {self.images_root} does not exist. Put the images there, "
                 "either flat (images/<filename> or <filename>) or one folder per class (<label>/<filename>), "
                 "with the file names of the split CSVs."
             )
-
-    def __getitem__(self, split: str) -> ImageClassDataset:
-        check_split(split)
-        if split not in self._splits:
-            self._splits[split] = self._load(split)
-        return self._splits[split]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(SPLITS)
-
-    def __len__(self) -> int:
-        return len(SPLITS)
 
     def _locate(self, filename: str, label: str) -> Path | None:
         for cand in (
@@ -777,7 +815,7 @@ class MiniImageNet(Mapping[str, ImageClassDataset]):
             size=self.size,
             root=str(self.images_root.resolve()),
             csv=hashlib.sha256(csv_path.read_bytes()).hexdigest(),
-            files=_stat_signature(files, self.images_root),
+            files=stat_signature(files, self.images_root),
         )
 
         def build() -> ImageClassDataset:
@@ -785,7 +823,4 @@ class MiniImageNet(Mapping[str, ImageClassDataset]):
                                f"preprocessing miniImageNet {split}")
             return ImageClassDataset(data, [len(by_label[k]) for k in labels], labels)
 
-        where = None
-        if self.use_cache:
-            where = self._cache_dir if self._cache_dir is not None else default_cache_dir(self.images_root)
-        return cached(build, where, f"miniimagenet-{split}-{self.size[0]}x{self.size[1]}", key)
+        return self._cached(build, f"miniimagenet-{split}", key, self.images_root)

@@ -10,7 +10,8 @@ Where the files come from, in order:
 1. ``root`` (an argument): the folder holding the two archives (or a folder whose ``omniglot/``
    sub-folder holds them);
 2. else ``$INNERLOOP_DATA/omniglot``;
-3. else ``$XDG_DATA_HOME/innerloop/omniglot`` (default ``~/.local/share/innerloop/omniglot``).
+3. else ``<user data directory>/omniglot`` (``platformdirs.user_data_dir("innerloop")``; on Linux
+   ``$XDG_DATA_HOME/innerloop/omniglot``, default ``~/.local/share/innerloop/omniglot``).
 
 An archive that is already in the folder is *not* checked against the official checksum
 (copies may be re-encoded: same pixels, different bytes), unless a ``SHA256SUMS`` file beside it
@@ -56,7 +57,6 @@ Splits (``split=``):
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
@@ -66,6 +66,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from innerloop.data.archives import data_folder
 from innerloop.data.download import (
     MAX_MEMBER_BYTES,
     DataError,
@@ -80,9 +81,9 @@ from innerloop.data.download import (
 )
 from innerloop.data.images import (
     ImageClassDataset,
+    cache_folder,
     cache_key,
     cached,
-    default_cache_dir,
     load_image,
     progress_bar,
     size_pair,
@@ -134,16 +135,7 @@ def _has_archives(folder: Path) -> bool:
 
 def omniglot_root(root: StrPath | None = None) -> Path:
     """The folder that holds (or will hold) the Omniglot archives; see the module docstring."""
-    if root is not None:
-        folder = Path(root).expanduser()
-        if not _has_archives(folder) and _has_archives(folder / "omniglot"):
-            return folder / "omniglot"
-        return folder
-    env = os.environ.get("INNERLOOP_DATA")
-    if env:
-        return Path(env).expanduser() / "omniglot"
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base).expanduser() / "innerloop" / "omniglot"
+    return data_folder(root, "omniglot", _has_archives)
 
 
 def _where_to_put(folder: Path, names: Sequence[str]) -> str:
@@ -266,10 +258,7 @@ def load_omniglot_characters(
         data = torch.from_numpy(np.concatenate(arrays))
         return ImageClassDataset(data, counts, names, [s.split("/")[0] for s in names])
 
-    where = None
-    if use_cache:
-        where = Path(cache_dir) if cache_dir is not None else default_cache_dir(folder)
-    return cached(build, where, f"omniglot-{hw[0]}x{hw[1]}", key), background
+    return cached(build, cache_folder(cache_dir, use_cache, folder), f"omniglot-{hw[0]}x{hw[1]}", key), background
 
 
 def _vinyals_files(folder: Path, splits_root: Path | None, download_missing: bool) -> dict[str, Path]:

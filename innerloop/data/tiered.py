@@ -8,8 +8,8 @@ repository's ``tiered_imagenet_split/{train,val,test}.csv``, shipped as
 
 ImageNet's licence does not allow redistribution, so nothing is downloaded: the images come from
 the user's copy, in ``folder`` (``root``, or ``root/tiered-imagenet``, else
-``$INNERLOOP_DATA/tiered-imagenet``, else ``~/.local/share/innerloop/tiered-imagenet``), in one of
-two forms, first found per split:
+``$INNERLOOP_DATA/tiered-imagenet``, else ``tiered-imagenet`` in the user data directory, see
+:func:`~innerloop.data.archives.data_folder`), in one of two forms, first found per split:
 
 ``<split>_images_png.pkl`` + ``<split>_labels.pkl`` (or ``<split>_images.npz`` + labels)
     The common preprocessed release (84 x 84 images). Its files are pickles: they are loaded only
@@ -30,8 +30,6 @@ under a key made of the image size and the source files' identity.
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +42,10 @@ from innerloop.data.download import DataError, StrPath
 from innerloop.data.images import (
     IMAGE_SUFFIXES,
     ImageClassDataset,
+    LazySplits,
     cache_key,
-    cached,
-    default_cache_dir,
     load_image,
-    size_pair,
+    stat_signature,
 )
 from innerloop.tasks import SPLITS, check_split
 
@@ -147,7 +144,7 @@ def _class_files(root: Path, wnid: str) -> list[Path]:
     return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-class TieredImageNet(Mapping[str, ImageClassDataset]):
+class TieredImageNet(LazySplits):
     """tieredImageNet as a mapping ``split -> ImageClassDataset`` (``train``, ``val``, ``test``).
 
     A split is loaded on first access; images are float32 ``[n_c, 3, H, W]`` in [0, 1] when read
@@ -175,24 +172,9 @@ class TieredImageNet(Mapping[str, ImageClassDataset]):
         use_cache: bool = True,
     ) -> None:
         self.root = tiered_root(root)
-        self.size = size_pair(image_size)
-        self._cache_dir = None if cache_dir is None else Path(cache_dir)
-        self.use_cache = use_cache
-        self._splits: dict[str, ImageClassDataset] = {}
+        super().__init__(image_size, cache_dir, use_cache)
         if not self.root.is_dir():
             raise DataError(f"tieredImageNet: the folder {self.root} does not exist. {_HOW_TO_GET}.")
-
-    def __getitem__(self, split: str) -> ImageClassDataset:
-        check_split(split)
-        if split not in self._splits:
-            self._splits[split] = self._load(split)
-        return self._splits[split]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(SPLITS)
-
-    def __len__(self) -> int:
-        return len(SPLITS)
 
     def __repr__(self) -> str:
         return f"TieredImageNet({self.root}, size={self.size}, loaded: {', '.join(self._splits) or 'none'})"
@@ -202,7 +184,7 @@ class TieredImageNet(Mapping[str, ImageClassDataset]):
         if release is not None:
             key = cache_key(kind="tiered-release", split=split, size=self.size,
                             files=[file_identity(p) for p in release])
-            return self._cached(split, key, lambda: self._from_release(split, *release))
+            return self._cached(lambda: self._from_release(split, *release), f"tiered-{split}", key, self.root)
         images_root = _imagenet_folder(self.root)
         if images_root is None:
             raise DataError(
@@ -218,16 +200,11 @@ class TieredImageNet(Mapping[str, ImageClassDataset]):
                 f"{images_root} (first: {', '.join(missing[:3])}). "
                 f"{_HOW_TO_GET.replace('<folder>', str(self.root))}."
             )
-        h = hashlib.sha256()
-        for w, _ in rows:
-            for f in files[w]:
-                st = f.stat()
-                h.update(f"{w}/{f.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        every = [f for w, _ in rows for f in files[w]]
         key = cache_key(kind="tiered-imagenet", split=split, size=self.size, root=str(images_root.resolve()),
-                        files=h.hexdigest(), resample="bicubic")
+                        files=stat_signature(every, images_root), resample="bicubic")
 
         def build() -> ImageClassDataset:
-            every = [f for w, _ in rows for f in files[w]]
             out = np.empty((len(every), 3, *self.size), dtype=np.uint8)
             for i, f in enumerate(every):
                 out[i] = load_image(f, self.size, "RGB", Image.Resampling.BICUBIC)
@@ -235,13 +212,7 @@ class TieredImageNet(Mapping[str, ImageClassDataset]):
                 torch.from_numpy(out), [len(files[w]) for w, _ in rows], [w for w, _ in rows], [c for _, c in rows]
             )
 
-        return self._cached(split, key, build)
-
-    def _cached(self, split: str, key: str, build: Any) -> ImageClassDataset:
-        where = None
-        if self.use_cache:
-            where = self._cache_dir if self._cache_dir is not None else default_cache_dir(self.root)
-        return cached(build, where, f"tiered-{split}-{self.size[0]}x{self.size[1]}", key)
+        return self._cached(build, f"tiered-{split}", key, self.root)
 
     def _from_release(self, split: str, images_path: Path, labels_path: Path) -> ImageClassDataset:
         labels = _labels(labels_path)

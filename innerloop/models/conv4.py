@@ -21,12 +21,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from torch import Tensor, nn
+from torch import nn
 
-from innerloop.models.layers import BatchNorm2d
+from innerloop.models.layers import Backbone, BatchNorm2d, Norm, check_norm
 
 Pool = Literal["max", "stride"]
-Norm = Literal["batch", "none"]
 
 
 def _block(cin: int, cout: int, pool: Pool, norm: Norm, track: bool) -> nn.Sequential:
@@ -39,7 +38,7 @@ def _block(cin: int, cout: int, pool: Pool, norm: Norm, track: bool) -> nn.Seque
     return nn.Sequential(*layers)
 
 
-class Conv4(nn.Module):
+class Conv4(Backbone):
     """``[batch, C, H, W] -> [batch, ways]`` (or ``[batch, features]`` with ``ways=0``).
 
     Args:
@@ -66,8 +65,7 @@ class Conv4(nn.Module):
         super().__init__()
         if pool not in ("max", "stride"):
             raise ValueError(f"unknown pool {pool!r}; choose 'max' or 'stride'.")
-        if norm not in ("batch", "none"):
-            raise ValueError(f"unknown norm {norm!r}; choose 'batch' or 'none'.")
+        check_norm(norm)
         if ways < 0 or hidden < 1 or in_channels < 1:
             raise ValueError(
                 f"need ways >= 0, hidden >= 1, in_channels >= 1; got {ways}, {hidden}, {in_channels}."
@@ -82,12 +80,4 @@ class Conv4(nn.Module):
             size = (size + 1) // 2 if pool == "stride" else size // 2
         if size < 1:
             raise ValueError(f"image_size {image_size} is too small for four down-sampling blocks.")
-        self.out_features = hidden * size * size
-        self.head = nn.Linear(self.out_features, ways) if ways > 0 else None
-
-    def forward(self, x: Tensor) -> Tensor:
-        z: Tensor = self.features(x)
-        if self.head is None:
-            return z
-        y: Tensor = self.head(z)
-        return y
+        self._add_head(hidden * size * size, ways)

@@ -1,15 +1,19 @@
 """Layers of innerloop's backbones: a BatchNorm with faster kernels for the channels-last layout on
 CPU (the same function and parameters as its ``torch.nn`` parent), and the random regularisers of
 ResNet-12 and WRN (dropout, DropBlock) as pure functions of torch's generator that refuse ``vmap``
-clearly."""
+clearly; and what the backbones share: :class:`Backbone` (a body ``features`` and an optional linear
+``head``), :func:`norm_layer` and the checks of their common arguments."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+Norm = Literal["batch", "none"]
 
 
 def is_channels_last(x: Tensor) -> bool:
@@ -57,6 +61,61 @@ class BatchNorm2d(nn.BatchNorm2d):
         return super().forward(flat).view(n, h, w, c).permute(0, 3, 1, 2)
 
 
+def norm_layer(channels: int, norm: Norm, track: bool) -> nn.Module:
+    """A :class:`BatchNorm2d` over ``channels`` (with running statistics when ``track``) for
+    ``norm="batch"``, the identity for ``"none"``."""
+    return BatchNorm2d(channels, track_running_stats=track) if norm == "batch" else nn.Identity()
+
+
+def check_norm(norm: str) -> None:
+    """Refuse a ``norm`` other than ``"batch"`` and ``"none"``."""
+    if norm not in ("batch", "none"):
+        raise ValueError(f"unknown norm {norm!r}; choose 'batch' or 'none'.")
+
+
+def check_drop_rate(drop_rate: float) -> None:
+    """Refuse a ``drop_rate`` outside ``[0, 1)``."""
+    if not 0.0 <= drop_rate < 1.0:
+        raise ValueError(f"drop_rate must lie in [0, 1), got {drop_rate!r}.")
+
+
+def check_positive_int(name: str, value: object) -> None:
+    """Refuse ``value`` (the argument ``name``) unless it is an integer >= 1 (a bool is not)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+
+
+class Backbone(nn.Module):
+    """``[batch, C, H, W] -> [batch, ways]``: a body ``features`` (``[batch, C, H, W] ->
+    [batch, out_features]``) then a linear ``head``, or the features themselves when the head is None
+    (``ways = 0``: an embedding network). The names ``features`` and ``head`` are what ANIL, BOIL and
+    the Baseline address. A subclass builds ``self.features`` in its ``__init__``, then calls
+    :meth:`_add_head`.
+    """
+
+    features: nn.Module
+    out_features: int
+    head: nn.Linear | None
+
+    def _add_head(self, out_features: int, ways: int) -> None:
+        """Set ``out_features`` and a linear head to ``ways`` outputs (none when ``ways == 0``)."""
+        self.out_features = out_features
+        self.head = nn.Linear(out_features, ways) if ways > 0 else None
+
+    def _kaiming_init_convs(self, nonlinearity: Literal["relu", "leaky_relu"]) -> None:
+        """Re-draw every convolution's weight with He initialisation (``fan_out``), as ResNets do."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity=nonlinearity)
+
+    def forward(self, x: Tensor) -> Tensor:
+        z: Tensor = self.features(x)
+        if self.head is None:
+            return z
+        y: Tensor = self.head(z)
+        return y
+
+
 def _random_mask(draw: Callable[[], Tensor], layer: str) -> Tensor:
     """``draw()``, with torch.func's refusal of a random op under ``vmap`` turned into one that names
     the way out (vmap's default ``randomness="error"``, which :mod:`innerloop.execution` keeps)."""
@@ -84,8 +143,7 @@ class Dropout(nn.Module):
 
     def __init__(self, drop_rate: float = 0.0) -> None:
         super().__init__()
-        if not 0.0 <= drop_rate < 1.0:
-            raise ValueError(f"drop_rate must lie in [0, 1), got {drop_rate!r}.")
+        check_drop_rate(drop_rate)
         self.drop_rate = float(drop_rate)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -121,10 +179,8 @@ class DropBlock(nn.Module):
 
     def __init__(self, drop_rate: float = 0.0, block_size: int = 5) -> None:
         super().__init__()
-        if not 0.0 <= drop_rate < 1.0:
-            raise ValueError(f"drop_rate must lie in [0, 1), got {drop_rate!r}.")
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}.")
+        check_drop_rate(drop_rate)
+        check_positive_int("block_size", block_size)
         self.drop_rate = float(drop_rate)
         self.block_size = block_size
 

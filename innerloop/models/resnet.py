@@ -30,19 +30,23 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from innerloop.models.layers import BatchNorm2d, DropBlock, Dropout, GlobalAvgPool
+from innerloop.models.layers import (
+    Backbone,
+    DropBlock,
+    Dropout,
+    GlobalAvgPool,
+    Norm,
+    check_drop_rate,
+    check_norm,
+    check_positive_int,
+    norm_layer,
+)
 
-Norm = Literal["batch", "none"]
 RESNET12_WIDTHS: tuple[int, int, int, int] = (64, 160, 320, 640)
-
-
-def _norm(channels: int, norm: Norm, track: bool) -> nn.Module:
-    return BatchNorm2d(channels, track_running_stats=track) if norm == "batch" else nn.Identity()
 
 
 class ResBlock(nn.Module):
@@ -58,12 +62,14 @@ class ResBlock(nn.Module):
         super().__init__()
         bias = norm == "none"
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=bias)
-        self.bn1 = _norm(cout, norm, track_running_stats)
+        self.bn1 = norm_layer(cout, norm, track_running_stats)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=bias)
-        self.bn2 = _norm(cout, norm, track_running_stats)
+        self.bn2 = norm_layer(cout, norm, track_running_stats)
         self.conv3 = nn.Conv2d(cout, cout, 3, padding=1, bias=bias)
-        self.bn3 = _norm(cout, norm, track_running_stats)
-        self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=bias), _norm(cout, norm, track_running_stats))
+        self.bn3 = norm_layer(cout, norm, track_running_stats)
+        self.downsample = nn.Sequential(
+            nn.Conv2d(cin, cout, 1, bias=bias), norm_layer(cout, norm, track_running_stats)
+        )
         self.pool = nn.MaxPool2d(2)
         self.drop = drop
 
@@ -77,7 +83,7 @@ class ResBlock(nn.Module):
         return y
 
 
-class ResNet12(nn.Module):
+class ResNet12(Backbone):
     """``[batch, C, H, W] -> [batch, ways]`` (or ``[batch, features]`` with ``ways=0``).
 
     Args:
@@ -112,16 +118,13 @@ class ResNet12(nn.Module):
         widths = tuple(widths)
         if len(widths) != 4 or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
             raise ValueError(f"widths must be four integers >= 1 (e.g. (64, 160, 320, 640)), got {widths!r}.")
-        if norm not in ("batch", "none"):
-            raise ValueError(f"unknown norm {norm!r}; choose 'batch' or 'none'.")
+        check_norm(norm)
         if ways < 0 or in_channels < 1:
             raise ValueError(f"need ways >= 0 and in_channels >= 1; got {ways}, {in_channels}.")
         if image_size < 16:
             raise ValueError(f"image_size {image_size} is too small for four 2x2 max-pools: give at least 16.")
-        if not 0.0 <= drop_rate < 1.0:
-            raise ValueError(f"drop_rate must lie in [0, 1), got {drop_rate!r}.")
-        if isinstance(dropblock_size, bool) or not isinstance(dropblock_size, int) or dropblock_size < 1:
-            raise ValueError(f"dropblock_size must be an integer >= 1, got {dropblock_size!r}.")
+        check_drop_rate(drop_rate)
+        check_positive_int("dropblock_size", dropblock_size)
         self.widths, self.drop_rate, self.avg_pool = widths, float(drop_rate), avg_pool
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         cin = in_channels
@@ -136,15 +139,5 @@ class ResNet12(nn.Module):
         layers["pool"] = GlobalAvgPool() if avg_pool else nn.Flatten()
         self.features = nn.Sequential(layers)
         side = image_size // 16
-        self.out_features = widths[3] if avg_pool else widths[3] * side * side
-        self.head = nn.Linear(self.out_features, ways) if ways > 0 else None
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):  # MetaOptNet's initialisation
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")
-
-    def forward(self, x: Tensor) -> Tensor:
-        z: Tensor = self.features(x)
-        if self.head is None:
-            return z
-        y: Tensor = self.head(z)
-        return y
+        self._add_head(widths[3] if avg_pool else widths[3] * side * side, ways)
+        self._kaiming_init_convs("leaky_relu")  # MetaOptNet's initialisation

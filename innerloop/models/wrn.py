@@ -20,18 +20,20 @@ BatchNorm is innerloop's :class:`~innerloop.models.BatchNorm2d`, with the polici
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from innerloop.models.layers import BatchNorm2d, Dropout, GlobalAvgPool
-
-Norm = Literal["batch", "none"]
-
-
-def _norm(channels: int, norm: Norm, track: bool) -> nn.Module:
-    return BatchNorm2d(channels, track_running_stats=track) if norm == "batch" else nn.Identity()
+from innerloop.models.layers import (
+    Backbone,
+    Dropout,
+    GlobalAvgPool,
+    Norm,
+    check_drop_rate,
+    check_norm,
+    check_positive_int,
+    norm_layer,
+)
 
 
 class WideBlock(nn.Module):
@@ -39,9 +41,9 @@ class WideBlock(nn.Module):
 
     def __init__(self, cin: int, cout: int, stride: int, drop_rate: float, norm: Norm, track: bool) -> None:
         super().__init__()
-        self.bn1 = _norm(cin, norm, track)
+        self.bn1 = norm_layer(cin, norm, track)
         self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = _norm(cout, norm, track)
+        self.bn2 = norm_layer(cout, norm, track)
         self.drop = Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
         self.convShortcut = (None if cin == cout and stride == 1 else
@@ -66,7 +68,7 @@ class _Group(nn.Module):
         return y
 
 
-class WRN28_10(nn.Module):  # noqa: N801  (the network's name in the papers)
+class WRN28_10(Backbone):  # noqa: N801  (the network's name in the papers)
     """``[batch, C, H, W] -> [batch, ways]`` (or ``[batch, 64 * widen]`` with ``ways=0``).
 
     Args:
@@ -92,14 +94,11 @@ class WRN28_10(nn.Module):  # noqa: N801  (the network's name in the papers)
         super().__init__()
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
             raise ValueError(f"depth must be 6 n + 4 with n >= 1 (10, 16, 22, 28, ...), got {depth!r}.")
-        if isinstance(widen, bool) or not isinstance(widen, int) or widen < 1:
-            raise ValueError(f"widen must be an integer >= 1, got {widen!r}.")
-        if norm not in ("batch", "none"):
-            raise ValueError(f"unknown norm {norm!r}; choose 'batch' or 'none'.")
+        check_positive_int("widen", widen)
+        check_norm(norm)
         if ways < 0 or in_channels < 1:
             raise ValueError(f"need ways >= 0 and in_channels >= 1; got {ways}, {in_channels}.")
-        if not 0.0 <= drop_rate < 1.0:
-            raise ValueError(f"drop_rate must lie in [0, 1), got {drop_rate!r}.")
+        check_drop_rate(drop_rate)
         n = (depth - 4) // 6
         c = (16, 16 * widen, 32 * widen, 64 * widen)
         self.depth, self.widen, self.drop_rate = depth, widen, float(drop_rate)
@@ -109,19 +108,9 @@ class WRN28_10(nn.Module):  # noqa: N801  (the network's name in the papers)
             ("block1", _Group(n, c[0], c[1], 1, drop_rate, norm, track)),
             ("block2", _Group(n, c[1], c[2], 2, drop_rate, norm, track)),
             ("block3", _Group(n, c[2], c[3], 2, drop_rate, norm, track)),
-            ("bn1", _norm(c[3], norm, track)),
+            ("bn1", norm_layer(c[3], norm, track)),
             ("relu", nn.ReLU()),
             ("pool", GlobalAvgPool()),
         ]))
-        self.out_features = c[3]
-        self.head = nn.Linear(self.out_features, ways) if ways > 0 else None
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):  # the reference implementation's initialisation
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    def forward(self, x: Tensor) -> Tensor:
-        z: Tensor = self.features(x)
-        if self.head is None:
-            return z
-        y: Tensor = self.head(z)
-        return y
+        self._add_head(c[3], ways)
+        self._kaiming_init_convs("relu")  # the reference implementation's initialisation

@@ -98,7 +98,7 @@ class Hyper:
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}.")
         if weight_decay is not None and not weight_decay > 0 and tune_weight_decay is not None:
-            raise ValueError(f"a tuned weight decay starts > 0 (it is stored as its logarithm), got {weight_decay}.")
+            raise ValueError(f"a tuned weight decay starts > 0 (it is stored as its log), got {weight_decay}.")
         if weight_decay is not None and weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0 (or None), got {weight_decay}.")
         if not 0 < init_data_weight < 1:
@@ -193,9 +193,9 @@ class TrainingRun:
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}.")
         if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1 (or None: the whole training set), got {self.batch_size}.")
+            raise ValueError(f"batch_size must be >= 1 (or None: the whole set), got {self.batch_size}.")
         if self.train_x.shape[0] != self.train_y.shape[0]:
-            raise ValueError(f"train_x has {self.train_x.shape[0]} examples but train_y has {self.train_y.shape[0]}.")
+            raise ValueError(f"train_x has {self.train_x.shape[0]} examples, train_y {self.train_y.shape[0]}.")
         per_example_loss(self.loss)  # an unknown name is refused here
 
     @property

@@ -10,6 +10,9 @@ import pytest
 from fewshot_fakes import FAKE_BACKGROUND, FAKE_EVALUATION, real_data_root, write_omniglot_zip
 from PIL import Image
 
+import innerloop.data.archives as ar
+from innerloop.data.factory import image_splits
+
 
 @pytest.fixture
 def fake_omniglot(tmp_path: Path) -> Callable[..., Path]:
@@ -45,6 +48,19 @@ def image_folder(tmp_path: Path) -> Callable[..., Path]:
         return root
 
     return make
+
+
+@pytest.fixture
+def offline_loaders(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Caches in ``tmp_path/user-cache``, no download from :mod:`innerloop.data.archives` (one fails the
+    test), and a fresh :func:`~innerloop.data.factory.image_splits` memo."""
+    monkeypatch.setenv("INNERLOOP_CACHE", str(tmp_path / "user-cache"))
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise AssertionError("must not download")
+
+    monkeypatch.setattr(ar, "download", no_network)
+    image_splits.cache_clear()
 
 
 @pytest.fixture(scope="session")

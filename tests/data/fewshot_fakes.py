@@ -1,10 +1,11 @@
-"""Helpers shared by the image-data tests: fake Omniglot PNGs and archives."""
+"""Helpers shared by the image-data tests: fake Omniglot PNGs and archives, tar archives in memory."""
 
 from __future__ import annotations
 
 import http.client
 import io
 import os
+import tarfile
 import urllib.error
 import urllib.request
 import urllib.response
@@ -15,6 +16,22 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def add_to_tar(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Add a regular file ``name`` holding ``data`` to the open tar archive ``tf``."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tf.addfile(info, io.BytesIO(data))
+
+
+def write_tar(path: Path, files: Mapping[str, bytes]) -> Path:
+    """A ``.tar.gz`` at ``path`` holding ``{member name: bytes}`` as regular files, in that order."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz") as tf:
+        for name, data in files.items():
+            add_to_tar(tf, name, data)
+    return path
 
 
 def omniglot_png(seed: int, size: int = 105) -> bytes:

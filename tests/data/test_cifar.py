@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import pickle
 import tarfile
 from pathlib import Path
@@ -11,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fewshot_fakes import write_tar
 
 import innerloop.data.archives as ar
 import innerloop.data.cifar as cf
 from innerloop.data.archives import UnsafePickleError, packaged_split, restricted_unpickle
 from innerloop.data.download import ChecksumError, CorruptArchiveError, DataError, UnsafeArchiveError
-from innerloop.data.factory import image_splits, task_family
+from innerloop.data.factory import task_family
 
 PER_CLASS = (5, 2)  # train, test images per class: 7 in all
 
@@ -43,12 +43,6 @@ def records(rng: np.random.Generator) -> dict[str, tuple[np.ndarray, np.ndarray,
     return out
 
 
-def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tf.addfile(info, io.BytesIO(data))
-
-
 def write_binary(folder: Path, seed: int = 0, extract: bool = False) -> Path:
     """The binary version: ``cifar-100-binary.tar.gz`` (or its extracted folder) in ``folder``."""
     fine_names, coarse_names, _ = hierarchy()
@@ -65,10 +59,7 @@ def write_binary(folder: Path, seed: int = 0, extract: bool = False) -> Path:
         for name, data in files.items():
             (folder / "cifar-100-binary" / name).write_bytes(data)
         return folder / "cifar-100-binary"
-    with tarfile.open(folder / cf.ARCHIVE, "w:gz") as tf:
-        for name, data in files.items():
-            _add(tf, f"cifar-100-binary/{name}", data)
-    return folder / cf.ARCHIVE
+    return write_tar(folder / cf.ARCHIVE, {f"cifar-100-binary/{n}": data for n, data in files.items()})
 
 
 def write_python(folder: Path, seed: int = 0) -> Path:
@@ -79,20 +70,10 @@ def write_python(folder: Path, seed: int = 0) -> Path:
         batch = {"data": pix, "fine_labels": fine.tolist(), "coarse_labels": coarse.tolist(), "filenames": [b"x"]}
         files[part] = pickle.dumps(batch, protocol=2)
     folder.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(folder / cf.PYTHON_ARCHIVE, "w:gz") as tf:
-        for name, data in files.items():
-            _add(tf, f"cifar-100-python/{name}", data)
-    return folder / cf.PYTHON_ARCHIVE
+    return write_tar(folder / cf.PYTHON_ARCHIVE, {f"cifar-100-python/{n}": data for n, data in files.items()})
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("INNERLOOP_CACHE", str(tmp_path / "user-cache"))
-    def no_network(*args: object, **kwargs: object) -> None:
-        raise AssertionError("must not download")
-
-    monkeypatch.setattr(ar, "download", no_network)
-    image_splits.cache_clear()
+pytestmark = pytest.mark.usefixtures("offline_loaders")
 
 
 def _check_splits(splits: dict[str, object], sizes: dict[str, int]) -> None:
@@ -215,8 +196,7 @@ def test_corrupt_and_unsafe_archives_are_refused(tmp_path: Path) -> None:
         cf.load_cifar100(tmp_path / "junk", use_cache=False)
     bad = tmp_path / "unsafe"
     bad.mkdir()
-    with tarfile.open(bad / cf.ARCHIVE, "w:gz") as tf:
-        _add(tf, "../escape.txt", b"x")
+    write_tar(bad / cf.ARCHIVE, {"../escape.txt": b"x"})
     with pytest.raises(UnsafeArchiveError, match=r"'\.\./escape\.txt'"):
         cf.load_cifar100(bad, use_cache=False)
     link = tmp_path / "link"

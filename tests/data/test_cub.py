@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import io
-import tarfile
 from pathlib import Path
 
 import pytest
 import torch
+from fewshot_fakes import write_tar
 from PIL import Image
 
 import innerloop.data.archives as ar
 import innerloop.data.cub as cb
 from innerloop.data.archives import packaged_split
 from innerloop.data.download import ChecksumError, CorruptArchiveError, DataError, UnsafeArchiveError
-from innerloop.data.factory import image_splits, task_family
+from innerloop.data.factory import task_family
 
 IMAGES = 3  # per class
 SIDE = 8  # stored image side in these tests
@@ -42,23 +42,10 @@ def members(names: list[str]) -> dict[str, bytes]:
 
 
 def write_archive(folder: Path, files: dict[str, bytes] | None = None) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(folder / cb.ARCHIVE, "w:gz") as tf:
-        for name, data in (files if files is not None else members(classes())).items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return folder / cb.ARCHIVE
+    return write_tar(folder / cb.ARCHIVE, files if files is not None else members(classes()))
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("INNERLOOP_CACHE", str(tmp_path / "user-cache"))
-    def no_network(*args: object, **kwargs: object) -> None:
-        raise AssertionError("must not download")
-
-    monkeypatch.setattr(ar, "download", no_network)
-    image_splits.cache_clear()
+pytestmark = pytest.mark.usefixtures("offline_loaders")
 
 
 def test_split_rule_of_chen_et_al() -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+import sys
 from pathlib import Path
 
 import numpy as np
+import platformdirs
 import pytest
 import torch
 from fewshot_fakes import FAKE_BACKGROUND, FAKE_DRAWINGS, FAKE_EVALUATION, omniglot_png, write_omniglot_zip
@@ -149,6 +151,14 @@ def test_root_from_argument_or_environment(tmp_path, monkeypatch, fake_omniglot)
     assert omniglot_root(tmp_path / "x") == tmp_path / "x"
     fake_omniglot(folder=tmp_path / "parent" / "omniglot")
     assert omniglot_root(tmp_path / "parent") == tmp_path / "parent" / "omniglot"  # the data folder works too
+
+
+def test_without_root_or_environment_the_data_is_in_the_user_data_directory(tmp_path, monkeypatch):
+    monkeypatch.delenv("INNERLOOP_DATA", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))  # platformdirs' user data directory on Linux
+    assert omniglot_root() == Path(platformdirs.user_data_dir("innerloop", appauthor=False)) / "omniglot"
+    if sys.platform.startswith("linux"):
+        assert omniglot_root() == tmp_path / "xdg" / "innerloop" / "omniglot"
 
 
 def test_default_cache_is_the_user_cache_never_the_data_folder(fake_omniglot, tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """Helpers shared by the backbone tests (imported by ``test_resnet.py`` and ``test_wrn.py``): a small
-image meta-batch and one meta-gradient of any registered algorithm through a backbone."""
+image meta-batch, one meta-gradient of any registered algorithm through a backbone, and MAML's
+meta-gradient compared between two executions (vmap / loop, checkpointed / stored; run in float64)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from innerloop.algorithms import ALGORITHMS
+from innerloop.algorithms import ALGORITHMS, MAML
+from innerloop.execution import Execution
 from innerloop.tasks import TaskBatch
 
 WAYS, TRAIN_CLASSES = 3, 6
@@ -48,3 +50,31 @@ def one_meta_gradient(name: str, build: Callable[[int], nn.Module]) -> None:
     assert all(v == v for v in metrics.values()), metrics
     scores = algorithm.evaluate(image_batch(seed=1), 1)
     assert all(bool(torch.isfinite(v).all()) for v in scores.values()), name
+
+
+def assert_first_order_vmap_equals_loop(build: Callable[[], nn.Module]) -> None:
+    """First-order MAML through ``build()`` (3 ways, one inner step): vmap over tasks and the loop give
+    the same meta-gradient (BatchNorm on batch statistics included). Run it in float64."""
+    batch = image_batch(3, dtype=torch.float64)
+    grads = {}
+    for v in ("vmap", "loop"):
+        torch.manual_seed(0)
+        maml = MAML(build(), "classification", inner_lr=0.4, inner_steps=1, first_order=True, vectorize=v)
+        grads[v], _ = maml.meta_gradient(batch)
+    for k in grads["loop"]:
+        torch.testing.assert_close(grads["vmap"][k], grads["loop"][k], rtol=1e-9, atol=1e-12)
+
+
+def assert_checkpointed_equals_stored(build: Callable[[], nn.Module], inner_steps: int) -> None:
+    """Second-order MAML through ``build()`` (3 ways): checkpointed inner steps give the stored loop's
+    meta-gradient, random masks included (the same seed before each). Run it in float64."""
+    batch = image_batch(2, dtype=torch.float64)
+    grads = {}
+    for checkpoint in (False, True):
+        torch.manual_seed(0)
+        maml = MAML(build(), "classification", inner_lr=0.1, inner_steps=inner_steps,
+                    execution=Execution(checkpoint=checkpoint))
+        torch.manual_seed(5)
+        grads[checkpoint], _ = maml.meta_gradient(batch)
+    for k in grads[False]:
+        torch.testing.assert_close(grads[True][k], grads[False][k], rtol=1e-10, atol=1e-12)

@@ -6,11 +6,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from backbone_checks import image_batch, one_meta_gradient
+from backbone_checks import (
+    assert_checkpointed_equals_stored,
+    assert_first_order_vmap_equals_loop,
+    image_batch,
+    one_meta_gradient,
+)
 from torch.func import vmap
 
 from innerloop.algorithms import ALGORITHMS, ANIL, MAML
-from innerloop.execution import Execution, computed_ops, plan
+from innerloop.execution import computed_ops, plan
 from innerloop.models import DropBlock, Dropout, ResNet12
 
 TINY = (4, 4, 4, 4)
@@ -124,15 +129,7 @@ def test_anil_runs_the_body_once_per_split():
 # -- the execution layer, float64 -----------------------------------------------------------------------------
 @pytest.mark.usefixtures("float64")
 def test_first_order_vmap_equals_loop_with_batchnorm():
-    batch = image_batch(3, dtype=torch.float64)
-    grads = {}
-    for v in ("vmap", "loop"):
-        torch.manual_seed(0)
-        maml = MAML(ResNet12(1, 3, TINY, 16), "classification", inner_lr=0.4, inner_steps=1, first_order=True,
-                    vectorize=v)
-        grads[v], _ = maml.meta_gradient(batch)
-    for k in grads["loop"]:
-        torch.testing.assert_close(grads["vmap"][k], grads["loop"][k], rtol=1e-9, atol=1e-12)
+    assert_first_order_vmap_equals_loop(lambda: ResNet12(1, 3, TINY, 16))
 
 
 def test_second_order_vmap_through_batchnorm_is_refused():
@@ -186,16 +183,9 @@ def test_checkpointed_inner_loop_gives_the_same_meta_gradient(drop_rate):
     """Checkpointed second-order steps recompute each step in the outer backward; with dropout and
     DropBlock on, torch.utils.checkpoint restores the generator, so the recomputed masks are the ones
     drawn, and the meta-gradient is the stored loop's."""
-    batch = image_batch(2, dtype=torch.float64)
-    grads = {}
-    for checkpoint in (False, True):
-        torch.manual_seed(0)
-        maml = MAML(ResNet12(1, 3, TINY, 16, drop_rate=drop_rate, dropblock_size=2), "classification",
-                    inner_lr=0.1, inner_steps=3, execution=Execution(checkpoint=checkpoint))
-        torch.manual_seed(5)
-        grads[checkpoint], _ = maml.meta_gradient(batch)
-    for k in grads[False]:
-        torch.testing.assert_close(grads[True][k], grads[False][k], rtol=1e-10, atol=1e-12)
+    assert_checkpointed_equals_stored(
+        lambda: ResNet12(1, 3, TINY, 16, drop_rate=drop_rate, dropblock_size=2), inner_steps=3
+    )
 
 
 @pytest.mark.parametrize("policy", ["running", "per_step"])

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from backbone_checks import image_batch, one_meta_gradient
+from backbone_checks import (
+    assert_checkpointed_equals_stored,
+    assert_first_order_vmap_equals_loop,
+    one_meta_gradient,
+)
 
-from innerloop.algorithms import ALGORITHMS, MAML
-from innerloop.execution import Execution
+from innerloop.algorithms import ALGORITHMS
 from innerloop.models import WRN28_10
 
 
@@ -57,26 +60,9 @@ def test_every_algorithm_takes_a_meta_gradient_through_a_small_wrn(name):
 
 @pytest.mark.usefixtures("float64")
 def test_first_order_vmap_equals_loop_with_batchnorm():
-    batch = image_batch(3, dtype=torch.float64)
-    grads = {}
-    for v in ("vmap", "loop"):
-        torch.manual_seed(0)
-        maml = MAML(WRN28_10(1, 3, depth=10, widen=1), "classification", inner_lr=0.4, inner_steps=1,
-                    first_order=True, vectorize=v)
-        grads[v], _ = maml.meta_gradient(batch)
-    for k in grads["loop"]:
-        torch.testing.assert_close(grads["vmap"][k], grads["loop"][k], rtol=1e-9, atol=1e-12)
+    assert_first_order_vmap_equals_loop(lambda: WRN28_10(1, 3, depth=10, widen=1))
 
 
 @pytest.mark.usefixtures("float64")
 def test_checkpointed_inner_loop_gives_the_same_meta_gradient():
-    batch = image_batch(2, dtype=torch.float64)
-    grads = {}
-    for checkpoint in (False, True):
-        torch.manual_seed(0)
-        maml = MAML(WRN28_10(1, 3, depth=10, widen=1, drop_rate=0.2), "classification", inner_lr=0.1,
-                    inner_steps=2, execution=Execution(checkpoint=checkpoint))
-        torch.manual_seed(5)
-        grads[checkpoint], _ = maml.meta_gradient(batch)
-    for k in grads[False]:
-        torch.testing.assert_close(grads[True][k], grads[False][k], rtol=1e-10, atol=1e-12)
+    assert_checkpointed_equals_stored(lambda: WRN28_10(1, 3, depth=10, widen=1, drop_rate=0.2), inner_steps=2)

@@ -71,5 +71,13 @@ def test_every_shipped_config_is_valid():
             from innerloop.rl.config import load_rl_config
 
             load_rl_config(path)
+        elif path.name.startswith("tune_"):  # hypergradient tuning: `innerloop tune`
+            from innerloop.tuning.tune import load_tune_config
+
+            load_tune_config(path)
+        elif path.name.startswith("continual_"):  # OML / ANML: benchmarks/continual_omniglot.py
+            from innerloop.continual.config import load_continual_config
+
+            load_continual_config(path)
         else:
             load_config(path)
