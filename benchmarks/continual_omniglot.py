@@ -55,6 +55,7 @@ from innerloop.continual import (
 )
 from innerloop.continual.config import METHODS, ContinualConfig, load_continual_config
 from innerloop.io import atomic_write_text
+from innerloop.training.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -123,7 +124,9 @@ def train(args: argparse.Namespace, cfg: ContinualConfig, family: ContinualOmnig
     net = build(cfg, family.num_classes)
     run_dir = args.runs / cfg.method
     start = time.perf_counter()
-    done, result = 0, None
+    last = run_dir / "last.pt"
+    done = int(load_checkpoint(last)["step"]) if last.exists() else 0  # a resumed run continues from there
+    result = None
     learner: OML | ANML | None = None
     if cfg.method in ("oml", "anml"):
         learner = (OML if cfg.method == "oml" else ANML)(net, inner_lr=cfg.inner_lr, seed=cfg.seed)

@@ -71,6 +71,7 @@ from innerloop.training import (
     meta_train,
     run,
 )
+from innerloop.training.predict import Prediction, Predictor
 
 try:
     __version__ = importlib.metadata.version("innerloop")
@@ -85,7 +86,8 @@ __all__ = [
     "FewShotClassification",
     "GradientBased", "GradientOptions", "IMAMLOptions", "InnerLR", "InnerWeightDecay", "LinearRegression",
     "MAMLOptions", "MAMLPlusPlus", "MAMLPlusPlusOptions", "MatchingNet", "MetaOptNet", "MetaOptNetOptions",
-    "MiniImageNet", "OMLNet", "ObjectiveFns", "Omniglot", "Pretrain", "PretrainOptions", "ProtoNet", "Reptile",
+    "MiniImageNet", "OMLNet", "ObjectiveFns", "Omniglot", "Prediction", "Predictor", "Pretrain", "PretrainOptions",
+    "ProtoNet", "Reptile",
     "ReptileOptions", "ResNet12", "Sinusoid",
     "Task", "TaskBatch", "TaskFamily", "TrainConfig", "TrainResult", "UpdateRule", "adam", "adapt",
     "adapt_trajectory", "config_from_dict", "custom_objective", "image_folder_dataset", "load_checkpoint",

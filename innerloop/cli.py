@@ -7,6 +7,7 @@ returns what the figures need and imports no plotting).
 from __future__ import annotations
 
 import argparse
+import csv
 import errno
 import json
 import sys
@@ -32,6 +33,7 @@ from innerloop.training.evaluate import EvalResult, StepStats, format_table, met
 from innerloop.training.lock import RunLockedError
 from innerloop.training.loggers import LOGGER_NAMES, MissingExtraError
 from innerloop.training.loop import DivergenceError
+from innerloop.training.predict import INK, Predictor
 from innerloop.training.run import (
     batch_norm_of,
     build_family,
@@ -40,6 +42,7 @@ from innerloop.training.run import (
     load_for_eval,
     run,
     run_eval_settings,
+    tta_of,
 )
 from innerloop.training.settings import cli_changes, describe_fields, to_toml
 from innerloop.tuning.tune import TuneConfig, load_tune_config, run_tune
@@ -57,6 +60,9 @@ innerloop: meta-learning on PyTorch.
   innerloop config show [--config F]   print the resolved config (with --set too) as TOML
   innerloop eval CHECKPOINT            meta-test a saved checkpoint as its run did (--ways, --shots,
                                        --queries, --split, --within-alphabet, --set to change it)
+  innerloop predict CHECKPOINT --support DIR --query DIR
+                                       label new images with a trained model: it adapts to the
+                                       support folder's class folders and labels each query image
   innerloop rl train [--config FILE]   meta-RL: MAML + TRPO on 2D navigation or HalfCheetah
 
   torchrun --nproc_per_node=N -m innerloop train --config FILE
@@ -157,10 +163,67 @@ def _tune(args: argparse.Namespace) -> None:
     print(f"results in {cfg.out_dir}/results.json")
 
 
+def _add_predict_parser(sub: Any) -> None:
+    """``predict``: label new images with a trained checkpoint (:class:`~innerloop.training.predict.Predictor`)."""
+    pr = sub.add_parser("predict", help="label new images with a trained model (no training data needed)",
+                        description="Rebuild the model a checkpoint was trained with (from the checkpoint alone), "
+                        "adapt it to the support images and print the predicted label and its probability for "
+                        "every query image. Images of any size, grey or RGB, are preprocessed as the run's "
+                        "training images were.")
+    pr.add_argument("checkpoint", type=Path, help="a best.pt or last.pt written by `innerloop train`")
+    pr.add_argument("--support", type=Path, required=True,
+                    help="a folder with one sub-folder of images per class, named by the class's label")
+    pr.add_argument("--query", type=Path, required=True, help="a folder of the image files to label")
+    pr.add_argument("--steps", type=int, help="adaptation steps (default: the run's eval.steps)")
+    pr.add_argument("--ink", choices=INK, default="auto", help="ink drawings (Omniglot models): dark ink on "
+                    "light paper, light on dark, or auto (detected per image; default)")
+    pr.add_argument("--format", choices=("table", "json", "csv"), default="table",
+                    help="output format (default %(default)s; json and csv hold every class's probability)")
+    add_device_arguments(pr, precision=False)
+
+
+def _predict(args: argparse.Namespace) -> None:
+    if args.steps is not None and args.steps < 0:
+        raise ConfigError(f"--steps {args.steps} is invalid: it must be >= 0.")
+    for flag in ("support", "query"):
+        folder = getattr(args, flag)
+        if not folder.is_dir():
+            raise DataError(f"--{flag} {str(folder)!r} is not a folder; give "
+                            + ("a folder with one sub-folder of images per class." if flag == "support"
+                               else "a folder of image files."))
+    predictor = Predictor.load(args.checkpoint, device=args.device)  # a device this machine lacks: ConfigError
+    try:
+        pred = predictor.predict(args.support, None, args.query, steps=args.steps, ink=args.ink)
+    except ValueError as err:  # the support's way count, labels: the user's folders
+        if isinstance(err, DataError):
+            raise
+        raise ConfigError(str(err)) from err
+    rows = pred.rows()
+    for row in rows:
+        row["name"] = Path(row["name"]).relative_to(args.query).as_posix()
+    if args.format == "json":
+        print(json.dumps(rows, indent=2))
+    elif args.format == "csv":
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["image", "label", "score", *(f"score_{c}" for c in pred.classes)])
+        for row in rows:
+            writer.writerow([row["name"], row["label"], f"{row['score']:.6f}",
+                             *(f"{v:.6f}" for v in row["scores"].values())])
+    else:
+        steps = predictor.steps if args.steps is None else args.steps
+        print(f"{predictor.algorithm.name}, {len(pred.classes)}-way ({', '.join(map(str, pred.classes))}), "
+              f"{steps} adaptation step{'s' * (steps != 1)}, {len(rows)} query images:")
+        width = max(len("image"), *(len(r["name"]) for r in rows))
+        lwidth = max(len("label"), *(len(str(r["label"])) for r in rows))
+        print(f"{'image':<{width}}  {'label':<{lwidth}}  score")
+        for row in rows:
+            print(f"{row['name']:<{width}}  {row['label']!s:<{lwidth}}  {row['score']:.3f}")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="innerloop", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,eval,config,rl,tune}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,eval,predict,config,rl,tune}")
     t = sub.add_parser("train", help="meta-train, meta-test and report (default: MAML on sinusoids)",
                        description="Meta-train, then meta-test with 95% CIs. A run resumes from "
                        "OUT/last.pt when it exists and matches the config.",
@@ -189,6 +252,7 @@ def _parser() -> argparse.ArgumentParser:
                    "config's task.sampling.<split>.within_alphabet)")
     add_set_argument(e, "innerloop train")
     add_device_arguments(e)
+    _add_predict_parser(sub)
     c = sub.add_parser("config", help="print the resolved config",
                        description="Print the config a run would use: the defaults, --config FILE, then each "
                        "--set.")
@@ -298,7 +362,7 @@ def _eval(args: argparse.Namespace) -> None:
         # the sizes asked for, checked as a config's are (the head's ways; this machine's memory) before any work
         cfg = cfg.override({"eval.shots": shots, "eval.queries": queries, "eval.test_tasks": tasks,
                             "eval.ways": ways, "eval.steps": steps, "eval.report_steps": shown})
-        family = build_family(cfg, shots, queries, ways, splits=(split,))
+        family = build_family(cfg, shots, queries, ways, splits=(split,), tta=True)
     device = place(algorithm, cfg.execution.device)  # the device and precision were checked by load_for_eval
     res = meta_test(algorithm, family, split, tasks, steps, device=device)
     if res.metric == "accuracy":
@@ -308,7 +372,7 @@ def _eval(args: argparse.Namespace) -> None:
              f"{' per class' if classification else ''}, {tasks} {split} tasks (settings not given: from "
              f"{source})")
     print(format_table({algorithm.name: res}, shown, title,
-                       run_note(device, cfg.execution.precision, batch_norm_of(cfg))))
+                       run_note(device, cfg.execution.precision, batch_norm_of(cfg), tta_of(cfg))))
 
 
 def _config_show(args: argparse.Namespace) -> None:
@@ -371,7 +435,8 @@ _DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFB
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        {"train": _train, "eval": _eval, "rl": _rl, "config": _config_show, "tune": _tune}[args.command](args)
+        {"train": _train, "eval": _eval, "predict": _predict, "rl": _rl, "config": _config_show,
+         "tune": _tune}[args.command](args)
     except (ConfigError, CheckpointError, DataError, DistributedError, MissingMuJoCoError, DivergenceError,
             RunLockedError, MissingExtraError) as err:
         print(f"innerloop: error: {err}", file=sys.stderr)

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from innerloop.data.augment import Augment, AugmentedFamily, TTAFamily
 from innerloop.data.cifar import cifar_fs, fc100
 from innerloop.data.cub import cub
 from innerloop.data.images import ImageClassDataset, MiniImageNet, image_folder_dataset
@@ -75,22 +76,46 @@ def task_family(name: str, *, shots: int, queries: int, seed: int = 0, ways: int
                 within_alphabet: bool | Mapping[str, bool] = False, image_size: int | None = None,
                 data_root: str | None = None, options: Mapping[str, Any] | None = None,
                 split_options: Mapping[str, Any] | None = None,
-                splits: Sequence[str] | None = None) -> TaskFamily:
+                splits: Sequence[str] | None = None,
+                distinct_drawers: bool | Mapping[str, bool] = False,
+                augment: Augment | None = None, tta: int = 1,
+                tta_augment: Augment | None = None) -> TaskFamily:
     """The task family ``name`` (one of :data:`TASK_FAMILIES`) with ``shots`` support and
     ``queries`` query examples per task (regression) or per class (classification).
 
     Image families only: ``within_alphabet`` (one flag, or one per split), ``split_options`` (the
     class split's keywords, Omniglot's ``lake_val_alphabets``, ...) and ``splits`` (keep only these
     splits, default all: sizes are checked against them alone, and a lazily loaded dataset such as
-    miniImageNet reads only them)."""
+    miniImageNet reads only them), ``distinct_drawers`` (one flag, or one per split: support and query by
+    different drawers, Omniglot only), ``augment`` (meta-training tasks augmented,
+    :class:`~innerloop.data.augment.AugmentedFamily`) and ``tta`` (copies per task for test-time
+    augmentation with ``tta_augment``'s distortions, :class:`~innerloop.data.augment.TTAFamily`)."""
     extra = dict(options or {})
+    if name not in IMAGE_FAMILIES and ((augment is not None and augment.active) or tta > 1):
+        raise ValueError(f"augmentation distorts images; the {name!r} family has none (leave augment, tta out).")
     if name not in IMAGE_FAMILIES:
         return make_family(name, shots=shots, queries=queries, seed=seed, **extra)
     parts = image_splits(name, data_root, split, image_size, tuple(sorted((split_options or {}).items())))
+    by_drawer = (any(distinct_drawers.values()) if isinstance(distinct_drawers, Mapping)
+                 else bool(distinct_drawers))
+    drawers = None
+    if by_drawer:
+        if not isinstance(parts, Omniglot):
+            raise ValueError(f"distinct_drawers needs the drawer of every image, which only Omniglot records; "
+                             f"the {name!r} family has none (set it false).")
+        drawers = parts.drawer_ids()
     if splits is not None:
         absent = [s for s in splits if s not in parts]
         if absent:
             raise ValueError(f"the {name} data has no {', '.join(absent)} split (it has {', '.join(parts)}).")
         parts = {s: parts[s] for s in splits}
-    return FewShotClassification(parts, ways=ways, shots=shots, queries=queries, seed=seed,
-                                 within_alphabet=within_alphabet, **extra)
+    if isinstance(distinct_drawers, Mapping):
+        distinct_drawers = {s: v for s, v in distinct_drawers.items() if s in parts}
+    family: TaskFamily = FewShotClassification(parts, ways=ways, shots=shots, queries=queries, seed=seed,
+                                               within_alphabet=within_alphabet, distinct_drawers=distinct_drawers,
+                                               drawers=drawers, **extra)
+    if augment is not None and augment.active:
+        family = AugmentedFamily(family, augment)
+    if tta > 1:
+        family = TTAFamily(family, tta_augment or augment or Augment(), tta)
+    return family

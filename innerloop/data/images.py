@@ -33,6 +33,7 @@ import warnings
 import zipfile
 from abc import abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,13 +50,18 @@ from innerloop.tasks import SPLITS, check_split
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "RESAMPLING",
     "ImageClassDataset",
+    "ImagePreprocessing",
+    "ImageSource",
     "LazySplits",
     "MiniImageNet",
+    "array_image",
     "cache_folder",
     "cache_key",
     "cache_root",
     "cached",
+    "convert_image",
     "default_cache_dir",
     "deferred_cache_writes",
     "image_folder_dataset",
@@ -504,13 +510,124 @@ def load_image(
                     f"refusing to decode the image {shown}: it is {width} x {height} = {width * height} pixels, "
                     f"over the cap of {cap} pixels ({way_out})."
                 )
-            im = f.convert(mode)
-            if im.size != (w, h):
-                im = im.resize((w, h), resample=resample)
-            arr = np.asarray(im, dtype=np.uint8)
+            return convert_image(f, (h, w), mode, resample)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"cannot read the image {shown}: {e}; replace or delete the file.") from e
+
+
+def convert_image(
+    image: Image.Image,
+    size: int | tuple[int, int],
+    mode: str = "RGB",
+    resample: Image.Resampling = Image.Resampling.LANCZOS,
+) -> np.ndarray:
+    """A decoded image converted to ``mode`` and resized to ``size`` (``(height, width)``) with
+    ``resample`` when its size differs: uint8 ``[C, H, W]`` (C = 1 for ``L``, 3 for ``RGB``). The step
+    every loader (through :func:`load_image`) and :class:`ImagePreprocessing` share."""
+    h, w = size_pair(size)
+    im = image.convert(mode)
+    if im.size != (w, h):
+        im = im.resize((w, h), resample=resample)
+    arr = np.asarray(im, dtype=np.uint8)
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+RESAMPLING: dict[str, Image.Resampling] = {r.name.lower(): r for r in Image.Resampling}
+"""Pillow's resampling filters by the names an :class:`ImagePreprocessing` gives (``lanczos``, ...)."""
+ImageSource = bytes | str | os.PathLike[str] | Image.Image | np.ndarray
+"""One image as a loader or a predictor takes it: a file path, encoded bytes, a Pillow image, or an
+array (see :func:`array_image`)."""
+
+
+def array_image(array: np.ndarray, name: str = "the array") -> Image.Image:
+    """A Pillow image of an array: ``[H, W]`` (grey), ``[H, W, 1]``, ``[H, W, 3]`` (RGB) or ``[H, W, 4]``
+    (RGBA); uint8 (0..255), or floating point in [0, 1] (scaled by 255 and rounded), or bool.
+
+    Raises:
+        DataError: another shape or dtype, or floats outside [0, 1] (naming ``name`` and the way out)."""
+    a = np.asarray(array)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)) or 0 in a.shape:
+        raise DataError(f"{name} has shape {a.shape}; give an image as [H, W] (grey), [H, W, 1], [H, W, 3] (RGB) "
+                        "or [H, W, 4] (RGBA), channels last.")
+    if a.dtype == np.bool_:
+        a = a.astype(np.uint8) * 255
+    elif np.issubdtype(a.dtype, np.floating):
+        if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
+            raise DataError(f"{name} is a float array with values in [{np.nanmin(a):g}, {np.nanmax(a):g}]; floats "
+                            "must lie in [0, 1] (or give uint8 pixels 0..255).")
+        a = np.rint(a * 255).astype(np.uint8)
+    elif a.dtype != np.uint8:
+        if np.issubdtype(a.dtype, np.integer) and a.min() >= 0 and a.max() <= 255:
+            a = a.astype(np.uint8)
+        else:
+            raise DataError(f"{name} has dtype {a.dtype}; give uint8 pixels (0..255) or floats in [0, 1].")
+    mode = "L" if a.ndim == 2 else ("RGB" if a.shape[-1] == 3 else "RGBA")
+    return Image.fromarray(np.ascontiguousarray(a), mode)
+
+
+@dataclass(frozen=True)
+class ImagePreprocessing:
+    """How a loader turns one source image into the uint8 ``[C, H, W]`` it stores (read as ``v / 255``):
+    convert to ``mode``, resize to ``size`` with ``resample`` (:func:`convert_image`), then, when
+    ``invert``, ``255 - v`` (Omniglot: black ink on white becomes ink = 1). A checkpoint stores it
+    (:meth:`to_dict`), so images preprocess for a trained model as they did for its training.
+
+    Attributes:
+        size: ``(height, width)`` after resizing.
+        mode: ``"L"`` (grey, C = 1) or ``"RGB"`` (C = 3).
+        resample: a key of :data:`RESAMPLING`.
+        invert: store ``255 - v``.
+    """
+
+    size: tuple[int, int]
+    mode: str = "RGB"
+    resample: str = "lanczos"
+    invert: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "size", size_pair(self.size))
+        if self.mode not in ("L", "RGB"):
+            raise ValueError(f"image mode {self.mode!r} is invalid: choose 'L' (grey) or 'RGB'.")
+        if self.resample not in RESAMPLING:
+            raise ValueError(f"resample {self.resample!r} is invalid: choose one of {list(RESAMPLING)}.")
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.mode == "L" else 3
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of a preprocessed image."""
+        return self.channels, *self.size
+
+    def __call__(self, source: ImageSource, name: str | None = None, max_pixels: int | None = None) -> np.ndarray:
+        """``source`` preprocessed: uint8 ``[C, H, W]``. Files and bytes are decoded by :func:`load_image`
+        (its pixel cap, ``max_pixels``), arrays read by :func:`array_image`.
+
+        Raises:
+            DataError: an image that cannot be read (naming ``name``, default the path)."""
+        resample = RESAMPLING[self.resample]
+        if isinstance(source, bytes | str | os.PathLike):
+            arr = load_image(source, self.size, self.mode, resample, name=name, max_pixels=max_pixels)
+        elif isinstance(source, Image.Image):
+            arr = convert_image(source, self.size, self.mode, resample)
+        elif isinstance(source, np.ndarray):
+            arr = convert_image(array_image(source, name or "the array"), self.size, self.mode, resample)
+        else:
+            raise DataError(f"{name or 'an image'} is a {type(source).__name__}; give a file path, bytes, a PIL "
+                            "image or a numpy array.")
+        return np.subtract(255, arr, dtype=np.uint8) if self.invert else arr
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (a checkpoint's ``inputs.preprocessing``)."""
+        return {"size": list(self.size), "mode": self.mode, "resample": self.resample, "invert": self.invert}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ImagePreprocessing:
+        """The inverse of :meth:`to_dict`."""
+        return cls(tuple(data["size"]), str(data["mode"]), str(data["resample"]), bool(data["invert"]))
 
 
 def stat_signature(files: Sequence[Path], root: Path) -> str:
@@ -523,13 +640,12 @@ def stat_signature(files: Sequence[Path], root: Path) -> str:
     return h.hexdigest()
 
 
-def _decode_all(files: Sequence[Path], size: tuple[int, int], mode: str, resample: Image.Resampling,
-                desc: str = "preprocessing images") -> Tensor:
-    channels = 1 if mode == "L" else len(mode)
-    out = np.empty((len(files), channels, *size), dtype=np.uint8)
+def _decode_all(files: Sequence[Path], prep: ImagePreprocessing, desc: str = "preprocessing images") -> Tensor:
+    """``[len(files), C, H, W]`` uint8: every file through ``prep``."""
+    out = np.empty((len(files), *prep.shape), dtype=np.uint8)
     with progress_bar(len(files), desc) as bar:
         for i, f in enumerate(files):
-            out[i] = load_image(f, size, mode, resample)
+            out[i] = prep(f)
             bar.update()
     return torch.from_numpy(out)
 
@@ -574,6 +690,7 @@ def image_folder_dataset(
             f"{', '.join(IMAGE_SUFFIXES)}."
         )
     files = [f for _, fs in classes for f in fs]
+    prep = ImagePreprocessing(hw, mode, Image.Resampling(resample).name.lower())
     key = cache_key(
         kind="folder",
         root=str(root.resolve()),
@@ -585,7 +702,7 @@ def image_folder_dataset(
 
     def build() -> ImageClassDataset:
         return ImageClassDataset(
-            _decode_all(files, hw, mode, resample, f"preprocessing {root.name}"),
+            _decode_all(files, prep, f"preprocessing {root.name}"),
             [len(fs) for _, fs in classes], [c for c, _ in classes],
         )
 
@@ -819,7 +936,7 @@ class MiniImageNet(LazySplits):
         )
 
         def build() -> ImageClassDataset:
-            data = _decode_all(files, self.size, "RGB", Image.Resampling.LANCZOS,
+            data = _decode_all(files, ImagePreprocessing(self.size, "RGB", "lanczos"),
                                f"preprocessing miniImageNet {split}")
             return ImageClassDataset(data, [len(by_label[k]) for k in labels], labels)
 

@@ -29,6 +29,11 @@ is cached atomically (see :mod:`innerloop.data.images`) in ``cache_dir`` (defaul
 ``~/.cache/innerloop`` on Linux; never the data folder) under a key made of the image size and the
 archives' SHA-256. Preprocessing and downloads show a progress bar when stderr is a terminal.
 
+Drawers: every character was drawn once by each of 20 people; the file name ``IIII_DD.png`` holds
+the drawer ``DD`` (01-20), read from the archives' directories into :attr:`Omniglot.drawers` (no
+image is decoded for it). ``FewShotClassification(distinct_drawers=...)`` uses it for Lake et al.'s
+within-alphabet 20-way one-shot protocol (support and query drawn by different people).
+
 Splits (``split=``):
 
 ``vinyals``
@@ -64,7 +69,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image
+from torch import Tensor
 
 from innerloop.data.archives import data_folder
 from innerloop.data.download import (
@@ -81,10 +86,10 @@ from innerloop.data.download import (
 )
 from innerloop.data.images import (
     ImageClassDataset,
+    ImagePreprocessing,
     cache_folder,
     cache_key,
     cached,
-    load_image,
     progress_bar,
     size_pair,
     user_cache_dir,
@@ -101,6 +106,8 @@ __all__ = [
     "Omniglot",
     "load_omniglot_characters",
     "omniglot_archives",
+    "omniglot_drawer_ids",
+    "omniglot_preprocessing",
     "omniglot_root",
 ]
 
@@ -178,6 +185,13 @@ def omniglot_archives(root: StrPath | None = None, download_missing: bool = True
     return paths
 
 
+def omniglot_preprocessing(size: int | tuple[int, int] = 28) -> ImagePreprocessing:
+    """How every Omniglot drawing is stored: 8-bit grey, resized to ``size`` (Lanczos), inverted so that
+    ink = 1: uint8 ``[1, H, W]`` (ink = 255). The loader and :class:`~innerloop.training.predict.Predictor`
+    both call it."""
+    return ImagePreprocessing(size_pair(size), "L", "lanczos", invert=True)
+
+
 def _read_archive(
     path: Path, size: tuple[int, int], max_member_bytes: int = MAX_MEMBER_BYTES
 ) -> tuple[list[str], list[int], np.ndarray]:
@@ -195,6 +209,7 @@ def _read_archive(
         names: list[str] = []
         counts: list[int] = []
         out = np.empty((len(pngs), 1, *size), dtype=np.uint8)
+        prep = omniglot_preprocessing(size)
         with progress_bar(len(pngs), f"preprocessing {path.name}") as bar:
             for i, info in enumerate(pngs):
                 bar.update()
@@ -213,8 +228,7 @@ def _read_archive(
                     counts.append(0)
                 counts[-1] += 1
                 png = read_member(zf, info, path, max_member_bytes)
-                grey = load_image(png, size, "L", Image.Resampling.LANCZOS, name=f"{path}:{info.filename}")
-                np.subtract(255, grey, out=out[i])
+                out[i] = prep(png, name=f"{path}:{info.filename}")
     if not names:
         raise DataError(f"{path} holds no PNG images; delete it and download it again (or put a good copy there).")
     return names, counts, out
@@ -259,6 +273,26 @@ def load_omniglot_characters(
         return ImageClassDataset(data, counts, names, [s.split("/")[0] for s in names])
 
     return cached(build, cache_folder(cache_dir, use_cache, folder), f"omniglot-{hw[0]}x{hw[1]}", key), background
+
+
+def _drawer(filename: str) -> int:
+    """The drawer ``DD`` of an Omniglot image ``.../IIII_DD.png`` (1..20), or -1 for another name."""
+    stem = PurePosixPath(filename).stem
+    head, sep, tail = stem.rpartition("_")
+    return int(tail) if sep and head.isdigit() and tail.isdigit() else -1
+
+
+def omniglot_drawer_ids(paths: Mapping[str, Path]) -> Tensor:
+    """The drawer of every image, int64 ``[images]``, in the row order of
+    :func:`load_omniglot_characters`'s dataset (both archives, each sorted by member name); read from
+    the file names ``IIII_DD.png`` (-1 where a name does not follow that pattern). Only the archives'
+    directories are read, so this is cheap and needs no cache."""
+    out: list[int] = []
+    for n in ARCHIVES:
+        with open_zip(paths[n]) as (_, members):
+            names = sorted(m.filename for m in members if not m.is_dir() and m.filename.lower().endswith(".png"))
+        out += [_drawer(f) for f in names]
+    return torch.tensor(out, dtype=torch.int64)
 
 
 def _vinyals_files(folder: Path, splits_root: Path | None, download_missing: bool) -> dict[str, Path]:
@@ -333,13 +367,15 @@ class Omniglot(Mapping[str, ImageClassDataset]):
     """Omniglot as a mapping ``split -> ImageClassDataset`` (``train``, ``val``, ``test``).
 
     Class images are float32 ``[20, 1, H, W]`` in [0, 1] with ink = 1; each class's group is its
-    alphabet (for within-alphabet tasks). See the module docstring for files, caching and splits.
+    alphabet (for within-alphabet tasks) and :attr:`drawers` names who drew each image (for tasks whose
+    support and query come from different drawers, Lake et al.'s one-shot protocol). See the module
+    docstring for files, caching and splits.
 
     Args:
         root: the folder with the archives (default ``$INNERLOOP_DATA/omniglot``).
         split: ``"vinyals"``, ``"lake"`` or ``"maml"``.
-        image_size: side (or ``(height, width)``) after resizing; 28 is standard, 105 keeps the
-            originals.
+        image_size: side (or ``(height, width)``) after resizing; 28 is standard, 56 and 84 are
+            common too, 105 keeps the originals (each size is preprocessed once and cached apart).
         cache_dir: where the preprocessed arrays go (default
             :func:`~innerloop.data.images.cache_root`: ``$INNERLOOP_CACHE``, else the user cache).
         download: download missing archives / split files (verified by checksum).
@@ -377,6 +413,14 @@ class Omniglot(Mapping[str, ImageClassDataset]):
         self.characters, self.background_alphabets = load_omniglot_characters(
             self.root, image_size, cache_dir, download, use_cache
         )
+        self.drawers = omniglot_drawer_ids({n: self.root / f"{n}.zip" for n in ARCHIVES})
+        """The drawer (``DD`` of ``IIII_DD.png``, 1..20) of every stored image, int64 ``[images]``, aligned
+        with the rows of ``characters.data`` (which every split shares): image ``j`` of class ``c`` of a
+        split ``ds`` was drawn by ``drawers[ds.starts[c] + j]``."""
+        if len(self.drawers) != len(self.characters.data):
+            raise DataError(f"the Omniglot archives in {self.root} hold {len(self.drawers)} images but the "
+                            f"preprocessed cache holds {len(self.characters.data)}; delete the cache "
+                            "(see innerloop.data.images.cache_root) to rebuild it.")
         self.splits: dict[str, ImageClassDataset] = {}
         chars = self.characters
         if split == "vinyals":
@@ -424,6 +468,11 @@ class Omniglot(Mapping[str, ImageClassDataset]):
                 "test": order[maml_train:],
             }
             self.splits = {s: _with_rotations(chars.subset(ix), rot) for s, ix in parts.items() if ix}
+
+    def drawer_ids(self) -> dict[str, Tensor]:
+        """``{split: drawers}``: for each split, the drawer of every row of its dataset's ``data`` (the
+        same tensor for every split: they share the storage), for ``FewShotClassification(drawers=...)``."""
+        return {s: self.drawers for s in self.splits}
 
     def __getitem__(self, split: str) -> ImageClassDataset:
         try:

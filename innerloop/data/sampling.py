@@ -47,6 +47,14 @@ class FewShotClassification:
         within_alphabet: draw all classes of a task from one group (the Omniglot alphabet): the group
             is chosen uniformly among those with at least ``ways`` classes. One flag for every split,
             or ``{split: flag}`` (a split left out: ``False``), e.g. ``{"test": True}``.
+        distinct_drawers: draw the support and query images by drawer (Lake et al. 2015's one-shot
+            runs): a task picks ``shots`` support drawers and ``queries`` other query drawers among
+            the drawers every class of the task has, and every class shows the images of those
+            drawers (support image ``k`` of every class by support drawer ``k``, query image ``k``
+            by query drawer ``k``). One flag for every split, or ``{split: flag}``.
+        drawers: ``{split: drawer ids}`` for the splits with ``distinct_drawers``: the drawer of every
+            row of that split's ``data``, int64 ``[len(data)]`` (e.g. :meth:`Omniglot.drawer_ids
+            <innerloop.data.omniglot.Omniglot.drawer_ids>`).
     """
 
     objective: Objective = "classification"
@@ -59,6 +67,8 @@ class FewShotClassification:
         queries: int = 15,
         seed: int = 0,
         within_alphabet: bool | Mapping[str, bool] = False,
+        distinct_drawers: bool | Mapping[str, bool] = False,
+        drawers: Mapping[str, Tensor] | None = None,
     ) -> None:
         self.ways = _check_count("ways (N)", ways)
         self.shots = _check_count("shots (K)", shots)
@@ -73,6 +83,17 @@ class FewShotClassification:
         self.within_alphabet: bool | dict[str, bool] = (
             dict(within_alphabet) if isinstance(within_alphabet, Mapping) else bool(within_alphabet))
         """As given: one flag for every split, or ``{split: flag}``; :meth:`within` reads one split's."""
+        if isinstance(distinct_drawers, Mapping):
+            for split in distinct_drawers:
+                check_split(split)
+            self._by_drawer = {s: bool(distinct_drawers.get(s, False)) for s in dataset_splits}
+        else:
+            self._by_drawer = {s: bool(distinct_drawers) for s in dataset_splits}
+        self.distinct_drawers: bool | dict[str, bool] = (
+            dict(distinct_drawers) if isinstance(distinct_drawers, Mapping) else bool(distinct_drawers))
+        """As given: one flag for every split, or ``{split: flag}``."""
+        self._drawers: dict[str, list[dict[int, int]]] = {}  # split -> per class {drawer: first image index}
+        self._given_drawers = dict(drawers or {})
         self.splits: dict[str, ImageClassDataset] = {}
         self._groups: dict[str, list[Tensor]] = {}
         for split in dataset_splits:
@@ -106,6 +127,56 @@ class FewShotClassification:
                     f"or within_alphabet=False for the {split} split."
                 )
             self._groups[split] = groups
+        if self._by_drawer[split]:
+            self._drawers[split] = self._drawer_index(split, ds)
+
+    def _drawer_index(self, split: str, ds: ImageClassDataset) -> list[dict[int, int]]:
+        ids = self._given_drawers.get(split)
+        if ids is None:
+            raise ValueError(f"distinct_drawers for the {split} split needs the drawer of every image: pass "
+                             "drawers={split: ids} (Omniglot: drawers=omniglot.drawer_ids()), or set "
+                             f"distinct_drawers=False for the {split} split.")
+        ids = torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
+        if ids.numel() != len(ds.data):
+            raise ValueError(f"drawers[{split!r}] holds {ids.numel()} ids but the {split} split stores "
+                             f"{len(ds.data)} images; give one drawer per stored image (row of data).")
+        per_task = self.shots + self.queries
+        out: list[dict[int, int]] = []
+        for c in range(ds.num_classes):
+            start, count = int(ds.starts[c]), int(ds.counts[c])
+            index: dict[int, int] = {}
+            for j, d in enumerate(ids[start : start + count].tolist()):
+                if d < 0:
+                    raise ValueError(f"image {j} of class {ds.names[c]!r} ({split} split) has no drawer id; "
+                                     "distinct_drawers needs Omniglot's IIII_DD.png names, or set it False.")
+                index.setdefault(d, j)
+            if len(index) < per_task:
+                raise ValueError(
+                    f"distinct_drawers: shots + queries = {per_task} drawers per task, but class "
+                    f"{ds.names[c]!r} of the {split} split was drawn by only {len(index)}; use shots + "
+                    f"queries <= {len(index)} or distinct_drawers=False.")
+            out.append(index)
+        return out
+
+    def drawers_of(self, split: Split, index: int) -> tuple[list[int], list[int]]:
+        """``(support drawers, query drawers)`` of task ``index`` of a ``distinct_drawers`` split."""
+        if not self._by_drawer.get(split, False):
+            raise ValueError(f"the {split} split does not draw by drawer (distinct_drawers is off for it).")
+        classes, g = self._draw(split, index)
+        chosen = self._pick_drawers(split, classes, g)
+        return chosen[: self.shots], chosen[self.shots :]
+
+    def _pick_drawers(self, split: str, classes: list[int], g: torch.Generator) -> list[int]:
+        tables = self._drawers[split]
+        common = sorted(set.intersection(*(set(tables[c]) for c in classes)))
+        per_task = self.shots + self.queries
+        if len(common) < per_task:
+            ds = self.splits[split]
+            raise ValueError(f"distinct_drawers: the classes {[ds.names[c] for c in classes][:5]} ... share only "
+                             f"{len(common)} drawers, fewer than shots + queries = {per_task}; use fewer shots "
+                             "or queries, or distinct_drawers=False.")
+        order = torch.randperm(len(common), generator=g)[:per_task]
+        return [common[int(i)] for i in order]
 
     def within(self, split: str) -> bool:
         """Whether the tasks of ``split`` draw their classes from one group (alphabet)."""
@@ -137,7 +208,12 @@ class FewShotClassification:
         ds = self._dataset(split)
         classes, g = self._draw(split, index)
         per_task = self.shots + self.queries
-        picks = torch.stack([torch.randperm(ds.num_images(c), generator=g)[:per_task] for c in classes])
+        if self._by_drawer[split]:
+            chosen = self._pick_drawers(split, classes, g)
+            tables = self._drawers[split]
+            picks = torch.tensor([[tables[c][d] for d in chosen] for c in classes], dtype=torch.int64)
+        else:
+            picks = torch.stack([torch.randperm(ds.num_images(c), generator=g)[:per_task] for c in classes])
         labels = torch.arange(self.ways, dtype=torch.int64)
         cls = torch.tensor(classes, dtype=torch.int64)
         # rows laid out as [all support (class-major), all query (class-major)]: one gather, no copies
@@ -156,7 +232,9 @@ class FewShotClassification:
         sizes = ", ".join(f"{s}={d.num_classes}" for s, d in self.splits.items())
         return (
             f"FewShotClassification({self.ways}-way {self.shots}-shot, {self.queries} queries, seed={self.seed}, "
-            f"within_alphabet={self.within_alphabet}; classes: {sizes})"
+            f"within_alphabet={self.within_alphabet}"
+            + (f", distinct_drawers={self.distinct_drawers}" if self.distinct_drawers else "")
+            + f"; classes: {sizes})"
         )
 
 

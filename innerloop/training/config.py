@@ -21,6 +21,7 @@ from typing import Any, Literal, get_type_hints
 
 from innerloop.algorithms.base import AlgorithmOptions, ObjectiveFns, custom_objective, resolve_aliases
 from innerloop.algorithms.registry import ALGORITHMS
+from innerloop.data.augment import KOCH, Augment
 from innerloop.data.regression import FAMILIES
 from innerloop.data.sampling import IMAGE_FAMILIES
 from innerloop.execution import Execution
@@ -73,6 +74,8 @@ class TaskConfig:
     ``[task.sampling.test]``."""
     split_options: SplitOptions = field(default_factory=lambda: SplitOptions())
     """How the Omniglot class split is made: ``[task.split_options]``."""
+    augment: AugmentConfig = field(default_factory=lambda: AugmentConfig())
+    """Task augmentation of the meta-training tasks (image families): ``[task.augment]``; off by default."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,10 @@ class SplitSampling:
     within_alphabet: bool | None = None
     """Draw all classes of a task from one alphabet (Omniglot; one group of an image dataset);
     ``None``: ``task.within_alphabet``."""
+    distinct_drawers: bool = False
+    """Omniglot: the support images of a task by ``shots`` drawers and its queries by ``queries`` other
+    drawers, the same for every class (Lake et al. 2015's one-shot runs: with ``within_alphabet``,
+    ``eval.ways = 20``, ``eval.shots = 1``, ``eval.queries = 1`` on the ``lake`` split's test split)."""
 
 
 @dataclass(frozen=True)
@@ -117,11 +124,61 @@ class SplitOptions:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Task augmentation (:mod:`innerloop.data.augment`): each meta-training task is distorted, the same
+    way for the same task index in every run (resumed or not, prefetching or not). All off by default."""
+
+    preset: Literal["", "koch"] = ""
+    """``koch``: Koch et al. (2015)'s affine ranges (rotation 10 degrees, shear 0.3, scale 0.2,
+    translation 2/105 of the side, each with probability 0.5); then leave the four ranges at 0."""
+    rotation: float = 0.0
+    """Largest rotation in degrees (0 to 180)."""
+    shear: float = 0.0
+    """Largest shear factor per axis (0 to < 1)."""
+    scale: float = 0.0
+    """Largest relative scale change per axis (0 to < 1)."""
+    translation: float = 0.0
+    """Largest shift per axis, a fraction of the image side (0 to < 1)."""
+    probability: float = 0.5
+    """Each component (rotation, shear, scale, translation) applies to an image with this probability."""
+    class_rotations: bool = False
+    """Turn every class of a task by a random multiple of 90 degrees (rotated characters as new classes)."""
+    strength: float = 1.0
+    """Multiplies every range (0: no distortion)."""
+
+    def build(self) -> Augment:
+        """The :class:`~innerloop.data.augment.Augment` this stands for (:class:`ValueError` if invalid)."""
+        ranges = {"rotation": self.rotation, "shear": self.shear, "scale": self.scale,
+                  "translation": self.translation}
+        if self.preset == "koch":
+            given = [k for k, v in ranges.items() if v]
+            if given:
+                raise ValueError(f"{given[0]} = {ranges[given[0]]!r} is set with preset = 'koch', which fixes the "
+                                 "ranges; leave the ranges out or set preset = ''.")
+            ranges = {k: getattr(KOCH, k) for k in ranges}
+        return Augment(**ranges, probability=self.probability, class_rotations=self.class_rotations,
+                       strength=self.strength)
+
+
 def within_alphabet(task: TaskConfig) -> dict[str, bool]:
     """``{split: within_alphabet}`` of a task config: each split's own value, else ``task.within_alphabet``."""
     s = task.sampling
     return {name: task.within_alphabet if part.within_alphabet is None else part.within_alphabet
             for name, part in (("train", s.train), ("val", s.val), ("test", s.test))}
+
+
+def distinct_drawers(task: TaskConfig) -> dict[str, bool]:
+    """``{split: distinct_drawers}`` of a task config (``task.sampling.<split>.distinct_drawers``)."""
+    s = task.sampling
+    return {name: part.distinct_drawers for name, part in (("train", s.train), ("val", s.val), ("test", s.test))}
+
+
+def tta_augment(cfg: Config) -> Augment:
+    """The distortions of test-time augmentation (``eval.tta``): ``task.augment``'s affine ranges when it
+    has any, else Koch et al.'s (:data:`~innerloop.data.augment.KOCH`); never rotation classes."""
+    aug = dataclasses.replace(cfg.task.augment.build(), class_rotations=False)
+    return aug if aug.affine else KOCH
 
 
 @dataclass(frozen=True)
@@ -303,6 +360,10 @@ class EvalConfig:
     baseline_iterations: int | None = None
     """Pre-training iterations of the baseline (``None``: as many as meta-training)."""
     plot_tasks: int = 3
+    tta: int = 1
+    """Test-time augmentation: copies of each test task (1: off). Copy 0 is the task, the others are
+    distorted (``task.augment``'s affine ranges, else Koch et al.'s); the support copies are pooled and
+    each query's class probabilities averaged over its copies; the loss column is the mean over copies."""
 
 
 @dataclass(frozen=True)
@@ -436,6 +497,17 @@ class Config:
              f"must be >= task.ways ({t.ways}) or null")
         need(t.split in ("vinyals", "lake", "maml"), "task.split", t.split, "choose vinyals, lake or maml")
         need(t.image_size is None or t.image_size >= 16, "task.image_size", t.image_size, "must be >= 16")
+        try:
+            aug = t.augment.build()
+        except ValueError as err:
+            raise ConfigError(f"task.augment.{err}") from err
+        need(not aug.active or t.family in IMAGE_FAMILIES, "task.augment", dataclasses.asdict(t.augment),
+             f"augmentation distorts images; task.family {t.family!r} has none (leave [task.augment] out)")
+        need(not any(distinct_drawers(t).values()) or t.family == "omniglot", "task.sampling.<split>."
+             "distinct_drawers", distinct_drawers(t), "only Omniglot records who drew each image; set it false")
+        need(self.eval.tta >= 1, "eval.tta", self.eval.tta, "give the copies per test task (1: off)")
+        need(self.eval.tta == 1 or t.family in IMAGE_FAMILIES, "eval.tta", self.eval.tta,
+             f"test-time augmentation distorts images; task.family {t.family!r} has none (set 1)")
         so = t.split_options
         need(t.family == "omniglot" or so == SplitOptions(), "task.split_options", dataclasses.asdict(so),
              f"these options make Omniglot's class split; task.family {t.family!r} takes none (leave them out)")
@@ -703,8 +775,8 @@ def load_config(path: str | Path) -> Config:
 
 
 __all__ = [
-    "AlgorithmConfig", "Config", "ConfigError", "EvalConfig", "ModelConfig", "ObjectiveConfig",
+    "AlgorithmConfig", "AugmentConfig", "Config", "ConfigError", "EvalConfig", "ModelConfig", "ObjectiveConfig",
     "SamplingConfig", "SplitOptions", "SplitSampling", "TaskConfig", "TrainConfig", "apply_overrides",
-    "build_objective", "config_from_dict", "from_dict", "load_callable", "load_config", "read_config_file",
-    "upgrade", "within_alphabet",
+    "build_objective", "config_from_dict", "distinct_drawers", "from_dict", "load_callable", "load_config",
+    "read_config_file", "tta_augment", "upgrade", "within_alphabet",
 ]

@@ -3,6 +3,7 @@ and the report of a whole run (``results.json``, ``results.md``), written once f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import platform
@@ -15,7 +16,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from innerloop.algorithms.base import Algorithm
+from innerloop.algorithms.base import Algorithm, ObjectiveFns
+from innerloop.data.augment import Augment
 from innerloop.io import atomic_write_text
 from innerloop.numerics import student_t_quantile
 from innerloop.tasks import Split, TaskFamily
@@ -76,6 +78,41 @@ class EvalResult:
         }
 
 
+def tta_objective(fns: ObjectiveFns, copies: int) -> ObjectiveFns:
+    """``fns`` with its metric scored on predictions averaged over ``copies`` copies of each query.
+
+    The query predictions ``pred [copies * q, ...]`` are laid out copy-major (rows ``j*q .. (j+1)*q - 1``:
+    copy ``j``, as :func:`~innerloop.data.augment.tta_batch` lays them out) and ``target``'s first ``q`` rows
+    are the labels. Classification: the class probabilities (softmax) are averaged and the metric gets their
+    log (a valid logit); regression: the predictions are averaged. The loss is unchanged (it adapts on the
+    support and scores each query copy: the loss column under TTA is the mean over copies)."""
+    if copies == 1:
+        return fns
+    metric, kind = fns.metric, fns.kind
+
+    def averaged(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if pred.shape[0] % copies:
+            raise ValueError(f"test-time augmentation: {pred.shape[0]} query predictions are not {copies} copies "
+                             "of the same queries; build the tasks with innerloop.data.augment.tta_batch.")
+        q = pred.shape[0] // copies
+        per_copy = pred.reshape(copies, q, *pred.shape[1:])
+        if kind == "classification":
+            mean = torch.logsumexp(torch.log_softmax(per_copy, dim=-1), dim=0) - math.log(copies)
+        else:
+            mean = per_copy.mean(0)
+        return metric(mean, target[:q])
+
+    return dataclasses.replace(fns, metric=averaged)
+
+
+def tta_note(copies: int, aug: Augment) -> str:
+    """What a results table says of test-time augmentation: ``none``, or the copies and the distortions."""
+    if copies == 1:
+        return "none"
+    return (f"{copies} copies per task (the task and {copies - 1} distorted: {aug.describe()}); support copies "
+            "pooled, query class probabilities averaged")
+
+
 def meta_test(
     algorithm: Algorithm,
     family: TaskFamily,
@@ -98,7 +135,11 @@ def meta_test(
     scores in float64, whatever the model's dtype).
 
     ``progress``: a progress bar over the tasks (``desc`` its label, default ``meta-test <split>``), on
-    the lead process, where stderr is a terminal (tqdm's rule); ``False``: none."""
+    the lead process, where stderr is a terminal (tqdm's rule); ``False``: none.
+
+    A family with ``tta_copies > 1`` (:class:`~innerloop.data.augment.TTAFamily`) is scored with test-time
+    augmentation: the metric is that of each query's predictions averaged over its copies
+    (:func:`tta_objective`)."""
     if tasks < 1:
         raise ValueError(f"meta-test needs >= 1 task, got {tasks}.")
     if device is None:
@@ -107,6 +148,9 @@ def meta_test(
     # a family whose tasks differ in shape (Meta-Dataset episodes) stacks at most max_meta_batch at once
     chunk = min(chunk, int(getattr(family, "max_meta_batch", chunk)))
     was_training = algorithm.training
+    fns = algorithm.fns
+    copies = int(getattr(family, "tta_copies", 1))
+    algorithm.fns = tta_objective(fns, copies)
     algorithm.eval()
     bar = tqdm(total=len(mine), desc=desc or f"meta-test {split}", unit="task", leave=False,
                dynamic_ncols=True, disable=None if progress and rank() == 0 else True)
@@ -121,6 +165,7 @@ def meta_test(
     finally:
         bar.close()
         algorithm.train(was_training)
+        algorithm.fns = fns
     both = gather_rows(torch.cat(rows))
     lo, m = both[:, 0], both[:, 1]
     return EvalResult(
@@ -170,9 +215,11 @@ def batch_norm_policy(model_norm: str | None, policy: str = "batch") -> str:
     return BATCH_NORM_TEXT.get(policy, policy)
 
 
-def run_note(device: torch.device | str, precision: str, batch_norm: str) -> str:
-    """The line under a results table's title: ``device cpu, precision fp32, BatchNorm: none``."""
-    return f"device {torch.device(device)}, precision {precision}, BatchNorm: {batch_norm}"
+def run_note(device: torch.device | str, precision: str, batch_norm: str, tta: str | None = None) -> str:
+    """The line under a results table's title: ``device cpu, precision fp32, BatchNorm: none``, and with
+    ``tta`` (:func:`tta_note`, for image tasks) ``, test-time augmentation: none``."""
+    note = f"device {torch.device(device)}, precision {precision}, BatchNorm: {batch_norm}"
+    return note if tta is None else f"{note}, test-time augmentation: {tta}"
 
 
 A = TypeVar("A", bound=nn.Module)

@@ -193,6 +193,7 @@ def run_loop(
     divergence_cause: str | None = None,
     loggers: Sequence[str | Logger] = ("jsonl",),
     run_config: Mapping[str, Any] | None = None,
+    checkpoint_extras: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Run ``outer_step(step)`` for ``step`` in ``[start, schedule.iterations)``, with resume,
     checkpoints, logging, a progress bar and validation around it.
@@ -238,6 +239,10 @@ def run_loop(
             as the run's config (default: ``identity``). Not part of the identity: a run resumed with
             another ``[eval]`` section still resumes, and its later checkpoints store its own config.
             Refused before any work (:class:`TypeError`) unless it is plain data.
+        checkpoint_extras: more plain data stored in every checkpoint, by key, beside the identity and
+            never compared on resume (:func:`innerloop.training.run.run` stores ``inputs``, what rebuilds
+            the model without the data); a key the checkpoint already has, or data that is not plain,
+            is refused before any work.
 
     Divergence: after every outer step the metrics in ``finite_metrics`` and the module's parameters
     are checked; a non-finite one (or a non-finite validation value) raises :class:`DivergenceError`
@@ -256,6 +261,11 @@ def run_loop(
         if not isinstance(run_config, Mapping):
             raise TypeError(f"run_config must be a mapping of settings (Config.to_dict()), got {run_config!r}.")
         run_config = plain_data(dict(run_config), "run_config")
+    extras = plain_data(dict(checkpoint_extras or {}), "checkpoint_extras")
+    taken = sorted(set(extras) & set(_PAYLOAD_KEYS))
+    if taken:
+        raise ValueError(f"checkpoint_extras may not set {taken}: a checkpoint holds those itself "
+                         f"({', '.join(_PAYLOAD_KEYS)}); choose other keys.")
     run_dir = Path(run_dir) if run_dir is not None else None
     lead = dist_rank() == 0  # the one rank that writes checkpoints, logs and the progress bar
     with run_lock(run_dir) if run_dir is not None and lead else contextlib.nullcontext():
@@ -266,7 +276,12 @@ def run_loop(
             validate=validate, val_key=val_key, higher_is_better=higher_is_better, tasks_per_step=tasks_per_step,
             resume=resume, progress=progress, desc=desc, postfix=postfix, extra_state=extra_state,
             finite_metrics=finite_metrics, divergence_cause=divergence_cause, loggers=loggers,
-            run_config=run_config)
+            run_config=run_config, extras=extras)
+
+
+_PAYLOAD_KEYS = ("format", "algorithm", "identity", "step", "state", "optimizer", "best_val", "best_step",
+                 "torch_rng", "wall_s", "config", "cuda_rng", "extra")
+"""The keys a checkpoint of :func:`run_loop` holds itself (``checkpoint_extras`` adds others)."""
 
 
 def _run_locked(
@@ -292,6 +307,7 @@ def _run_locked(
     divergence_cause: str | None,
     loggers: Sequence[str | Logger],
     run_config: Mapping[str, Any] | None,
+    extras: Mapping[str, Any],
 ) -> TrainResult:
     start, best_val, best_step, elapsed_before = 0, None, 0, 0.0
     if run_dir is not None and lead and run_dir.exists():
@@ -329,6 +345,7 @@ def _run_locked(
         }
         if run_config is not None:  # the whole config, beside (not in) the identity
             payload["config"] = run_config
+        payload.update(extras)
         on = module_device(module)
         if on.type == "cuda":
             payload["cuda_rng"] = torch.cuda.get_rng_state(on)
@@ -462,6 +479,7 @@ def meta_train(
     loggers: Sequence[str | Logger] = ("jsonl",),
     prefetch: int = 2,
     run_config: Mapping[str, Any] | None = None,
+    checkpoint_extras: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Meta-train ``algorithm`` on ``family``'s train split (the :func:`run_loop` of meta-batches).
 
@@ -516,6 +534,7 @@ def meta_train(
         prefetch: meta-batches built ahead on a background thread (0: built inline, in the training thread).
         run_config: the run's whole config as plain data, stored in every checkpoint beside the identity
             (see :func:`run_loop`); :func:`innerloop.training.run.run` passes ``Config.to_dict()``.
+        checkpoint_extras: more plain data stored in every checkpoint (see :func:`run_loop`).
     """
     if grad_clip is not None and not (math.isfinite(grad_clip) and grad_clip > 0):
         raise ValueError(f"grad_clip must be a finite number > 0 (or None), got {grad_clip!r}.")
@@ -601,7 +620,7 @@ def meta_train(
                         extra_state=None if scaler is None else {"loss_scale": scaler},
                         # fp16: a skipped step's loss may be inf; outer_step checks the loss of steps taken
                         finite_metrics=() if scaler is not None else ("loss", metric), divergence_cause=cause,
-                        loggers=loggers, run_config=run_config)
+                        loggers=loggers, run_config=run_config, checkpoint_extras=checkpoint_extras)
     finally:
         if prefetcher is not None:
             prefetcher.close()  # also on an error or KeyboardInterrupt: no thread outlives the run

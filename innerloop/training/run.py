@@ -15,8 +15,10 @@ from torch import nn
 
 from innerloop.algorithms.base import Algorithm
 from innerloop.algorithms.registry import ALGORITHMS, head_ways
+from innerloop.data.download import DataError
 from innerloop.data.factory import MissingDataError, task_family
-from innerloop.data.images import deferred_cache_writes
+from innerloop.data.images import ImagePreprocessing, deferred_cache_writes
+from innerloop.data.omniglot import omniglot_preprocessing
 from innerloop.data.sampling import IMAGE_FAMILIES
 from innerloop.models.conv4 import Conv4
 from innerloop.models.mlp import MLP
@@ -32,6 +34,8 @@ from innerloop.training.config import (
     apply_overrides,
     build_objective,
     config_from_dict,
+    distinct_drawers,
+    tta_augment,
     within_alphabet,
 )
 from innerloop.training.device import check_run_precision, run_device
@@ -45,6 +49,7 @@ from innerloop.training.evaluate import (
     machine,
     meta_test,
     run_note,
+    tta_note,
     write_results,
 )
 from innerloop.training.loggers import check_loggers
@@ -52,10 +57,12 @@ from innerloop.training.loop import BEST, MissingSplitError, TrainResult, clear_
 
 
 def build_family(cfg: Config, shots: int | None = None, queries: int | None = None,
-                 ways: int | None = None, splits: Sequence[Split] | None = None) -> TaskFamily:
+                 ways: int | None = None, splits: Sequence[Split] | None = None, *,
+                 tta: bool = False) -> TaskFamily:
     """The configured task family; ``shots``/``queries``/``ways`` override the training ones;
     ``splits``: only these splits (default all), so sizes are checked against them alone (a test
-    family's 20 images per class need not serve the train split)."""
+    family's 20 images per class need not serve the train split). Its meta-training tasks are
+    augmented by ``[task.augment]``; ``tta``: a test family, with ``eval.tta`` copies per task."""
     t = cfg.task
     evaluation = shots is not None or queries is not None or ways is not None
     keys = "eval.shots, eval.queries and eval.ways" if evaluation else "task.shots, task.queries and task.ways"
@@ -64,7 +71,8 @@ def build_family(cfg: Config, shots: int | None = None, queries: int | None = No
                            ways=ways or t.ways, split=t.split, within_alphabet=within_alphabet(t),
                            image_size=t.image_size, data_root=t.data_root, options=t.options,
                            split_options=t.split_options.omniglot_kwargs() if t.family == "omniglot" else None,
-                           splits=splits)
+                           splits=splits, distinct_drawers=distinct_drawers(t), augment=t.augment.build(),
+                           tta=cfg.eval.tta if tta else 1, tta_augment=tta_augment(cfg))
     except MissingDataError as err:
         raise ConfigError(str(err)) from err
     except TypeError as err:  # a key of task.options the family does not take
@@ -78,15 +86,48 @@ def build_family(cfg: Config, shots: int | None = None, queries: int | None = No
         raise ConfigError(f"{keys} ask for {what}, which the data cannot serve: {err}") from err
 
 
-def build_model(cfg: Config, family: TaskFamily, name: str | None = None) -> nn.Module:
-    """The network for ``family`` (its head sized for algorithm ``name``), initialised from ``train.seed``."""
+def input_preprocessing(family: str, shape: Sequence[int]) -> ImagePreprocessing:
+    """How the loader of image family ``family`` turns a source image into the stored ``shape`` ``(C, H, W)``
+    (Omniglot: :func:`~innerloop.data.omniglot.omniglot_preprocessing`; tieredImageNet: bicubic, as its
+    release; the others: Lanczos, grey for one channel, RGB for three)."""
+    size = (int(shape[-2]), int(shape[-1]))
+    if family == "omniglot":
+        return omniglot_preprocessing(size)
+    return ImagePreprocessing(size, "L" if int(shape[-3]) == 1 else "RGB",
+                              "bicubic" if family == "tiered-imagenet" else "lanczos")
+
+
+INPUTS_KEY = "inputs"
+"""Where a checkpoint stores :func:`model_inputs` (beside, not in, its identity)."""
+
+
+def model_inputs(cfg: Config, family: TaskFamily, name: str | None = None) -> dict[str, Any]:
+    """What :func:`build_model` reads from the data, as plain data: ``shape`` (one example's, ``[C, H, W]``
+    or an MLP's ``[features]``), ``outputs`` (the head's size for algorithm ``name``: 0 for an embedding
+    network, the number of training classes, or the ways; an MLP's target features) and ``preprocessing``
+    (an image family's :class:`~innerloop.data.images.ImagePreprocessing` as a dict, else None). Every
+    checkpoint of :func:`run` stores it under :data:`INPUTS_KEY`, so the model rebuilds without the data
+    (:func:`load_for_inference`)."""
     probe = family.task("train", 0)
+    if cfg.model.name == "mlp":
+        return {"shape": [int(probe.support_x.shape[-1])], "outputs": int(probe.support_y.shape[-1]),
+                "preprocessing": None}
+    shape = [int(s) for s in probe.support_x.shape[-3:]]
+    preprocessing = (input_preprocessing(cfg.task.family, shape).to_dict() if cfg.task.family in IMAGE_FAMILIES
+                     else None)
+    return {"shape": shape, "outputs": head_ways(name or cfg.algorithm.name, cfg.task.ways, family),
+            "preprocessing": preprocessing}
+
+
+def model_for(cfg: Config, inputs: Mapping[str, Any], *, pretrained: bool = True) -> nn.Module:
+    """The network of ``cfg.model`` for ``inputs`` (:func:`model_inputs`), initialised from ``train.seed``;
+    ``pretrained=False``: without reading ``model.pretrained`` (a checkpoint's weights replace them)."""
     torch.manual_seed(cfg.train.seed)
     m = cfg.model
+    shape, ways = [int(v) for v in inputs["shape"]], int(inputs["outputs"])
     if m.name == "mlp":
-        return MLP(probe.support_x.shape[-1], probe.support_y.shape[-1], m.hidden, m.activation)
-    channels, size = probe.support_x.shape[-3], probe.support_x.shape[-1]
-    ways = head_ways(name or cfg.algorithm.name, cfg.task.ways, family)
+        return MLP(shape[-1], ways, m.hidden, m.activation)
+    channels, size = shape[-3], shape[-1]
     # algorithm.batch_norm = running / per_step needs BatchNorm layers that keep running statistics
     tracking = m.norm == "batch" and getattr(cfg.algorithm.options, "batch_norm", "batch") != "batch"
     model: nn.Module
@@ -97,7 +138,7 @@ def build_model(cfg: Config, family: TaskFamily, name: str | None = None) -> nn.
         model = WRN28_10(channels, ways, drop_rate=m.drop_rate, norm=m.norm, track_running_stats=tracking)
     else:
         model = Conv4(channels, ways, m.filters, size, m.pool, m.norm, track_running_stats=tracking)
-    if m.pretrained is not None:  # the body only: the head is sized for this run's ways
+    if m.pretrained is not None and pretrained:  # the body only: the head is sized for this run's ways
         try:
             load_pretrained(model, m.pretrained, key=m.pretrained_key, rename=m.pretrained_rename)
         except (OSError, ValueError) as err:
@@ -105,11 +146,23 @@ def build_model(cfg: Config, family: TaskFamily, name: str | None = None) -> nn.
     return model
 
 
+def build_model(cfg: Config, family: TaskFamily, name: str | None = None) -> nn.Module:
+    """The network for ``family`` (its head sized for algorithm ``name``), initialised from ``train.seed``."""
+    return model_for(cfg, model_inputs(cfg, family, name))
+
+
 def build_algorithm(cfg: Config, family: TaskFamily, name: str | None = None) -> Algorithm:
-    """The model wrapped in the configured algorithm, with the family's objective or the config's own
-    (``[objective]``). ``name`` (the transfer baseline, ``pretrain``) builds another algorithm with the
+    """The model wrapped in the configured algorithm, with the config's objective (``[objective]``) or
+    the family's. ``name`` (the transfer baseline, ``pretrain``) builds another algorithm with the
     options it shares with the configured one (and the same objective). The model is built on the CPU;
     training and testing move it to ``execution.device``."""
+    return algorithm_for(cfg, model_inputs(cfg, family, name), name)
+
+
+def algorithm_for(cfg: Config, inputs: Mapping[str, Any], name: str | None = None, *,
+                  pretrained: bool = True) -> Algorithm:
+    """:func:`build_algorithm` from ``inputs`` (:func:`model_inputs`) instead of the data's family;
+    ``pretrained``: as for :func:`model_for`."""
     name = name or cfg.algorithm.name
     entry = ALGORITHMS[name]
     if name == cfg.algorithm.name:
@@ -118,8 +171,8 @@ def build_algorithm(cfg: Config, family: TaskFamily, name: str | None = None) ->
         shared = {k: getattr(cfg.algorithm.options, k) for k in entry.option_names()
                   if hasattr(cfg.algorithm.options, k)}
         options = entry.options(shared)
-    objective = build_objective(cfg.objective, family.objective) or family.objective
-    return entry.build(build_model(cfg, family, name), objective, options, cfg.execution)
+    objective = build_objective(cfg.objective, cfg.objective_kind) or cfg.objective_kind
+    return entry.build(model_for(cfg, inputs, pretrained=pretrained), objective, options, cfg.execution)
 
 
 DATASET_NAMES: dict[str, str] = {"omniglot": "Omniglot", "miniimagenet": "miniImageNet", "cifar-fs": "CIFAR-FS",
@@ -146,6 +199,8 @@ def dataset_title(cfg: Config, split: str | None = None) -> str:
         parts.append(SPLIT_NAMES[t.family])
     if t.family in IMAGE_FAMILIES and within_alphabet(t)[split or "test"]:
         parts.append("within one alphabet" if t.family == "omniglot" else "within one group")
+    if t.family in IMAGE_FAMILIES and distinct_drawers(t)[split or "test"]:
+        parts.append("support and query by different drawers")
     if split not in (None, "test"):
         parts.append(f"{split} tasks")
     if t.family == "image-folder":
@@ -153,6 +208,14 @@ def dataset_title(cfg: Config, split: str | None = None) -> str:
     else:
         name = DATASET_NAMES.get(t.family, t.family)
     return f"{name} ({', '.join(parts)})" if parts else name
+
+
+def tta_of(cfg: Config) -> str | None:
+    """What a results table says of test-time augmentation (``eval.tta``): for image tasks always (``none``
+    when off), for the others nothing (``None``)."""
+    if cfg.task.family not in IMAGE_FAMILIES:
+        return None
+    return tta_note(cfg.eval.tta, tta_augment(cfg))
 
 
 def batch_norm_of(cfg: Config) -> str:
@@ -175,7 +238,8 @@ in that layout (one key per option, under its 0.1.0 name), so a 0.1.0 run resume
 _NEW = object()  # an option 0.1.0 did not have: always part of the identity
 _FIRST_ALGORITHM_KEYS = ("name", "inner_lr", "inner_steps", "first_order", "lr_mode", "adapt", "vectorize")
 _ADDED_TRAIN_KEYS = ("lr_schedule", "final_outer_lr", "grad_clip")
-_ADDED_TASK_KEYS = ("sampling", "split_options")
+_ADDED_TASK_KEYS = ("sampling", "split_options", "augment")
+_ADDED_SAMPLING_KEYS = ("distinct_drawers",)
 _LEGACY_NAMES = {"weight_decay": "inner_weight_decay", "wd_mode": "weight_decay_mode", "betas": "inner_betas"}
 
 
@@ -201,6 +265,9 @@ def identity(cfg: Config, algorithm: str) -> dict[str, Any]:
     train = {k: tr[k] for k in ("meta_batch_size", "outer_lr", "optimizer", "seed")}
     train.update({k: tr[k] for k in _ADDED_TRAIN_KEYS if tr[k] != default["train"][k]})
     task = {k: v for k, v in d["task"].items() if k not in _ADDED_TASK_KEYS or v != default["task"][k]}
+    if "sampling" in task:  # per-split keys added after the section: only when set (older identities stay)
+        task["sampling"] = {split: {k: v for k, v in part.items() if k not in _ADDED_SAMPLING_KEYS or v}
+                            for split, part in task["sampling"].items()}
     model = {k: v for k, v in d["model"].items() if k not in MODEL_ADDED_KEYS or v != default["model"][k]}
     out = {"algorithm": algorithm, "task": task, "model": model, "algorithm_cfg": algo, "train": train}
     if d["objective"] != default["objective"]:  # a loss of one's own (absent otherwise, as in 0.1.0)
@@ -238,13 +305,15 @@ def config_tables_from_identity(ident: Mapping[str, Any]) -> tuple[dict[str, Any
 def _train_one(cfg: Config, families: tuple[TaskFamily, TaskFamily], name: str, run_dir: Path,
                iterations: int, progress: bool, resume: bool) -> tuple[Algorithm, TrainResult]:
     family, val_family = families
-    algorithm = build_algorithm(cfg, family, name)
+    inputs = model_inputs(cfg, family, name)
+    algorithm = algorithm_for(cfg, inputs, name)
     train_cfg = dataclasses.replace(cfg.train, iterations=iterations)
     try:
         result = meta_train(algorithm, family, train_cfg, run_dir, identity=identity(cfg, name),
                             val_steps=algorithm.validation_steps, resume=resume, progress=progress,
                             desc=name, val_family=val_family, grad_clip=getattr(cfg.train, "grad_clip", None),
-                            loggers=cfg.train.loggers, run_config=plain_json(cfg.to_dict()))
+                            loggers=cfg.train.loggers, run_config=plain_json(cfg.to_dict()),
+                            checkpoint_extras={INPUTS_KEY: inputs})
     except MissingSplitError as err:  # checked before the first step: a data/config mistake, one clear line
         raise ConfigError(str(err)) from err
     best = load_checkpoint(run_dir / BEST)
@@ -273,7 +342,7 @@ def run(cfg: Config, *, progress: bool = True, overwrite: bool = False) -> RunRe
         with deferred_cache_writes():  # and then leave no preprocessed cache behind
             family = build_family(cfg, ways=cfg.task.train_ways)
             val_family = build_family(cfg, ways=cfg.eval.ways)
-            test_family = build_family(cfg, cfg.eval.shots, cfg.eval.queries, cfg.eval.ways)
+            test_family = build_family(cfg, cfg.eval.shots, cfg.eval.queries, cfg.eval.ways, tta=True)
     except ValueError as err:
         raise ConfigError(str(err)) from err
     names = [cfg.algorithm.name]
@@ -307,7 +376,7 @@ def run(cfg: Config, *, progress: bool = True, overwrite: bool = False) -> RunRe
                  f"{e.shots or cfg.task.shots}-shot {results[names[0]].metric}, BatchNorm: {batch_norm}")
     title += f", {e.test_tasks} fixed test tasks (mean ± 95% CI)"
     report["table"] = format_table(results, e.report_steps, title,
-                                   run_note(device, cfg.execution.precision, batch_norm))
+                                   run_note(device, cfg.execution.precision, batch_norm, tta_of(cfg)))
     result = RunResult(report, results, trained, test_family, title, out)
     if lead:
         write_results(result)
@@ -433,7 +502,62 @@ def load_for_eval(checkpoint: str | Path, overrides: Mapping[str, Any] | None = 
         payload = load_checkpoint(checkpoint)
     cfg = checkpoint_config(payload, overrides, str(checkpoint))
     check_device(cfg)  # before building: the algorithm refuses a device this machine lacks
-    algorithm = build_algorithm(cfg, build_family(cfg), payload["identity"]["algorithm"])
+    name = payload["identity"]["algorithm"]
+    inputs = stored_inputs(payload, str(checkpoint))  # None: an older checkpoint, rebuilt from the data
+    algorithm = (build_algorithm(cfg, build_family(cfg), name) if inputs is None
+                 else algorithm_for(cfg, inputs, name, pretrained=False))
     check_state_compatible(algorithm, payload["state"], str(checkpoint))
     algorithm.load_state_dict(payload["state"])
     return cfg, algorithm
+
+
+def stored_inputs(payload: Mapping[str, Any], source: str = "the checkpoint") -> dict[str, Any] | None:
+    """The :func:`model_inputs` a checkpoint stores (under :data:`INPUTS_KEY`, since innerloop 0.2), or None
+    for an older checkpoint; :class:`CheckpointError` for an entry that is not what :func:`model_inputs` writes."""
+    data = payload.get(INPUTS_KEY)
+    if data is None:
+        return None
+    ok = (isinstance(data, dict) and isinstance(data.get("shape"), list | tuple) and len(data["shape"]) in (1, 3)
+          and all(isinstance(v, int) and v >= 1 for v in data["shape"])
+          and isinstance(data.get("outputs"), int) and data["outputs"] >= 0
+          and (data.get("preprocessing") is None or isinstance(data.get("preprocessing"), dict)))
+    if ok and data.get("preprocessing") is not None:
+        try:
+            ImagePreprocessing.from_dict(data["preprocessing"])
+        except (KeyError, TypeError, ValueError):
+            ok = False
+    if not ok:
+        shown = repr(data) if len(repr(data)) <= 120 else repr(data)[:117] + "..."
+        raise CheckpointError(f"{source} stores model inputs that are not what `innerloop train` writes "
+                              f"({shown}); the file is damaged. Use the run's other checkpoint (best.pt or "
+                              "last.pt) or train again.")
+    return dict(data)
+
+
+def load_for_inference(checkpoint: str | Path, overrides: Mapping[str, Any] | None = None,
+                       payload: Mapping[str, Any] | None = None) -> tuple[Config, Algorithm, dict[str, Any]]:
+    """``(config, algorithm, inputs)``: the algorithm a checkpoint was trained with, its weights loaded, rebuilt
+    from the checkpoint alone (its config and :func:`model_inputs`, :func:`stored_inputs`): the training data
+    need not be present. ``overrides`` and ``payload`` as for :func:`load_for_eval`.
+
+    A checkpoint written before checkpoints stored their inputs is rebuilt from its training data when that
+    is still where the run had it; else :class:`CheckpointError` names what is missing."""
+    if payload is None:
+        payload = load_checkpoint(checkpoint)
+    cfg = checkpoint_config(payload, overrides, str(checkpoint))
+    check_device(cfg)
+    name = payload["identity"]["algorithm"]
+    inputs = stored_inputs(payload, str(checkpoint))
+    if inputs is None:
+        try:
+            inputs = model_inputs(cfg, build_family(cfg), name)
+        except (ConfigError, DataError, OSError, ValueError) as err:
+            raise CheckpointError(
+                f"{checkpoint} does not store its model's inputs (the input shape, the head's size and the image "
+                "preprocessing, which checkpoints store since innerloop 0.2), and its training data, which would "
+                f"give them, is not where the run had it ({err}). Put the data back (task.data_root or "
+                "$INNERLOOP_DATA) or train again with this version.") from None
+    algorithm = algorithm_for(cfg, inputs, name, pretrained=False)
+    check_state_compatible(algorithm, payload["state"], str(checkpoint))
+    algorithm.load_state_dict(payload["state"])
+    return cfg, algorithm, inputs

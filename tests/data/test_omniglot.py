@@ -13,6 +13,7 @@ import torch
 from fewshot_fakes import FAKE_BACKGROUND, FAKE_DRAWINGS, FAKE_EVALUATION, omniglot_png, write_omniglot_zip
 from PIL import Image
 
+import innerloop.data.images as images
 import innerloop.data.omniglot as om
 from innerloop.data import DataError, Omniglot
 from innerloop.data.download import CorruptArchiveError, DownloadError, UnsafeArchiveError
@@ -106,7 +107,7 @@ def test_error_while_preprocessing_leaves_no_cache(fake_omniglot, tmp_path, monk
             raise DataError("disk on fire")
         return np.zeros((1, 28, 28), dtype=np.uint8)
 
-    monkeypatch.setattr(om, "load_image", failing_image)
+    monkeypatch.setattr(images, "load_image", failing_image)  # what omniglot_preprocessing decodes with
     with pytest.raises(DataError, match="disk on fire"):
         load_omniglot_characters(root, cache_dir=cache)
     assert _files(cache) == []
