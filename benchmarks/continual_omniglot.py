@@ -71,7 +71,8 @@ PAPER_NOTES = ("ANML paper, 600 classes, meta-test test accuracy %: ANML 63.8, O
                "stream) 71.0. Its text also states: Pretrain-and-Transfer below 3% meta-test train accuracy from "
                "400 classes on; training from scratch below 3% from 50 classes on. Its networks: 256-channel "
                "convolutions (ANML: 3 conv layers + BatchNorm per network, ~6 M parameters), 20,000 "
-               "meta-iterations.")
+               "meta-iterations. These numbers were taken from summaries of the paper's text found while "
+               "writing this benchmark, not checked against the PDF here.")
 
 
 def parse() -> argparse.Namespace:

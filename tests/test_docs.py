@@ -107,7 +107,8 @@ def test_the_block_parser_reads_markers_and_languages() -> None:
 
 def test_the_pages_with_code_are_found() -> None:
     names = {p.relative_to(DOCS).as_posix() for p in PAGES}
-    assert {"index.md", "tutorial.md", "migration/learn2learn.md"} <= names
+    assert {"index.md", "tutorial.md", "migration/learn2learn.md", "guides/tuning.md", "guides/continual.md",
+            "guides/predict.md", "guides/fewshot-benchmarks.md"} <= names
 
 
 def test_every_migration_page_shows_the_other_library_unrun_and_innerloop_run() -> None:

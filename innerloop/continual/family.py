@@ -94,7 +94,11 @@ class ContinualOmniglot(ContinualClasses):
         root: the folder with the Omniglot archives (default ``$INNERLOOP_DATA/omniglot``).
         image_size: side in pixels (28: ANML's; OML used 84).
         download: download missing archives.
-        **kwargs: the options of :class:`ContinualClasses`.
+        trajectory_classes: as in :class:`ContinualClasses`.
+        shots: as in :class:`ContinualClasses`.
+        remember: as in :class:`ContinualClasses`.
+        tasks: as in :class:`ContinualClasses`.
+        seed: as in :class:`ContinualClasses`.
     """
 
     def __init__(self, root: StrPath | None = None, image_size: int = 28, download: bool = True,

@@ -330,8 +330,11 @@ def implicit(run: TrainingRun, hyper: Hyper, val_x: Tensor, val_y: Tensor, *, me
     """The implicit-function-theorem hypergradient at the end of the run (Lorraine et al. 2020).
 
     Args:
-        run, hyper, val_x, val_y: as :func:`unrolled`; ``hyper`` may tune weight decay and data
-            weights, not learning rates (refused: they do not move the minimiser).
+        run: as :func:`unrolled`.
+        hyper: as :func:`unrolled`, but tuning weight decay and data weights only, not learning
+            rates (refused: they do not move the minimiser).
+        val_x: as :func:`unrolled`.
+        val_y: as :func:`unrolled`.
         method: ``cg`` (conjugate gradient on ``H q = dL_val/dw``; exact in as many iterations as
             parameters) or ``neumann`` (``q = alpha sum_{j=0}^{terms} (I - alpha H)^j dL_val/dw``;
             converges when ``alpha`` times the largest eigenvalue of ``H`` is below 2).

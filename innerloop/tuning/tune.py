@@ -110,7 +110,8 @@ def tune(
 
     Args:
         run: the training run (model, initial parameters, training set ``[n_train, ...]``, steps, batches).
-        val_x, val_y: the validation set ``[n_val, ...]``: the outer objective is its mean loss.
+        val_x: the validation inputs ``[n_val, ...]``: the outer objective is the mean loss on them.
+        val_y: the validation targets ``[n_val, ...]``.
         hyper: the starting hyperparameters (:meth:`Hyper.create`).
         method: ``unrolled`` (``truncate``: the steps differentiated, None: all) or ``implicit``
             (``solver`` ``cg`` / ``neumann`` with ``terms`` Hessian-vector products and Neumann step
@@ -118,8 +119,13 @@ def tune(
         warm_start: each outer step's run starts where the previous one ended (the online scheme of
             Lorraine et al. 2020; default: on for ``implicit``, off for ``unrolled``, whose runs then
             all start from ``run.init``).
-        run_dir, resume, progress, loggers, run_config, log_every, checkpoint_every: as
-            :func:`innerloop.training.loop.run_loop` (``last.pt``, ``metrics.jsonl`` in ``run_dir``).
+        run_dir: as :func:`innerloop.training.loop.run_loop` (``last.pt``, ``metrics.jsonl`` in it).
+        resume: as :func:`~innerloop.training.loop.run_loop`.
+        progress: as :func:`~innerloop.training.loop.run_loop`.
+        loggers: as :func:`~innerloop.training.loop.run_loop`.
+        run_config: as :func:`~innerloop.training.loop.run_loop`.
+        log_every: as :func:`~innerloop.training.loop.run_loop`.
+        checkpoint_every: as :func:`~innerloop.training.loop.run_loop`.
         identity: what a resumed checkpoint must match (default: the method's settings).
 
     Refused before any work: an unknown method or solver, ``outer_steps < 1``, ``outer_lr <= 0``,

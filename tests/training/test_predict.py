@@ -22,6 +22,7 @@ from innerloop.data.omniglot import load_omniglot_characters, omniglot_preproces
 from innerloop.tasks import TaskBatch
 from innerloop.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from innerloop.training.config import Config
+from innerloop.training.loop import Schedule, run_loop
 from innerloop.training.run import build_family, checkpoint_config, identity, load_for_eval, run
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "data"))
@@ -222,3 +223,14 @@ def test_a_regression_checkpoint_is_refused(tmp_path):
     run(cfg, progress=False)
     with pytest.raises(CheckpointError, match="a predictor labels images"):
         Predictor.load(tmp_path / "run" / "best.pt")
+
+
+def test_checkpoint_extras_cannot_replace_what_a_checkpoint_holds(tmp_path):
+    module = torch.nn.Linear(2, 1)
+    with pytest.raises(ValueError, match=r"checkpoint_extras may not set \['state'\]"):
+        run_loop(module, lambda step: {"loss": 0.0}, Schedule(1), tmp_path, name="x",
+                 checkpoint_extras={"state": {}})
+    assert not (tmp_path / "last.pt").exists()
+    run_loop(module, lambda step: {"loss": 0.0}, Schedule(1), tmp_path, name="x", progress=False,
+             checkpoint_extras={"inputs": {"shape": [2]}})
+    assert load_checkpoint(tmp_path / "last.pt")["inputs"] == {"shape": [2]}
