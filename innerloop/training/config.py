@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_type_hints
 
-from innerloop.algorithms.base import AlgorithmOptions, ObjectiveFns, custom_objective, resolve_aliases
+from innerloop.algorithms.base import Algorithm, AlgorithmOptions, ObjectiveFns, custom_objective, resolve_aliases
 from innerloop.algorithms.registry import ALGORITHMS
 from innerloop.data.augment import KOCH, Augment
 from innerloop.data.regression import FAMILIES
@@ -503,6 +503,10 @@ class Config:
             raise ConfigError(f"task.augment.{err}") from err
         need(not aug.active or t.family in IMAGE_FAMILIES, "task.augment", dataclasses.asdict(t.augment),
              f"augmentation distorts images; task.family {t.family!r} has none (leave [task.augment] out)")
+        cls = ALGORITHMS[self.algorithm.name].cls
+        need(not aug.active or cls.training_family is Algorithm.training_family, "task.augment",
+             dataclasses.asdict(t.augment), f"algorithm {self.algorithm.name!r} pre-trains on batches of its own "
+             "(training_family), which task augmentation does not reach; leave [task.augment] out")
         need(not any(distinct_drawers(t).values()) or t.family == "omniglot", "task.sampling.<split>."
              "distinct_drawers", distinct_drawers(t), "only Omniglot records who drew each image; set it false")
         need(self.eval.tta >= 1, "eval.tta", self.eval.tta, "give the copies per test task (1: off)")

@@ -150,10 +150,10 @@ def meta_test(
     was_training = algorithm.training
     fns = algorithm.fns
     copies = int(getattr(family, "tta_copies", 1))
-    algorithm.fns = tta_objective(fns, copies)
-    algorithm.eval()
     bar = tqdm(total=len(mine), desc=desc or f"meta-test {split}", unit="task", leave=False,
                dynamic_ncols=True, disable=None if progress and rank() == 0 else True)
+    algorithm.fns = tta_objective(fns, copies)  # swapped back in `finally`, whatever fails after this line
+    algorithm.eval()
     try:
         rows = [torch.empty(0, 2, steps + 1, dtype=torch.float64, device="cpu")]
         for start in range(0, len(mine), chunk):

@@ -62,7 +62,8 @@ def build_family(cfg: Config, shots: int | None = None, queries: int | None = No
     """The configured task family; ``shots``/``queries``/``ways`` override the training ones;
     ``splits``: only these splits (default all), so sizes are checked against them alone (a test
     family's 20 images per class need not serve the train split). Its meta-training tasks are
-    augmented by ``[task.augment]``; ``tta``: a test family, with ``eval.tta`` copies per task."""
+    augmented by ``[task.augment]``; ``tta``: a test family, with ``eval.tta`` copies per task and
+    no training augmentation (``innerloop eval --split train`` scores the tasks as they are)."""
     t = cfg.task
     evaluation = shots is not None or queries is not None or ways is not None
     keys = "eval.shots, eval.queries and eval.ways" if evaluation else "task.shots, task.queries and task.ways"
@@ -71,7 +72,8 @@ def build_family(cfg: Config, shots: int | None = None, queries: int | None = No
                            ways=ways or t.ways, split=t.split, within_alphabet=within_alphabet(t),
                            image_size=t.image_size, data_root=t.data_root, options=t.options,
                            split_options=t.split_options.omniglot_kwargs() if t.family == "omniglot" else None,
-                           splits=splits, distinct_drawers=distinct_drawers(t), augment=t.augment.build(),
+                           splits=splits, distinct_drawers=distinct_drawers(t),
+                           augment=None if tta else t.augment.build(),
                            tta=cfg.eval.tta if tta else 1, tta_augment=tta_augment(cfg))
     except MissingDataError as err:
         raise ConfigError(str(err)) from err

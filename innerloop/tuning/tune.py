@@ -148,9 +148,9 @@ def tune(
     # the refusals of the methods, before any work: one cheap check on a one-step run
     check = dataclasses.replace(run, steps=1)
     if method == "unrolled":
-        unrolled(check, hyper, val_x[:1], val_y[:1], truncate=None if truncate is None else min(truncate, 1))
-        if truncate is not None and not 1 <= truncate <= run.steps:
+        if truncate is not None and not 1 <= truncate <= run.steps:  # before the one-step check, which has 1 step
             raise ValueError(f"truncate must be in 1..{run.steps} (the run's steps), got {truncate}.")
+        unrolled(check, hyper, val_x[:1], val_y[:1], truncate=None if truncate is None else 1)
     else:
         implicit(check, hyper, val_x[:1], val_y[:1], method=solver, terms=1, alpha=alpha,  # type: ignore[arg-type]
                  params=run.init)

@@ -191,6 +191,14 @@ def test_the_config_section_and_eval_tta():
         Config().override({"eval.tta": 0})
 
 
+def test_augmentation_with_an_algorithm_that_pretrains_on_its_own_batches_is_refused():
+    omniglot = {"task.family": "omniglot", "model.name": "conv4", "task.augment.preset": "koch", "eval.baseline": False}
+    Config().override({**omniglot, "algorithm.name": "protonet"})  # episodes: augmented
+    for name in ("baseline", "baselinepp"):
+        with pytest.raises(ConfigError, match=rf"algorithm {name!r} pre-trains on batches of its own"):
+            Config().override({**omniglot, "algorithm.name": name})
+
+
 def test_meta_test_scores_tta_families_on_averaged_predictions():
     from innerloop.algorithms.protonet import ProtoNet
     from innerloop.models.conv4 import Conv4
@@ -210,3 +218,21 @@ def test_meta_test_scores_tta_families_on_averaged_predictions():
         plain = alg.evaluate(fam.batch("test", range(4)), 0)["accuracy"][:, 0]
     assert math.isclose(res.per_step[0].mean, float(by_hand.double().mean()), rel_tol=1e-12)
     assert by_hand.shape == plain.shape == (4,)
+
+
+def test_meta_test_leaves_the_objective_as_it_was_when_it_fails_early(monkeypatch):
+    from innerloop.algorithms.protonet import ProtoNet
+    from innerloop.models.conv4 import Conv4
+    from innerloop.training import evaluate
+
+    alg = ProtoNet(Conv4(1, 3, 4, 16))
+    fns = alg.fns
+
+    def broken_bar(*args, **kwargs):
+        raise RuntimeError("no terminal")
+
+    monkeypatch.setattr(evaluate, "tqdm", broken_bar)
+    with pytest.raises(RuntimeError, match="no terminal"):
+        evaluate.meta_test(alg, TTAFamily(_family(ways=3, shots=2, queries=3, side=16), KOCH, 3), "test", 2, 0,
+                           progress=False)
+    assert alg.fns is fns and alg.training  # not left scoring TTA averages, nor in eval mode

@@ -76,3 +76,11 @@ def test_the_command_tunes_and_writes_results(tmp_path: Path, capsys: pytest.Cap
     assert "validation loss" in capsys.readouterr().out
     assert main(["tune", "--set", "hyper.lr=scalar", "--out", str(tmp_path / "x")]) == 2
     assert "cannot tune a learning rate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("truncate", [0, -3, 21])
+def test_tune_refuses_a_truncation_outside_the_runs_steps_naming_them(truncate: int) -> None:
+    run, xv, yv, _ = groups_run()
+    hyper = Hyper.create(run.init, lr=0.2, tune_lr="scalar")
+    with pytest.raises(ValueError, match=rf"truncate must be in 1\.\.20 \(the run's steps\), got {truncate}\."):
+        tune(run, xv, yv, hyper, method="unrolled", truncate=truncate, outer_steps=1, progress=False, loggers=())
