@@ -192,7 +192,8 @@ def test_the_config_section_and_eval_tta():
 
 
 def test_augmentation_with_an_algorithm_that_pretrains_on_its_own_batches_is_refused():
-    omniglot = {"task.family": "omniglot", "model.name": "conv4", "task.augment.preset": "koch", "eval.baseline": False}
+    omniglot = {"task.family": "omniglot", "model.name": "conv4", "task.augment.preset": "koch",
+                "eval.baseline": False}
     Config().override({**omniglot, "algorithm.name": "protonet"})  # episodes: augmented
     for name in ("baseline", "baselinepp"):
         with pytest.raises(ConfigError, match=rf"algorithm {name!r} pre-trains on batches of its own"):
