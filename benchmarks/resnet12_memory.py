@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lora import peak_tensor_bytes  # the same measure as benchmarks/lora.py (this script's folder)
 
 from innerloop.algorithms import MAML
 from innerloop.execution import Execution
@@ -39,20 +40,6 @@ from innerloop.tasks import TaskBatch
 RESULTS = Path(__file__).parent / "results"
 ROWS = [(size, channels, steps, checkpoint) for size, channels in ((28, 1), (84, 3))
         for steps in (1, 5) for checkpoint in (False, True)]
-
-
-def peak_tensor_bytes(fn: Any) -> int:
-    """The high-water mark of the bytes held by tensors allocated while ``fn()`` runs (CPU)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    live = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
 
 
 def batch(tasks: int, ways: int, shots: int, queries: int, channels: int, size: int) -> TaskBatch:

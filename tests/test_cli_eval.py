@@ -15,7 +15,7 @@ from innerloop.cli import main
 from innerloop.training.checkpoint import load_checkpoint, save_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
-from fewshot_fakes import FAKE_BACKGROUND, FAKE_EVALUATION, write_omniglot_zip
+from fewshot_fakes import write_fake_omniglot
 
 pytestmark = pytest.mark.slow  # whole command-line runs: skipped by `make test-quick`
 
@@ -25,9 +25,7 @@ def trained(tmp_path_factory):
     """A ProtoNet checkpoint (2-way 1-shot, 2 queries) and its run folder, on the fake archives."""
     base = tmp_path_factory.mktemp("omniglot-eval")
     root = base / "omniglot"
-    root.mkdir()
-    nxt = write_omniglot_zip(root / "images_background.zip", "images_background", FAKE_BACKGROUND)
-    write_omniglot_zip(root / "images_evaluation.zip", "images_evaluation", FAKE_EVALUATION, first_id=nxt)
+    write_fake_omniglot(root)
     cfg = base / "run.toml"
     cfg.write_text(f"""
 out_dir = "{base / 'run'}"

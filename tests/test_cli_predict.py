@@ -19,7 +19,7 @@ from innerloop.data.factory import image_splits
 from innerloop.training.run import build_family, load_for_eval
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
-from fewshot_fakes import FAKE_BACKGROUND, FAKE_EVALUATION, write_omniglot_zip
+from fewshot_fakes import write_fake_omniglot
 
 pytestmark = pytest.mark.slow  # whole command-line runs: skipped by `make test-quick`
 
@@ -36,9 +36,7 @@ def folders(tmp_path_factory):
     (one folder each) and a query folder, written from a test task; the training data moved away."""
     base = tmp_path_factory.mktemp("cli-predict")
     root = base / "data" / "omniglot"
-    root.mkdir(parents=True)
-    nxt = write_omniglot_zip(root / "images_background.zip", "images_background", FAKE_BACKGROUND)
-    write_omniglot_zip(root / "images_evaluation.zip", "images_evaluation", FAKE_EVALUATION, first_id=nxt)
+    write_fake_omniglot(root)
     cfg = base / "run.toml"
     cfg.write_text(f"""
 out_dir = "{base / 'run'}"

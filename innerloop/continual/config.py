@@ -8,17 +8,12 @@ value of the wrong type or out of range is refused naming the key and what is al
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_type_hints
 
+from innerloop.training.config import read_config_file
 from innerloop.typecheck import typed
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 __all__ = ["METHODS", "ContinualConfig", "continual_config_from_dict", "load_continual_config"]
 
@@ -104,12 +99,10 @@ def continual_config_from_dict(data: dict[str, Any]) -> ContinualConfig:
 
 
 def load_continual_config(path: str | Path) -> ContinualConfig:
-    """Read ``path`` (one flat TOML table; see :class:`ContinualConfig`)."""
+    """Read ``path`` (one flat TOML or JSON table; see :class:`ContinualConfig`); a missing, unreadable or
+    malformed file is refused naming it (:func:`innerloop.training.config.read_config_file`)."""
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise ValueError(f"cannot read the continual config {path}: {e}") from e
+    data = read_config_file(path)
     try:
         return continual_config_from_dict(data)
     except ValueError as e:

@@ -71,6 +71,14 @@ def write_omniglot_zip(
     return cid
 
 
+def write_fake_omniglot(root: Path) -> Path:
+    """Both fake archives (``FAKE_BACKGROUND``, ``FAKE_EVALUATION``) in ``root`` (made if missing)."""
+    root.mkdir(parents=True, exist_ok=True)
+    nxt = write_omniglot_zip(root / "images_background.zip", "images_background", FAKE_BACKGROUND)
+    write_omniglot_zip(root / "images_evaluation.zip", "images_evaluation", FAKE_EVALUATION, first_id=nxt)
+    return root
+
+
 def real_data_root() -> Path:
     """``$INNERLOOP_DATA`` or ``../shared/data`` from the repository root."""
     env = os.environ.get("INNERLOOP_DATA")

@@ -15,7 +15,7 @@ from innerloop.training.config import Config, ConfigError, config_from_dict, loa
 from innerloop.training.run import build_family, dataset_title, identity
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "data"))
-from fewshot_fakes import FAKE_BACKGROUND, FAKE_EVALUATION, write_omniglot_zip
+from fewshot_fakes import write_fake_omniglot
 
 LEGACY = json.loads((Path(__file__).parent / "identities_0_1_0.json").read_text())
 
@@ -66,9 +66,7 @@ def test_defaults_keep_the_identities_of_old_checkpoints():
 @pytest.fixture
 def omniglot_root(tmp_path):
     root = tmp_path / "omniglot"
-    root.mkdir()
-    nxt = write_omniglot_zip(root / "images_background.zip", "images_background", FAKE_BACKGROUND)
-    write_omniglot_zip(root / "images_evaluation.zip", "images_evaluation", FAKE_EVALUATION, first_id=nxt)
+    write_fake_omniglot(root)
     return root
 
 

@@ -26,15 +26,13 @@ from innerloop.training.loop import Schedule, run_loop
 from innerloop.training.run import build_family, checkpoint_config, identity, load_for_eval, run
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "data"))
-from fewshot_fakes import FAKE_BACKGROUND, FAKE_EVALUATION, write_omniglot_zip
+from fewshot_fakes import write_fake_omniglot
 
 ALGORITHMS = ("protonet", "maml", "baseline", "mamlpp", "metaoptnet")
 
 
 def _fake_omniglot(root: Path) -> Path:
-    root.mkdir(parents=True)
-    nxt = write_omniglot_zip(root / "images_background.zip", "images_background", FAKE_BACKGROUND)
-    write_omniglot_zip(root / "images_evaluation.zip", "images_evaluation", FAKE_EVALUATION, first_id=nxt)
+    write_fake_omniglot(root)
     return root
 
 
