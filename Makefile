@@ -11,8 +11,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# The pinned CPU torch first: an unpinned torch pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	# dev tools, the MuJoCo extra (so the HalfCheetah tests run rather than skip) and the docs tools
-	$(PY) -m pip install -q -e ".[dev,rl,docs,tensorboard,wandb]"
+	# dev tools, the MuJoCo and Meta-World extras (so the HalfCheetah and Meta-World tests run rather
+	# than skip) and the docs tools
+	$(PY) -m pip install -q -e ".[dev,rl,metaworld,docs,tensorboard,wandb]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -27,10 +28,15 @@ import torch
 
 from innerloop.rl.config import load_rl_config
 from innerloop.rl.plots import plot_rl_run
-from innerloop.rl.train import run_rl
+from innerloop.rl.train import batch_text, lr_text, run_rl, test_lr
 from innerloop.training.run import machine
+from innerloop.training.settings import cli_changes
 
-CONFIGS = {"nav2d": "rl_nav2d.toml", "cheetah-vel": "rl_cheetah_vel.toml", "cheetah-dir": "rl_cheetah_dir.toml"}
+CONFIGS = {"nav2d": "rl_nav2d.toml", "cheetah-vel": "rl_cheetah_vel.toml", "cheetah-dir": "rl_cheetah_dir.toml",
+           "metaworld-ml1-reach": "rl_metaworld_ml1_reach.toml",
+           "metaworld-ml1-push": "rl_metaworld_ml1_push.toml",
+           "metaworld-ml1-pick-place": "rl_metaworld_ml1_pick_place.toml",
+           "metaworld-ml10": "rl_metaworld_ml10.toml"}
 PAPER = {  # Finn et al. 2017, average return after 0, 1, 2, 3 policy-gradient steps (as quoted in issue 7)
     "nav2d": {"MAML (paper, Table 4)": [-40.41, -11.68, -3.33, -3.23]},
     "cheetah-vel": {"MAML (paper): 0 and 3 steps": [-129.5, None, None, -60.8],
@@ -51,9 +57,14 @@ def main() -> None:
     p.add_argument("--no-pretrain", action="store_true", help="skip the pre-trained baseline")
     p.add_argument("--tag", help="suffix of the results files, e.g. first_order (default: none)")
     p.add_argument("--out", help="run folder (default runs/bench-rl-<env>[-<tag>])")
+    p.add_argument("--config", help="the config file (default: configs/<the env's config>)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                   help="change any config field, as `innerloop rl train --set` (repeatable)")
     args = p.parse_args()
     torch.set_num_threads(1)
-    cfg = load_rl_config(Path(__file__).parent.parent / "configs" / CONFIGS[args.env])
+    root = Path(__file__).parent.parent
+    config_path = Path(args.config) if args.config else root / "configs" / CONFIGS[args.env]
+    cfg = load_rl_config(config_path)
     changes = {
         "out_dir": args.out or f"runs/bench-rl-{args.env}" + (f"-{args.tag}" if args.tag else ""),
         "algorithm.first_order": args.first_order or cfg.algorithm.first_order,
@@ -66,8 +77,10 @@ def main() -> None:
         changes["algorithm.rollouts"] = args.rollouts
     if args.test_tasks:
         changes["eval.test_tasks"] = args.test_tasks
+    changes.update(cli_changes(cfg, args.set, "benchmarks/rl.py"))
     cfg = cfg.override(changes)
     t0 = time.perf_counter()
+    load_start = os.getloadavg()[0]
     report = run_rl(cfg, progress=sys.stderr.isatty())
     plot_rl_run(report, cfg)
     wall = time.perf_counter() - t0
@@ -89,16 +102,25 @@ def main() -> None:
         budget += f"; pre-trained baseline {e.pretrain_iterations} iterations x {t.meta_batch_size} tasks x " \
                   f"{a.rollouts} episodes"
     m = machine()
+    outer = (f"TRPO max KL {t.max_kl}, {t.cg_iterations} CG iterations on the KL of {t.fisher_subsample:.0%} of "
+             "the meta-batch's tasks" if t.optimizer == "trpo" else
+             f"PPO {t.ppo_epochs} epochs, Adam {t.ppo_lr}, clip {t.ppo_clip}")
+    try:
+        config_name = str(config_path.resolve().relative_to(Path(__file__).resolve().parent.parent))
+    except ValueError:
+        config_name = str(config_path)
     lines += [
-        f"Command: `{command}` (config `configs/{CONFIGS[args.env]}`, overridden as the command says).",
-        f"Budget: {budget}. TRPO max KL {t.max_kl}, {t.cg_iterations} CG iterations on the KL of "
-        f"{t.fisher_subsample:.0%} of the meta-batch's tasks, inner lr {a.inner_lr}, discount {a.discount}; "
-        f"test: {e.test_tasks} fixed test tasks, {e.rollouts} episodes per step, lr {e.inner_lr or a.inner_lr}.",
+        f"Command: `{command}` (config `{config_name}`, overridden as the command says).",
+        f"Budget: {budget}. {outer}, inner lr {a.inner_lr}, discount {a.discount}, policy "
+        f"{cfg.policy.hidden} {cfg.policy.activation} with initial std {cfg.policy.init_std}; "
+        f"test: {e.test_tasks} fixed test tasks, {batch_text(e)} per step, {lr_text(test_lr(cfg))}.",
+        f"Environment options: {cfg.env.options or 'the defaults'}.",
         f"Seeds: env/task seed {cfg.env.seed}, policy init seed {t.seed}.",
         "Wall time: " + ", ".join(f"{k} training {v['train_wall_s'] / 60:.1f} min + test {v['eval_wall_s']:.0f} s"
                                   for k, v in runs.items()) + f"; {wall / 60:.1f} min in all for this command.",
         f"Machine: {m['cpu']}, {m['threads']} thread(s), torch {m['torch']}, Python {m['python']} "
-        "(2 cores shared with other jobs).",
+        f"({os.cpu_count()} cores shared with other jobs; load average {load_start:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end).",
     ]
     md = "\n".join(lines) + "\n"
     stem = Path(__file__).parent / "results" / (f"rl_{args.env.replace('-', '_')}" + (f"_{args.tag}" if args.tag
@@ -107,8 +129,9 @@ def main() -> None:
     stem.with_suffix(".md").write_text(md)
     stem.with_suffix(".json").write_text(json.dumps({**report, "command": command, "wall_s": wall,
                                                      "paper": PAPER.get(args.env)}, indent=2))
-    if (Path(cfg.out_dir) / "trajectories.png").exists():
-        shutil.copy(Path(cfg.out_dir) / "trajectories.png", str(stem) + "_trajectories.png")
+    for figure in ("trajectories", "curve"):
+        if (Path(cfg.out_dir) / f"{figure}.png").exists():
+            shutil.copy(Path(cfg.out_dir) / f"{figure}.png", str(stem) + f"_{figure}.png")
     print(md)
 
 

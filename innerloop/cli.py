@@ -21,9 +21,18 @@ from innerloop.data.images import deferred_cache_writes
 from innerloop.execution import PRECISIONS
 from innerloop.plotting import plot_run
 from innerloop.rl.config import RLConfig, RLEvalConfig, load_rl_config
+from innerloop.rl.metaworld import MissingMetaWorldError
 from innerloop.rl.mujoco import MissingMuJoCoError
 from innerloop.rl.plots import plot_rl_run
-from innerloop.rl.train import load_rl_checkpoint, meta_test_rl, rl_eval_settings, run_rl
+from innerloop.rl.train import (
+    batch_text,
+    load_rl_checkpoint,
+    lr_text,
+    meta_test_rl_scores,
+    rl_eval_settings,
+    run_rl,
+    test_lr,
+)
 from innerloop.tasks import SPLITS
 from innerloop.training.checkpoint import CheckpointError, load_checkpoint
 from innerloop.training.config import Config, ConfigError, load_config, read_config_file
@@ -130,7 +139,14 @@ def _add_rl_parser(sub: Any) -> None:
                      f"{RLEvalConfig().rollouts} episodes per step).")
     e.add_argument("--tasks", type=int, help="test tasks (default: the run's eval.test_tasks)")
     e.add_argument("--steps", type=int, help="adaptation steps (default: the run's eval.steps)")
-    e.add_argument("--rollouts", type=int, help="episodes per step (default: the run's eval.rollouts)")
+    e.add_argument("--rollouts", type=int, help="episodes per step (default: the run's eval.rollouts); with "
+                   "--batch-steps, the most episodes a batch may have")
+    e.add_argument("--lr", type=float, help="step size of the adaptation (default: the run's eval.inner_lr, else "
+                   "its algorithm.inner_lr)")
+    e.add_argument("--later-lr", type=float, help="step size of the steps after the first (default: the run's "
+                   "eval.later_lr, else as the first)")
+    e.add_argument("--batch-steps", type=int, help="each step's batch: the first episodes holding this many "
+                   "environment steps (the MAML paper's test script: 4000); default: the run's eval.batch_steps")
 
 
 def _add_tune_parser(sub: Any) -> None:
@@ -411,18 +427,28 @@ def _rl_eval(args: argparse.Namespace) -> None:
     tasks = run_eval.test_tasks if args.tasks is None else args.tasks
     steps = run_eval.steps if args.steps is None else args.steps
     rollouts = run_eval.rollouts if args.rollouts is None else args.rollouts
-    lr = run_eval.inner_lr or cfg.algorithm.inner_lr
+    first = args.lr if args.lr is not None else (run_eval.inner_lr or cfg.algorithm.inner_lr)
+    later = run_eval.later_lr if args.later_lr is None else args.later_lr
+    batch_steps = run_eval.batch_steps if args.batch_steps is None else args.batch_steps
     cfg = cfg.override({"eval.test_tasks": tasks, "eval.rollouts": rollouts, "eval.steps": steps,
-                        "eval.inner_lr": lr})  # checked as a config's are, before any work
+                        "eval.inner_lr": first, "eval.later_lr": later,
+                        "eval.batch_steps": batch_steps})  # checked as a config's are, before any work
+    lr = test_lr(cfg)
     try:  # a device this machine lacks: refused before the test starts
         place(algorithm, cfg.execution.device)
     except ValueError as err:
         raise ConfigError(f"execution.{err}") from err
-    res = meta_test_rl(algorithm, family, tasks, steps, rollouts, lr, device=cfg.execution.device)
-    print(format_table({str(args.checkpoint): res}, list(range(steps + 1)),
-                       f"{cfg.env.name}: return after 0..{steps} policy-gradient steps (lr {lr}, {rollouts} "
-                       f"episodes per step), {tasks} test tasks (mean ± 95% CI; settings not given: from "
-                       f"{source})"))
+    tested = meta_test_rl_scores(algorithm, family, tasks, steps, rollouts, lr, device=cfg.execution.device,
+                                 batch_steps=batch_steps)
+    print(format_table({str(args.checkpoint): tested.returns}, list(range(steps + 1)),
+                       f"{cfg.env.name}: return after 0..{steps} policy-gradient steps ({lr_text(lr)}, "
+                       f"{batch_text(cfg.eval)} per step), {tasks} test tasks (mean ± 95% CI; settings not "
+                       f"given: from {source})"))
+    if tested.success is not None:  # Meta-World: the share of episodes with any successful step
+        print()
+        print(format_table({str(args.checkpoint): tested.success}, list(range(steps + 1)),
+                           f"{cfg.env.name}: success rate after 0..{steps} steps, the same tasks and episodes "
+                           "(mean ± 95% CI)"))
 
 
 def _rl(args: argparse.Namespace) -> None:
@@ -437,8 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         {"train": _train, "eval": _eval, "predict": _predict, "rl": _rl, "config": _config_show,
          "tune": _tune}[args.command](args)
-    except (ConfigError, CheckpointError, DataError, DistributedError, MissingMuJoCoError, DivergenceError,
-            RunLockedError, MissingExtraError) as err:
+    except (ConfigError, CheckpointError, DataError, DistributedError, MissingMuJoCoError, MissingMetaWorldError,
+            DivergenceError, RunLockedError, MissingExtraError) as err:
         print(f"innerloop: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # the disk, not innerloop: one line with the file and what to do

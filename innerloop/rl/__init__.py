@@ -16,10 +16,11 @@ from innerloop.rl.maml import MetaBatch, PolicyMAML
 from innerloop.rl.policy import GaussianMLP, kl_divergence, log_prob
 from innerloop.rl.train import meta_test_rl, meta_train_rl, run_rl
 from innerloop.rl.trpo import trpo_step
+from innerloop.rl.workers import ParallelFamily, WorkerError
 
 __all__ = [
     "ENV_FAMILIES", "EnvFamily", "Episodes", "GaussianMLP", "MetaBatch", "Navigation2D", "Navigation2DEnv",
-    "PolicyMAML", "RLConfig", "VectorEnv", "advantages", "conjugate_gradient", "fit_linear_baseline",
-    "kl_divergence", "load_rl_config", "log_prob", "make_env_family", "meta_test_rl", "meta_train_rl",
-    "rl_config_from_dict", "rollout", "rollout_noise", "run_rl", "trpo_step",
+    "ParallelFamily", "PolicyMAML", "RLConfig", "VectorEnv", "WorkerError", "advantages", "conjugate_gradient",
+    "fit_linear_baseline", "kl_divergence", "load_rl_config", "log_prob", "make_env_family", "meta_test_rl",
+    "meta_train_rl", "rl_config_from_dict", "rollout", "rollout_noise", "run_rl", "trpo_step",
 ]

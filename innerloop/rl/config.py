@@ -28,21 +28,32 @@ from innerloop.training.config import (
 )
 from innerloop.training.loggers import LOGGER_NAMES
 
+ENV_SIZES: dict[str, tuple[int, int, int]] = {
+    "nav2d": (2, 2, 100), "cheetah-vel": (17, 6, 200), "cheetah-dir": (17, 6, 200),
+    "metaworld-ml1": (39, 4, 500), "metaworld-ml10": (39, 4, 500),
+}
+"""``(observation size, action size, default horizon)`` of each ``env.name`` (for the memory estimates)."""
+
 
 @dataclass(frozen=True)
 class EnvConfig:
     """The task family of MDPs."""
 
-    name: Literal["nav2d", "cheetah-vel", "cheetah-dir"] = "nav2d"
-    """``nav2d`` (2D point navigation, torch), ``cheetah-vel`` (HalfCheetah goal velocity) or
-    ``cheetah-dir`` (forward/backward); the HalfCheetah families need ``pip install 'innerloop[rl]'``."""
+    name: Literal["nav2d", "cheetah-vel", "cheetah-dir", "metaworld-ml1", "metaworld-ml10"] = "nav2d"
+    """``nav2d`` (2D point navigation, torch), ``cheetah-vel`` (HalfCheetah goal velocity),
+    ``cheetah-dir`` (forward/backward), ``metaworld-ml1`` (one Meta-World skill, held-out goal positions;
+    option ``env_name``) or ``metaworld-ml10`` (Meta-World's 10 train and 5 held-out skills); the
+    HalfCheetah families need ``pip install 'innerloop[rl]'``, the Meta-World ones
+    ``pip install 'innerloop[metaworld]'``."""
     horizon: int | None = None
-    """Steps per episode (``None``: the paper's, 100 for nav2d and 200 for HalfCheetah)."""
+    """Steps per episode (``None``: the paper's, 100 for nav2d and 200 for HalfCheetah; Meta-World's 500,
+    which is also the most a Meta-World episode can have)."""
     seed: int = 0
     """Family seed: fixes every task of every split, and the rollout noise."""
     options: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments of the family (nav2d: ``goal_low``, ``goal_high``, ``action_bound``,
-    ``goal_radius``; cheetah-vel: ``low``, ``high``)."""
+    ``goal_radius``, ``action_scale``, ``termination``; cheetah-vel: ``low``, ``high``; metaworld-ml1:
+    ``env_name``, e.g. ``"reach-v3"``, ``"push-v3"``, ``"pick-place-v3"``)."""
 
 
 @dataclass(frozen=True)
@@ -107,6 +118,16 @@ class RLEvalConfig:
     rollouts: int = 20
     inner_lr: float | None = None
     """Step size of test-time adaptation (``None``: ``algorithm.inner_lr``)."""
+    later_lr: float | None = None
+    """Step size of the test-time steps after the first (``None``: the first's). The MAML paper's
+    test script for 2D navigation took its first step at the training step size, 0.5, and the
+    later ones at half of it."""
+    batch_steps: int | None = None
+    """``None``: each test-time step samples ``rollouts`` episodes. N: each step's batch is the first
+    episodes that hold N environment steps, at most ``rollouts`` of them, and the score is the mean
+    return over the batch's episodes -- the MAML paper's test script (rllab's ``VPG`` with
+    ``batch_size = 4000``, 2D navigation), where a policy that reaches its goal fast has more, shorter
+    episodes in its batch."""
     pretrain: bool = True
     """Also train and test the pre-trained baseline (one policy trained on all tasks, no adaptation)."""
     pretrain_iterations: int | None = None
@@ -115,6 +136,13 @@ class RLEvalConfig:
     """Also test the untrained policy (random initialisation), adapted the same way."""
     plot_tasks: int = 4
     """nav2d: tasks in the trajectory plot."""
+    curve_every: int | None = None
+    """Log the test return after 0..``steps`` steps on the first ``curve_tasks`` test tasks every this
+    many training iterations (from iteration 0; ``test_return_k`` in the metrics, drawn in
+    ``curve.png``); ``None``: no learning curve. Its rollouts take their own fixed noise, so the
+    training itself does not change."""
+    curve_tasks: int = 10
+    """Test tasks of the learning curve (the first ones of the test split)."""
 
 
 @dataclass(frozen=True)
@@ -125,9 +153,18 @@ class RLExecutionConfig:
     """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``: the policy, the
     episodes' tensors, the inner steps and the outer (TRPO / PPO) step live there. Checked to exist when
     the run starts. Meta-RL runs in float32."""
+    workers: int = 0
+    """Processes that step the environments (:class:`~innerloop.rl.workers.ParallelFamily`): ``0``: in
+    the main process; ``N >= 1``: the copies of each rollout split into ``N`` chunks, each stepped in a
+    worker process (started once per run, stopped when it ends). The episodes, and so every result
+    and checkpoint, do not depend on it (not part of a checkpoint's identity: a run resumes with
+    another value); only the speed does (``benchmarks/results/rl_sampler.md``)."""
 
     def __post_init__(self) -> None:
         check_device_name(self.device)
+        if isinstance(self.workers, int) and not isinstance(self.workers, bool) and self.workers < 0:
+            raise ConfigError(f"execution.workers = {self.workers!r} is invalid: must be >= 0 (0: step the "
+                              "environments in the main process; N: in N worker processes).")
 
 
 @dataclass(frozen=True)
@@ -195,9 +232,15 @@ class RLConfig:
         need(v.steps >= 0, "eval.steps", v.steps, "must be >= 0")
         need(v.rollouts >= 2, "eval.rollouts", v.rollouts, "must be >= 2")
         need(v.inner_lr is None or v.inner_lr > 0, "eval.inner_lr", v.inner_lr, "must be > 0 or null")
+        need(v.later_lr is None or v.later_lr > 0, "eval.later_lr", v.later_lr, "must be > 0 or null")
+        need(v.batch_steps is None or v.batch_steps >= 1, "eval.batch_steps", v.batch_steps,
+             "must be >= 1 or null")
         need(v.pretrain_iterations is None or v.pretrain_iterations >= 1, "eval.pretrain_iterations",
              v.pretrain_iterations, "must be >= 1 or null")
         need(v.plot_tasks >= 0, "eval.plot_tasks", v.plot_tasks, "must be >= 0")
+        need(v.curve_every is None or v.curve_every >= 1, "eval.curve_every", v.curve_every,
+             "must be >= 1 or null")
+        need(v.curve_tasks >= 2, "eval.curve_tasks", v.curve_tasks, "must be >= 2 (a CI needs several tasks)")
         need(v.test_tasks <= MAX_TASKS, "eval.test_tasks", v.test_tasks,
              f"at most {MAX_TASKS:,} tasks are evaluated")
         refuse_what_cannot_fit(self.memory_estimates())
@@ -205,11 +248,13 @@ class RLConfig:
     def memory_estimates(self) -> list[MemoryEstimate]:
         """Lower bounds on the bytes of the episodes one meta-batch (and one evaluation) keeps, and of
         the policy's parameters with their gradient: ``(key, value, bytes, what)``. An episode step holds
-        an observation, an action, a reward and a few scalars (at most 26 float32 for HalfCheetah)."""
+        an observation, an action, a reward, a mask and an advantage in float32 (26 numbers for
+        HalfCheetah, 46 for Meta-World's 39-dimensional observations; :data:`ENV_SIZES`)."""
         e, p, a, t, v = self.env, self.policy, self.algorithm, self.train, self.eval
-        horizon = e.horizon or (100 if e.name == "nav2d" else 200)
-        step = 4 * 26
-        params = training_bytes([20, *p.hidden, 6])
+        obs_dim, act_dim, default_horizon = ENV_SIZES[e.name]
+        horizon = e.horizon or default_horizon
+        step = 4 * (obs_dim + act_dim + 3)
+        params = training_bytes([obs_dim, *p.hidden, act_dim])
         return [
             ("train.meta_batch_size", t.meta_batch_size,
              t.meta_batch_size * a.rollouts * horizon * step * (a.inner_steps + 1), "episodes for one meta-batch"),

@@ -74,30 +74,52 @@ def uniform_tasks(seed: int, split: Split, indices: Sequence[int], low: Tensor, 
     return torch.stack(rows).to(dtype) if rows else torch.empty(0, low.numel(), dtype=dtype, device=low.device)
 
 
+TERMINATIONS = ("box", "euclidean")
+
+
+def check_termination(termination: str) -> None:
+    """Refuse a 2D-navigation ``termination`` that is not ``box`` or ``euclidean``."""
+    if termination not in TERMINATIONS:
+        raise ValueError(f"termination must be one of {list(TERMINATIONS)}, got {termination!r}.")
+
+
 class Navigation2DEnv:
     """Point navigation in the plane (Finn et al. 2017, Sec. 5.3), ``n`` copies at once.
 
-    The agent starts at the origin; the observation is its position ``[n, 2]``; the action is a
-    velocity, clipped to ``[-action_bound, action_bound]`` per coordinate, added to the position;
-    the reward is minus the Euclidean distance to the goal after the move. An episode terminates
-    when the agent is within ``goal_radius`` of the goal (the paper: 0.01) and is truncated at
-    ``horizon`` steps (the paper: 100). A copy that has terminated stays put and earns 0 until
-    :meth:`reset`.
+    The agent starts at the origin; the observation is its position ``[n, 2]``; the policy's action
+    ``a`` is scaled to a velocity ``action_scale * a``, clipped to ``[-action_bound, action_bound]``
+    per coordinate and added to the position; the reward is minus the Euclidean distance to the goal
+    after the move. An episode terminates when the agent is within ``goal_radius`` of the goal
+    (``termination = "box"``: in each coordinate, as the paper's code tests; ``"euclidean"``: in
+    distance) and is truncated at ``horizon`` steps (the paper: 100). A copy that has terminated
+    stays put and earns 0 until :meth:`reset`.
+
+    The paper's code wraps the environment in rllab's ``normalize``, which maps a policy action in
+    ``[-1, 1]`` linearly onto the action box ``[-0.1, 0.1]``: a policy action is scaled by the
+    bound, ``action_scale = action_bound`` (the default). ``action_scale = 1`` and
+    ``termination = "euclidean"`` give the environment of innerloop 0.2.0 and earlier (the action taken as
+    a velocity, so a policy standard deviation of 1 is ten times the paper's exploration noise).
 
     Args:
         goals: ``[n, 2]`` goal positions.
         horizon: steps before truncation.
         action_bound: the velocity clip.
         goal_radius: termination distance (0: never terminate early).
+        action_scale: velocity per unit of policy action (``None``: ``action_bound``).
+        termination: ``"box"`` or ``"euclidean"``.
     """
 
     def __init__(self, goals: Tensor, horizon: int = 100, action_bound: float = 0.1,
-                 goal_radius: float = 0.01) -> None:
+                 goal_radius: float = 0.01, action_scale: float | None = None,
+                 termination: str = "box") -> None:
         if goals.dim() != 2 or goals.shape[-1] != 2:
             raise ValueError(f"goals must be [n, 2], got shape {tuple(goals.shape)}.")
+        check_termination(termination)
         self.goals = goals
         self.num_envs = goals.shape[0]
         self.horizon, self.action_bound, self.goal_radius = horizon, action_bound, goal_radius
+        self.action_scale = action_bound if action_scale is None else action_scale
+        self.termination = termination
         self.position = torch.zeros_like(self.goals)
         self.done = torch.zeros(self.num_envs, dtype=torch.bool, device=goals.device)
         self.t = 0
@@ -110,15 +132,18 @@ class Navigation2DEnv:
         return self.position.clone(), {}
 
     def step(self, action: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, dict[str, Any]]:
-        """``action [n, 2]`` (unclipped) -> ``(obs [n, 2], reward [n], terminated [n], truncated [n], {})``."""
+        """``action [n, 2]`` (policy units, unclipped) -> ``(obs [n, 2], reward [n], terminated [n],
+        truncated [n], {})``."""
         if action.shape != self.position.shape:
             raise ValueError(f"action must be [{self.num_envs}, 2], got shape {tuple(action.shape)}.")
         live = ~self.done
-        move = action.to(self.goals.dtype).clamp(-self.action_bound, self.action_bound)
+        move = (self.action_scale * action.to(self.goals.dtype)).clamp(-self.action_bound, self.action_bound)
         self.position = torch.where(live[:, None], self.position + move, self.position)
-        distance = torch.linalg.vector_norm(self.position - self.goals, dim=-1)
+        offset = self.position - self.goals
+        distance = torch.linalg.vector_norm(offset, dim=-1)
         reward = torch.where(live, -distance, torch.zeros_like(distance))
-        self.done = self.done | (live & (distance < self.goal_radius))
+        near = offset.abs().amax(-1) if self.termination == "box" else distance
+        self.done = self.done | (live & (near < self.goal_radius))
         self.t += 1
         truncated = torch.full((self.num_envs,), self.t >= self.horizon, device=self.goals.device)
         return self.position.clone(), reward, self.done.clone(), truncated, {}
@@ -136,15 +161,19 @@ class Navigation2D:
     obs_dim = act_dim = task_dim = 2
 
     def __init__(self, seed: int = 0, horizon: int = 100, goal_low: float = -0.5, goal_high: float = 0.5,
-                 action_bound: float = 0.1, goal_radius: float = 0.01) -> None:
+                 action_bound: float = 0.1, goal_radius: float = 0.01, action_scale: float | None = None,
+                 termination: str = "box") -> None:
         if not goal_low < goal_high:
             raise ValueError(f"goal_low ({goal_low}) must be < goal_high ({goal_high}).")
-        if horizon < 1 or action_bound <= 0 or goal_radius < 0:
-            raise ValueError(f"need horizon >= 1 (got {horizon}), action_bound > 0 (got {action_bound}) "
-                             f"and goal_radius >= 0 (got {goal_radius}).")
+        if horizon < 1 or action_bound <= 0 or goal_radius < 0 or (action_scale is not None and action_scale <= 0):
+            raise ValueError(f"need horizon >= 1 (got {horizon}), action_bound > 0 (got {action_bound}), "
+                             f"goal_radius >= 0 (got {goal_radius}) and action_scale > 0 or None "
+                             f"(got {action_scale}).")
+        check_termination(termination)
         self.seed, self.horizon = seed, horizon
         self.goal_low, self.goal_high = goal_low, goal_high
         self.action_bound, self.goal_radius = action_bound, goal_radius
+        self.action_scale, self.termination = action_scale, termination
 
     def tasks(self, split: Split, indices: Sequence[int]) -> Tensor:
         """``[n, 2]`` goal positions."""
@@ -153,4 +182,5 @@ class Navigation2D:
         return uniform_tasks(self.seed, split, indices, low, high, "nav2d")
 
     def make(self, tasks: Tensor) -> Navigation2DEnv:
-        return Navigation2DEnv(tasks, self.horizon, self.action_bound, self.goal_radius)
+        return Navigation2DEnv(tasks, self.horizon, self.action_bound, self.goal_radius, self.action_scale,
+                               self.termination)

@@ -32,21 +32,41 @@ class Episodes:
         actions: ``[tasks, rollouts, horizon, act_dim]``: the sampled (unclipped) actions.
         rewards: ``[tasks, rollouts, horizon]`` (0 after an episode ended).
         mask: ``[tasks, rollouts, horizon]``: 1.0 where a step was taken, else 0.0.
+        success: ``[tasks, rollouts]``: 1.0 for an episode in which any step taken succeeded
+            (``info["success"]`` of the environment, e.g. Meta-World's), else 0.0; ``None`` for an
+            environment that reports no success.
     """
 
     obs: Tensor
     actions: Tensor
     rewards: Tensor
     mask: Tensor
+    success: Tensor | None = None
 
     def returns(self) -> Tensor:
         """``[tasks, rollouts]``: undiscounted return of each episode."""
         return (self.rewards * self.mask).sum(-1)
 
+    def first_steps(self, batch_steps: int) -> tuple[Episodes, Tensor]:
+        """The first episodes of each task that together hold at least ``batch_steps`` steps (all of
+        them when they hold fewer), as rllab's batch sampler collects a batch of ``batch_steps``
+        samples: ``(episodes with the others masked out, kept [tasks, rollouts])`` with ``kept``
+        1.0 for a kept episode. An episode that ends early leaves room for more, so a policy that
+        reaches its goal fast gets more (and shorter) episodes in its batch."""
+        if batch_steps < 1:
+            raise ValueError(f"batch_steps must be >= 1, got {batch_steps}.")
+        lengths = self.mask.sum(-1)
+        before = torch.cumsum(lengths, dim=1) - lengths
+        kept = (before < batch_steps).to(self.mask.dtype)
+        mask = self.mask * kept[..., None]
+        success = None if self.success is None else self.success * kept
+        return Episodes(self.obs, self.actions, self.rewards * mask, mask, success), kept
+
     def task(self, i: int) -> Episodes:
         """The episodes of task ``i`` alone, keeping a leading task dimension of 1."""
         s = slice(i, i + 1)
-        return Episodes(self.obs[s], self.actions[s], self.rewards[s], self.mask[s])
+        return Episodes(self.obs[s], self.actions[s], self.rewards[s], self.mask[s],
+                        None if self.success is None else self.success[s])
 
 
 @dataclass(frozen=True)
@@ -96,7 +116,8 @@ def rollout(family: EnvFamily, policy: nn.Module, params: Params, tasks: Tensor,
 
     Returns:
         :class:`Episodes` of shape ``[tasks, rollouts, horizon, ...]``, on the policy's device (the
-        environments step where ``tasks`` are, the CPU: observations and actions cross each step).
+        environments step where ``tasks`` are, the CPU: observations and actions cross each step);
+        with ``success`` when the environment's ``info`` holds ``"success" [n]`` at every step.
     """
     B, R, T, _ = noise.actions.shape
     if tasks.shape[0] != B:
@@ -108,19 +129,24 @@ def rollout(family: EnvFamily, policy: nn.Module, params: Params, tasks: Tensor,
     action_noise = noise.actions.to(device)
     alive = torch.ones(B * R, device=device)
     all_obs, all_act, all_rew, all_mask = [], [], [], []
+    succeeded: Tensor | None = torch.zeros(B * R, device=device)
     for t in range(T):
         o = obs.reshape(B, R, -1).to(device)
         mean, log_std = policy_distribution(policy, params, o, per_task)
         action = mean + torch.exp(log_std) * action_noise[:, :, t]
-        obs, reward, terminated, _, _ = env.step(action.reshape(B * R, -1).to(host))
+        obs, reward, terminated, _, info = env.step(action.reshape(B * R, -1).to(host))
         reward, terminated = reward.to(device), terminated.to(device)
+        if succeeded is not None:  # any step taken (alive) that succeeded; None once a step reports none
+            success = info.get("success")
+            succeeded = (None if success is None else
+                         torch.maximum(succeeded, (success.to(device) > 0).to(alive.dtype) * alive))
         all_obs.append(o)
         all_act.append(action)
         all_rew.append((reward * alive).reshape(B, R))
         all_mask.append(alive.reshape(B, R))
         alive = alive * (~terminated).to(alive.dtype)
     return Episodes(torch.stack(all_obs, 2), torch.stack(all_act, 2), torch.stack(all_rew, 2),
-                    torch.stack(all_mask, 2))
+                    torch.stack(all_mask, 2), None if succeeded is None or T == 0 else succeeded.reshape(B, R))
 
 
 def discounted_returns(rewards: Tensor, mask: Tensor, discount: float) -> Tensor:

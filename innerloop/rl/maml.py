@@ -66,6 +66,8 @@ class MetaBatch:
         valid: the episodes of the adapted policies, scored by the outer objective.
         old_mean, old_log_std: ``[tasks, rollouts, horizon, act_dim]``: the sampling policy on ``valid``.
         returns: ``[tasks, inner_steps + 1]``: mean undiscounted return after 0..inner_steps steps.
+        success: ``[tasks, inner_steps + 1]``: the share of episodes that succeeded after
+            0..inner_steps steps (:attr:`Episodes.success`); ``None`` for environments without success.
     """
 
     adapt: list[StepData]
@@ -73,6 +75,7 @@ class MetaBatch:
     old_mean: Tensor
     old_log_std: Tensor
     returns: Tensor
+    success: Tensor | None = None
 
     def __len__(self) -> int:
         """The number of tasks."""
@@ -84,7 +87,32 @@ class MetaBatch:
             return StepData(*(t[tasks] for t in d.tensors()))
 
         return MetaBatch([cut(d) for d in self.adapt], cut(self.valid), self.old_mean[tasks],
-                         self.old_log_std[tasks], self.returns[tasks])
+                         self.old_log_std[tasks], self.returns[tasks],
+                         None if self.success is None else self.success[tasks])
+
+
+@dataclass(frozen=True)
+class Scores:
+    """What :meth:`PolicyMAML.evaluate_scores` measured on each task.
+
+    Attributes:
+        returns: ``[tasks, steps + 1]``: mean return after 0..steps policy-gradient steps.
+        success: ``[tasks, steps + 1]``: the share of those episodes that succeeded
+            (:attr:`Episodes.success`), ``None`` for an environment without success.
+        episodes: the episodes of each step (with ``keep_episodes``), else empty.
+    """
+
+    returns: Tensor
+    success: Tensor | None
+    episodes: list[Episodes]
+
+
+def success_rates(success: Sequence[Tensor | None]) -> Tensor | None:
+    """``[tasks, steps]``: the share of successful episodes per task at each step, from each step's
+    :attr:`Episodes.success` ``[tasks, rollouts]``; ``None`` when a step reported no success."""
+    if not success or any(x is None for x in success):
+        return None
+    return torch.stack([x.mean(1) for x in success if x is not None], 1)
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
@@ -200,15 +228,17 @@ class PolicyMAML(nn.Module):
         current, per_task = params, False
         adapt_data: list[StepData] = []
         returns: list[Tensor] = []
+        success: list[Tensor | None] = []
         for k in range(steps + 1):
             noise = rollout_noise(family.seed, split, indices, f"{tag}step{k}", rollouts, family.horizon,
                                   family.act_dim)
             episodes = rollout(family, self.policy, current, tasks, noise, per_task)
             returns.append(episodes.returns().mean(1))
+            success.append(episodes.success)
             data = self.step_data(episodes)
             if k == steps:
                 mean, log_std = policy_distribution(self.policy, current, data.obs, per_task)
-                return MetaBatch(adapt_data, data, mean, log_std, torch.stack(returns, 1))
+                return MetaBatch(adapt_data, data, mean, log_std, torch.stack(returns, 1), success_rates(success))
             adapt_data.append(data)
             current, per_task = self.step_batch(current, data, per_task), True
         raise AssertionError("unreachable")
@@ -275,31 +305,66 @@ class PolicyMAML(nn.Module):
 
     @torch.no_grad()
     def evaluate(self, family: EnvFamily, split: Split, indices: Sequence[int], steps: int, rollouts: int,
-                 lr: float | None = None, keep_episodes: bool = False) -> tuple[Tensor, list[Episodes]]:
-        """Returns after 0..``steps`` policy-gradient steps on each task.
-
-        At step ``k`` the policy adapted ``k`` times samples ``rollouts`` episodes; their mean
-        return is the score after ``k`` steps and they drive step ``k + 1``.
+                 lr: float | Sequence[float] | None = None, keep_episodes: bool = False,
+                 batch_steps: int | None = None) -> tuple[Tensor, list[Episodes]]:
+        """Returns after 0..``steps`` policy-gradient steps on each task (:meth:`evaluate_scores`
+        without the success rates).
 
         Returns:
             ``(returns [tasks, steps + 1], episodes)`` with the episodes of each step when
             ``keep_episodes`` (for plots), else an empty list.
         """
+        scores = self.evaluate_scores(family, split, indices, steps, rollouts, lr, keep_episodes, batch_steps)
+        return scores.returns, scores.episodes
+
+    @torch.no_grad()
+    def evaluate_scores(self, family: EnvFamily, split: Split, indices: Sequence[int], steps: int, rollouts: int,
+                        lr: float | Sequence[float] | None = None, keep_episodes: bool = False,
+                        batch_steps: int | None = None) -> Scores:
+        """Returns and success rates after 0..``steps`` policy-gradient steps on each task.
+
+        At step ``k`` the policy adapted ``k`` times samples ``rollouts`` episodes; their mean
+        return (and share of successful episodes, where the environment reports success) is the
+        score after ``k`` steps and they drive step ``k + 1``. With ``batch_steps``, a step's batch
+        is instead the first of those episodes that hold ``batch_steps`` environment steps
+        (:meth:`Episodes.first_steps`; ``rollouts`` is then the most episodes a batch may have), as
+        the MAML paper's test script samples (4,000 steps per policy-gradient step): the score is
+        the mean over the batch's episodes, and only they drive the next step. ``lr``: the step size
+        (``None``: ``inner_lr``), or one per step, the last repeated (``[0.5, 0.25]``: the first step
+        0.5, every later one 0.25).
+
+        Returns:
+            :class:`Scores`: ``returns`` and ``success`` ``[tasks, steps + 1]``, and the episodes of
+            each step when ``keep_episodes`` (for plots; with ``batch_steps``, the episodes outside
+            the batch are masked out).
+        """
         saved = self.inner_lr
-        self.inner_lr = saved if lr is None else lr
+        rates = [saved] if lr is None else ([lr] if isinstance(lr, (int, float)) else list(lr))
+        if not rates or any(r <= 0 for r in rates):
+            raise ValueError(f"the adaptation's step sizes must be > 0, got {lr!r}.")
         try:
             tasks = family.tasks(split, indices)
             current = {k: v.detach() for k, v in self.params().items()}
-            per_task, scores, kept = False, [], []
+            per_task, scores, kept, success = False, [], [], []
             for k in range(steps + 1):
+                self.inner_lr = float(rates[min(k, len(rates) - 1)])
                 noise = rollout_noise(family.seed, split, indices, f"eval{k}", rollouts, family.horizon,
                                       family.act_dim)
                 episodes = rollout(family, self.policy, current, tasks, noise, per_task)
-                scores.append(episodes.returns().mean(1))
+                if batch_steps is None:
+                    scores.append(episodes.returns().mean(1))
+                    success.append(episodes.success)
+                else:
+                    episodes, in_batch = episodes.first_steps(batch_steps)
+                    count = in_batch.sum(1)
+                    scores.append(episodes.returns().sum(1) / count)
+                    # the rate among the batch's episodes, as a [tasks, 1] column for success_rates
+                    rate = None if episodes.success is None else (episodes.success.sum(1) / count)[:, None]
+                    success.append(rate)
                 if keep_episodes:
                     kept.append(episodes)
                 if k < steps:
                     current, per_task = self.step_batch(current, self.step_data(episodes), per_task), True
-            return torch.stack(scores, 1), kept
+            return Scores(torch.stack(scores, 1), success_rates(success), kept)
         finally:
             self.inner_lr = saved

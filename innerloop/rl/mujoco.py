@@ -13,6 +13,16 @@ with ``v`` the forward velocity of the root, ``(x_after - x_before) / dt`` (gymn
 ``x_velocity``; rllab read the torso's centre-of-mass velocity) and ``a`` the action clipped to
 the actuators' range [-1, 1] (rllab's ``normalize`` wrapper clipped likewise). Horizon 200.
 
+Building a simulator (``HalfCheetahEnv()``: parsing the model, allocating its data) costs about as
+much as a dozen of its steps, and :func:`~innerloop.rl.episodes.rollout` asks for fresh environments
+every rollout; so a family keeps a :class:`SimulatorPool` and :meth:`make` reuses its simulators. A
+reset with a seed (what ``rollout`` does) clears the simulator's whole state (``mj_resetData``) and
+reseeds its generator, so a reused simulator gives bit for bit the episodes a fresh one gives
+(``tests/rl/test_rl_mujoco.py``). The rule that keeps this safe: the environment a :meth:`make`
+returns owns its simulators until the next :meth:`make` of the same family; stepping or resetting an
+older one then raises (``reuse_simulators=False`` builds fresh simulators for every call instead, as
+before, for code that keeps several environments of one family alive at once).
+
 Needs the ``rl`` extra: ``pip install 'innerloop[rl]'`` (``gymnasium`` and ``mujoco``).
 """
 
@@ -61,6 +71,31 @@ def _warn(message: str) -> None:
         warnings.warn(f"MuJoCo: {message}", RuntimeWarning, stacklevel=2)
 
 
+class SimulatorPool:
+    """HalfCheetah-v5 simulators kept by a family between its :meth:`~HalfCheetahVel.make` calls.
+
+    :meth:`take` hands out the first ``n`` (building more when it holds fewer) under a new lease;
+    only the latest lease :meth:`holds`, so an environment built before the last :meth:`take` knows
+    that its simulators now belong to another one.
+    """
+
+    def __init__(self) -> None:
+        self.simulators: list[Any] = []
+        self.lease = 0
+
+    def take(self, n: int) -> tuple[list[Any], int]:
+        """``(n simulators, lease)``; the previous lease ends."""
+        if n > len(self.simulators):
+            cls = require_mujoco()
+            self.simulators.extend(cls() for _ in range(n - len(self.simulators)))
+        self.lease += 1
+        return self.simulators[:n], self.lease
+
+    def holds(self, lease: int) -> bool:
+        """Whether ``lease`` is the latest (its simulators are still its own)."""
+        return lease == self.lease
+
+
 class HalfCheetahVectorEnv:
     """``n`` gymnasium HalfCheetah-v5 simulations stepped in a loop, with a task-dependent reward.
 
@@ -68,9 +103,12 @@ class HalfCheetahVectorEnv:
         tasks: ``[n, 1]``: the goal velocity (``mode = "velocity"``) or direction +-1 (``"direction"``).
         mode: ``velocity`` or ``direction``.
         horizon: steps before truncation.
+        pool: take the simulators from this pool (they stay this environment's until the pool's next
+            :meth:`SimulatorPool.take`; then stepping or resetting this one raises); ``None``: build ``n``
+            fresh ones.
     """
 
-    def __init__(self, tasks: Tensor, mode: str, horizon: int = 200) -> None:
+    def __init__(self, tasks: Tensor, mode: str, horizon: int = 200, pool: SimulatorPool | None = None) -> None:
         if tasks.dim() != 2 or tasks.shape[1] != 1:
             raise ValueError(f"tasks must be [n, 1], got shape {tuple(tasks.shape)}.")
         if mode not in ("velocity", "direction"):
@@ -78,11 +116,25 @@ class HalfCheetahVectorEnv:
         cls = require_mujoco()
         self.tasks = tasks[:, 0].double().numpy()
         self.mode, self.horizon, self.num_envs = mode, horizon, tasks.shape[0]
-        self.envs = [cls() for _ in range(self.num_envs)]
+        self.pool = pool
+        if pool is None:
+            self.envs, self.lease = [cls() for _ in range(self.num_envs)], 0
+        else:
+            self.envs, self.lease = pool.take(self.num_envs)
         self.t = 0
 
+    def check_lease(self) -> None:
+        """Raise if a later ``make`` of the family has taken this environment's simulators."""
+        if self.pool is not None and not self.pool.holds(self.lease):
+            raise RuntimeError(
+                "this HalfCheetah environment was built by an earlier make() of its family, and a later make() "
+                "now reuses its simulators: step one environment of a family at a time (as rollout does), or "
+                "build the family with reuse_simulators=False to keep several alive at once.")
+
     def reset(self, seed: Sequence[int] | None = None) -> tuple[Tensor, dict[str, Any]]:
-        """Reset every copy (gymnasium's reset noise of scale 0.1; copy ``j`` seeded with ``seed[j]``)."""
+        """Reset every copy (gymnasium's reset noise of scale 0.1; copy ``j`` seeded with ``seed[j]``).
+        Returns ``(obs [n, 17], {})``."""
+        self.check_lease()
         if seed is not None and len(seed) != self.num_envs:
             raise ValueError(f"give one seed per environment ({self.num_envs}), got {len(seed)}.")
         obs = [env.reset(seed=None if seed is None else int(seed[j]))[0] for j, env in enumerate(self.envs)]
@@ -104,6 +156,7 @@ class HalfCheetahVectorEnv:
         ``info`` holds ``x_velocity [n]`` and ``ctrl_cost [n]``."""
         if action.shape != (self.num_envs, 6):
             raise ValueError(f"action must be [{self.num_envs}, 6], got shape {tuple(action.shape)}.")
+        self.check_lease()
         a = action.detach().double().clamp(-1.0, 1.0).numpy()
         obs, vel = self.forward_velocity(a)
         ctrl = CTRL_COST * np.square(a).sum(-1)
@@ -117,14 +170,50 @@ class HalfCheetahVectorEnv:
                 {"x_velocity": torch.as_tensor(vel, device=cpu), "ctrl_cost": torch.as_tensor(ctrl, device=cpu)})
 
 
-class HalfCheetahVel:
-    """HalfCheetah goal velocity: task ``[v_goal]`` with ``v_goal ~ U[low, high]`` (the paper: [0, 2])."""
+class HalfCheetahFamily:
+    """What both HalfCheetah families share: the simulator pool and :meth:`make`.
+
+    Args:
+        reuse_simulators: keep a :class:`SimulatorPool` and reuse its simulators in every
+            :meth:`make` (the environment returned owns them until the next :meth:`make`); ``False``:
+            build fresh ones each call. The episodes are the same either way.
+    """
+
+    mode = "velocity"
+    horizon: int
+    _pool: SimulatorPool | None
+
+    def __init__(self, reuse_simulators: bool = True) -> None:
+        require_mujoco()
+        self.reuse_simulators = bool(reuse_simulators)
+        self._pool = SimulatorPool() if self.reuse_simulators else None
+
+    def make(self, tasks: Tensor) -> HalfCheetahVectorEnv:
+        """``n`` simulations for ``tasks [n, 1]``; with ``reuse_simulators``, from the family's pool
+        (the environment this returned before can then no longer be stepped)."""
+        return HalfCheetahVectorEnv(tasks, self.mode, self.horizon, self._pool)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The settings without the simulators (which do not pickle): an unpickled copy, e.g. in a
+        worker process, builds its own pool."""
+        return {k: v for k, v in self.__dict__.items() if k != "_pool"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._pool = SimulatorPool() if state.get("reuse_simulators", True) else None
+
+
+class HalfCheetahVel(HalfCheetahFamily):
+    """HalfCheetah goal velocity: task ``[v_goal]`` with ``v_goal ~ U[low, high]`` (the paper: [0, 2]).
+    ``reuse_simulators``: see :class:`HalfCheetahFamily`."""
 
     name = "cheetah-vel"
     obs_dim, act_dim, task_dim = 17, 6, 1
+    mode = "velocity"
 
-    def __init__(self, seed: int = 0, horizon: int = 200, low: float = 0.0, high: float = 2.0) -> None:
-        require_mujoco()
+    def __init__(self, seed: int = 0, horizon: int = 200, low: float = 0.0, high: float = 2.0,
+                 reuse_simulators: bool = True) -> None:
+        super().__init__(reuse_simulators)
         if not low < high or horizon < 1:
             raise ValueError(f"need low < high (got {low}, {high}) and horizon >= 1 (got {horizon}).")
         self.seed, self.horizon, self.low, self.high = seed, horizon, low, high
@@ -135,18 +224,17 @@ class HalfCheetahVel:
         high = torch.tensor([self.high], dtype=torch.float64, device="cpu")
         return uniform_tasks(self.seed, split, indices, low, high, "cheetah-vel")
 
-    def make(self, tasks: Tensor) -> HalfCheetahVectorEnv:
-        return HalfCheetahVectorEnv(tasks, "velocity", self.horizon)
 
-
-class HalfCheetahDir:
-    """HalfCheetah forward/backward: task ``[d]``, ``d`` = +1 or -1 with probability 1/2 each."""
+class HalfCheetahDir(HalfCheetahFamily):
+    """HalfCheetah forward/backward: task ``[d]``, ``d`` = +1 or -1 with probability 1/2 each.
+    ``reuse_simulators``: see :class:`HalfCheetahFamily`."""
 
     name = "cheetah-dir"
     obs_dim, act_dim, task_dim = 17, 6, 1
+    mode = "direction"
 
-    def __init__(self, seed: int = 0, horizon: int = 200) -> None:
-        require_mujoco()
+    def __init__(self, seed: int = 0, horizon: int = 200, reuse_simulators: bool = True) -> None:
+        super().__init__(reuse_simulators)
         if horizon < 1:
             raise ValueError(f"horizon must be >= 1, got {horizon}.")
         self.seed, self.horizon = seed, horizon
@@ -156,6 +244,3 @@ class HalfCheetahDir:
         check_split(split)
         signs = [1.0 if task_seed(self.seed, split, int(i), "cheetah-dir") % 2 == 0 else -1.0 for i in indices]
         return torch.tensor(signs, device="cpu").reshape(-1, 1)
-
-    def make(self, tasks: Tensor) -> HalfCheetahVectorEnv:
-        return HalfCheetahVectorEnv(tasks, "direction", self.horizon)

@@ -26,6 +26,7 @@ from innerloop.rl.envs import EnvFamily
 from innerloop.rl.families import make_env_family
 from innerloop.rl.maml import PolicyMAML
 from innerloop.rl.policy import GaussianMLP
+from innerloop.rl.workers import ParallelFamily
 from innerloop.training.checkpoint import CheckpointError, load_checkpoint, load_state
 from innerloop.training.config import ConfigError, apply_overrides
 from innerloop.training.device import place, run_device
@@ -53,6 +54,27 @@ class RLTrainResult:
     """Mean return after 0..inner_steps steps over the last logged meta-batch."""
 
 
+@dataclass(frozen=True)
+class LearningCurve:
+    """The test returns :func:`meta_train_rl` logs while it trains (``eval.curve_every`` of a config).
+
+    Every ``every`` iterations (from iteration 0, before that iteration's update) the policy is
+    adapted by 0..``steps`` policy-gradient steps of ``lr`` on ``rollouts`` episodes of each of the
+    first ``tasks`` test tasks, and the mean returns are logged as ``test_return_0`` ..
+    ``test_return_<steps>``. The rollouts draw the fixed noise of meta-testing, not the training's, so
+    the run trains exactly as it would without the curve.
+    """
+
+    every: int
+    tasks: int
+    steps: int
+    rollouts: int
+    lr: float | Sequence[float] | None = None
+    """The step size, or one per step (the last repeated)."""
+    batch_steps: int | None = None
+    """As in :func:`meta_test_rl`: each step's batch holds this many environment steps."""
+
+
 def meta_train_rl(
     algorithm: PolicyMAML,
     family: EnvFamily,
@@ -67,6 +89,7 @@ def meta_train_rl(
     device: str = "auto",
     loggers: Sequence[str | Logger] = ("jsonl",),
     run_config: Mapping[str, Any] | None = None,
+    curve: LearningCurve | None = None,
 ) -> RLTrainResult:
     """Meta-train ``algorithm`` on ``family``'s train split with TRPO (or PPO) in the outer loop.
 
@@ -88,22 +111,38 @@ def meta_train_rl(
             :class:`~innerloop.training.loggers.Logger` objects; see :func:`~innerloop.training.loop.run_loop`).
         run_config: the run's whole config as plain data (``RLConfig.to_dict()``), stored in every
             checkpoint beside (not in) the identity, so ``innerloop rl eval`` tests as the run did.
+        curve: a learning curve of test returns to log while training (:class:`LearningCurve`; the
+            seconds it takes are logged as ``curve_s``, outside ``sample_s`` and ``update_s``).
     """
     place(algorithm, device)
     optimizer = torch.optim.Adam(algorithm.parameters(), lr=cfg.ppo_lr) if cfg.optimizer == "ppo" else None
     B = cfg.meta_batch_size
 
+    def test_curve(step: int) -> dict[str, float]:
+        if curve is None or step % curve.every:
+            return {}
+        t0 = time.perf_counter()
+        scores, _ = algorithm.evaluate(family, "test", range(curve.tasks), curve.steps, curve.rollouts, curve.lr,
+                                       batch_steps=curve.batch_steps)
+        means = scores.mean(0).tolist()
+        return {**{f"test_return_{k}": r for k, r in enumerate(means)}, "curve_s": time.perf_counter() - t0}
+
     def outer_step(step: int) -> dict[str, float]:
+        tested = test_curve(step)
         t0 = time.perf_counter()
         batch = algorithm.sample(family, "train", range(step * B, (step + 1) * B), rollouts)
         returns = batch.returns.mean(0).tolist()
+        success = {} if batch.success is None else {f"success_{k}": float(v)
+                                                    for k, v in enumerate(batch.success.mean(0).tolist())}
         t1 = time.perf_counter()
         update = algorithm.outer_step(batch, optimizer, cfg)
         timing = {"sample_s": t1 - t0, "update_s": time.perf_counter() - t1}
-        return {**{f"return_{k}": r for k, r in enumerate(returns)}, **update, **timing}
+        return {**{f"return_{k}": r for k, r in enumerate(returns)}, **success, **update, **timing, **tested}
 
     def postfix(means: Mapping[str, float]) -> dict[str, str]:
         returns = {f"ret{k[len('return_'):]}": f"{v:.1f}" for k, v in means.items() if k.startswith("return_")}
+        returns.update({f"test{k[len('test_return_'):]}": f"{v:.1f}" for k, v in means.items()
+                        if k.startswith("test_return_")})
         timing = {k[: -len("_s")]: f"{means[k]:.2f}s" for k in ("sample_s", "update_s") if k in means}
         return {**returns, **({"kl": f"{means['kl']:.4f}"} if "kl" in means else {}), **timing}
 
@@ -125,25 +164,77 @@ def meta_train_rl(
     return RLTrainResult(tr.steps, tr.wall_time_s, returns)
 
 
-def meta_test_rl(algorithm: PolicyMAML, family: EnvFamily, tasks: int, steps: int, rollouts: int,
-                 lr: float | None = None, chunk: int = 20, split: str = "test", *,
-                 device: str = "auto", progress: bool = True, desc: str | None = None) -> EvalResult:
-    """Mean return after 0..``steps`` policy-gradient steps on tasks ``0..tasks-1`` of ``split``
-    (fixed tasks and fixed rollout noise, the same for every policy), with 95% CIs over tasks; computed
-    on ``device`` (the policy moved there), the statistics on the CPU. ``progress``: a bar over the
-    tasks (``desc`` its label) where stderr is a terminal."""
+@dataclass(frozen=True)
+class RLTestResult:
+    """What :func:`meta_test_rl_scores` measured on the fixed test tasks."""
+
+    returns: EvalResult
+    """Mean return after 0..steps steps, mean ± 95% CI over tasks."""
+    success: EvalResult | None
+    """The share of successful episodes after 0..steps steps, mean ± 95% CI over tasks (``None`` for a
+    family whose environments report no success)."""
+    success_per_class: dict[str, list[float]] | None
+    """Meta-World: the success rate after 0..steps steps averaged over the test tasks of each skill
+    (ML10: each held-out skill; ML1: its one skill), by skill name; ``None`` otherwise."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report's entries: ``test`` (returns), and ``test_success``, ``success_per_class`` where present."""
+        out: dict[str, Any] = {"test": self.returns.to_dict()}
+        if self.success is not None:
+            out["test_success"] = self.success.to_dict()
+        if self.success_per_class is not None:
+            out["success_per_class"] = self.success_per_class
+        return out
+
+
+def meta_test_rl_scores(algorithm: PolicyMAML, family: EnvFamily, tasks: int, steps: int, rollouts: int,
+                        lr: float | Sequence[float] | None = None, chunk: int = 20, split: str = "test", *,
+                        device: str = "auto", progress: bool = True, desc: str | None = None,
+                        batch_steps: int | None = None) -> RLTestResult:
+    """Mean return, and success rate where the environments report success, after 0..``steps``
+    policy-gradient steps on tasks ``0..tasks-1`` of ``split`` (fixed tasks and fixed rollout noise, the
+    same for every policy), with 95% CIs over tasks; per skill too for a family that names its tasks'
+    skills (``family.task_classes(rows)``, Meta-World). Computed on ``device`` (the policy moved there),
+    the statistics on the CPU. ``progress``: a bar over the tasks (``desc`` its label) where stderr is a
+    terminal. ``batch_steps``: each step's batch is the first episodes holding that many environment
+    steps, at most ``rollouts`` of them (the MAML paper's test protocol; see
+    :meth:`PolicyMAML.evaluate_scores`)."""
     place(algorithm, device)
-    rows = []
+    rows, success_rows = [], []
     with tqdm(total=tasks, desc=desc or f"meta-test {split}", unit="task", leave=False, dynamic_ncols=True,
               disable=None if progress else True) as bar:
         for begin in range(0, tasks, chunk):
-            scores, _ = algorithm.evaluate(family, split, range(begin, min(tasks, begin + chunk)),  # type: ignore[arg-type]
-                                           steps, rollouts, lr)
-            rows.append(scores.to("cpu", torch.float64))
-            bar.update(len(scores))
+            scores = algorithm.evaluate_scores(family, split, range(begin, min(tasks, begin + chunk)),  # type: ignore[arg-type]
+                                               steps, rollouts, lr, batch_steps=batch_steps)
+            rows.append(scores.returns.to("cpu", torch.float64))
+            success_rows.append(None if scores.success is None else scores.success.to("cpu", torch.float64))
+            bar.update(len(scores.returns))
     r = torch.cat(rows)
     per_step = [mean_ci95(r[:, k]) for k in range(steps + 1)]
-    return EvalResult("return", tasks, per_step, per_step)
+    returns = EvalResult("return", tasks, per_step, per_step)
+    if any(x is None for x in success_rows):
+        return RLTestResult(returns, None, None)
+    s = torch.cat([x for x in success_rows if x is not None])
+    success_steps = [mean_ci95(s[:, k]) for k in range(steps + 1)]
+    success = EvalResult("success rate", tasks, success_steps, success_steps)
+    classes = getattr(family, "task_classes", None)
+    per_class = None
+    if classes is not None:
+        names = classes(family.tasks(split, range(tasks)))  # type: ignore[arg-type]
+        per_class = {n: s[[i for i, m in enumerate(names) if m == n]].mean(0).tolist()
+                     for n in dict.fromkeys(names)}
+    return RLTestResult(returns, success, per_class)
+
+
+def meta_test_rl(algorithm: PolicyMAML, family: EnvFamily, tasks: int, steps: int, rollouts: int,
+                 lr: float | Sequence[float] | None = None, chunk: int = 20, split: str = "test", *,
+                 device: str = "auto", progress: bool = True, desc: str | None = None,
+                 batch_steps: int | None = None) -> EvalResult:
+    """Mean return after 0..``steps`` policy-gradient steps on tasks ``0..tasks-1`` of ``split``
+    (fixed tasks and fixed rollout noise, the same for every policy), with 95% CIs over tasks: the
+    ``returns`` of :func:`meta_test_rl_scores`, which also gives the success rates."""
+    return meta_test_rl_scores(algorithm, family, tasks, steps, rollouts, lr, chunk, split, device=device,
+                               progress=progress, desc=desc, batch_steps=batch_steps).returns
 
 
 def build_policy(cfg: RLConfig, family: EnvFamily) -> GaussianMLP:
@@ -199,6 +290,32 @@ def run_rl(cfg: RLConfig, *, progress: bool = True, overwrite: bool = False,
     except ValueError as err:
         raise ConfigError(f"execution.{err}") from err
     family = build_env_family(cfg)
+    sampler = sampling_family(cfg, family)
+    try:
+        return _train_and_test(cfg, out, device, loggers, sampler, family, progress=progress, overwrite=overwrite)
+    finally:  # the worker processes stop when the run ends, also on an error
+        if isinstance(sampler, ParallelFamily):
+            sampler.close()
+
+
+def sampling_family(cfg: RLConfig, family: EnvFamily) -> EnvFamily:
+    """``family`` itself (``execution.workers = 0``) or a :class:`ParallelFamily` stepping its environments
+    in ``execution.workers`` processes (started here; the caller closes it). The episodes are the same."""
+    workers = cfg.execution.workers
+    if not workers:
+        return family
+    try:
+        return ParallelFamily(family, workers)
+    except TypeError as err:  # a family that does not pickle
+        raise ConfigError(f"execution.workers = {workers} cannot be used with env.name = {cfg.env.name!r}: {err}"
+                          ) from err
+
+
+def _train_and_test(cfg: RLConfig, out: Path, device: torch.device, loggers: Sequence[str | Logger],
+                    family: EnvFamily, test_family: EnvFamily, *, progress: bool,
+                    overwrite: bool) -> RunResult[PolicyMAML, EnvFamily]:
+    """The body of :func:`run_rl`: ``family`` samples (in process or in workers), ``test_family`` (the
+    family in process) goes into the result for the plots."""
     runs = [("maml", out, cfg.algorithm.inner_steps, cfg.train.iterations)]
     if cfg.eval.pretrain:
         runs.append(("pretrained", out / "pretrain", 0, cfg.eval.pretrain_iterations or cfg.train.iterations))
@@ -207,38 +324,73 @@ def run_rl(cfg: RLConfig, *, progress: bool = True, overwrite: bool = False,
             clear_run(folder)
     out.mkdir(parents=True, exist_ok=True)
     e = cfg.eval
-    lr = e.inner_lr or cfg.algorithm.inner_lr
+    lr = test_lr(cfg)
     report: dict[str, Any] = {"config": cfg.to_dict(), "machine": machine(device), "runs": {},
-                              "execution": {"device": str(device), "precision": "fp32", "batch_norm": "none"}}
+                              "execution": {"device": str(device), "precision": "fp32", "batch_norm": "none",
+                                            "workers": cfg.execution.workers}}
     trained: dict[str, PolicyMAML] = {}
     results: dict[str, EvalResult] = {}
+    success: dict[str, EvalResult] = {}
     for name, folder, inner_steps, iterations in runs:
         algorithm = build_algorithm(cfg, family, inner_steps)
         train_cfg = dataclasses.replace(cfg.train, iterations=iterations)
+        curve = None if e.curve_every is None else LearningCurve(e.curve_every, min(e.curve_tasks, e.test_tasks),
+                                                                  e.steps, e.rollouts, lr, e.batch_steps)
         tr = meta_train_rl(algorithm, family, train_cfg, cfg.algorithm.rollouts, folder,
                            identity=rl_identity(cfg, name), progress=progress, desc=name, device=str(device),
-                           loggers=loggers, run_config=plain_json(cfg.to_dict()))
+                           loggers=loggers, run_config=plain_json(cfg.to_dict()), curve=curve)
         t0 = time.perf_counter()
-        res = meta_test_rl(algorithm, family, e.test_tasks, e.steps, e.rollouts, lr, device=str(device),
-                           progress=progress, desc=f"meta-test {name}")
-        trained[name], results[name] = algorithm, res
+        tested = meta_test_rl_scores(algorithm, family, e.test_tasks, e.steps, e.rollouts, lr, device=str(device),
+                                     progress=progress, desc=f"meta-test {name}", batch_steps=e.batch_steps)
+        trained[name], results[name] = algorithm, tested.returns
+        if tested.success is not None:
+            success[name] = tested.success
         report["runs"][name] = {"iterations": iterations, "train_wall_s": tr.wall_time_s,
-                                "eval_wall_s": time.perf_counter() - t0, "test": res.to_dict()}
+                                "eval_wall_s": time.perf_counter() - t0, **tested.to_dict()}
     if e.random_init:
         algorithm = build_algorithm(cfg, family)
         t0 = time.perf_counter()
-        res = meta_test_rl(algorithm, family, e.test_tasks, e.steps, e.rollouts, lr, device=str(device),
-                           progress=progress, desc="meta-test random init")
-        trained["random init"], results["random init"] = algorithm, res
+        tested = meta_test_rl_scores(algorithm, family, e.test_tasks, e.steps, e.rollouts, lr, device=str(device),
+                                     progress=progress, desc="meta-test random init", batch_steps=e.batch_steps)
+        trained["random init"], results["random init"] = algorithm, tested.returns
+        if tested.success is not None:
+            success["random init"] = tested.success
         report["runs"]["random init"] = {"iterations": 0, "train_wall_s": 0.0,
-                                         "eval_wall_s": time.perf_counter() - t0, "test": res.to_dict()}
-    title = (f"{cfg.env.name}: return after 0..{e.steps} policy-gradient steps (lr {lr}, {e.rollouts} episodes "
-             f"per step), {e.test_tasks} fixed test tasks (mean ± 95% CI)")
+                                         "eval_wall_s": time.perf_counter() - t0, **tested.to_dict()}
+    title = (f"{cfg.env.name}: return after 0..{e.steps} policy-gradient steps ({lr_text(lr)}, "
+             f"{batch_text(e)} per step), {e.test_tasks} fixed test tasks (mean ± 95% CI)")
     report["table"] = format_table(results, list(range(e.steps + 1)), title,
                                    run_note(device, "fp32", "none (MLP policy)"))
-    result = RunResult(report, results, trained, family, title, out)
+    if success:  # Meta-World: the share of episodes in which any step succeeded, beside the returns
+        report["table"] += "\n\n" + format_table(
+            success, list(range(e.steps + 1)),
+            f"{cfg.env.name}: success rate (share of episodes with any successful step) after 0..{e.steps} "
+            f"policy-gradient steps, the same {e.test_tasks} test tasks and episodes (mean ± 95% CI)")
+    result = RunResult(report, results, trained, test_family, title, out)
     write_results(result)
     return result
+
+
+def test_lr(cfg: RLConfig) -> float | list[float]:
+    """The step size of test-time adaptation: ``eval.inner_lr`` (else ``algorithm.inner_lr``), and
+    ``[first, later]`` when ``eval.later_lr`` sets the steps after the first apart."""
+    first = cfg.eval.inner_lr or cfg.algorithm.inner_lr
+    return first if cfg.eval.later_lr is None else [first, cfg.eval.later_lr]
+
+
+def lr_text(lr: float | Sequence[float]) -> str:
+    """``lr 0.1``, or ``lr 0.5 then 0.25`` for a step size per step."""
+    if isinstance(lr, (int, float)):
+        return f"lr {lr}"
+    return "lr " + " then ".join(str(x) for x in lr)
+
+
+def batch_text(e: RLEvalConfig) -> str:
+    """What a meta-test step samples, in words: ``20 episodes`` or ``the first episodes holding 4000
+    steps (at most 400)``."""
+    if e.batch_steps is None:
+        return f"{e.rollouts} episodes"
+    return f"the first episodes holding {e.batch_steps} steps (at most {e.rollouts})"
 
 
 STORED_CONFIG_SOURCE = "the checkpoint's own config"

@@ -9,7 +9,8 @@ import torch
 
 from innerloop.cli import main
 from innerloop.rl.config import RLConfig, load_rl_config, rl_config_from_dict
-from innerloop.rl.train import run_rl
+from innerloop.rl.plots import plot_rl_run
+from innerloop.rl.train import build_algorithm, run_rl
 from innerloop.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from innerloop.training.config import ConfigError
 
@@ -61,6 +62,10 @@ def test_train_writes_results_plots_and_checkpoints(tmp_path, capsys):
     assert {"return_0", "return_1", "kl", "step_fraction"} <= set(json.loads(lines[0]))
     assert main(["rl", "eval", str(out / "last.pt"), "--tasks", "2", "--steps", "1", "--rollouts", "2"]) == 0
     assert "return after 1 step" in capsys.readouterr().out
+    assert main(["rl", "eval", str(out / "last.pt"), "--tasks", "2", "--steps", "2", "--rollouts", "4",
+                 "--lr", "0.2", "--later-lr", "0.05", "--batch-steps", "10"]) == 0
+    printed = capsys.readouterr().out
+    assert "lr 0.2 then 0.05" in printed and "the first episodes holding 10 steps (at most 4)" in printed
 
 
 @pytest.mark.parametrize("optimizer", ["trpo", "ppo"])
@@ -151,3 +156,32 @@ def test_default_config_is_the_papers_navigation_setup():
     assert (cfg.train.meta_batch_size, cfg.train.max_kl, cfg.train.optimizer) == (20, 0.01, "trpo")
     for name in ("rl_nav2d", "rl_cheetah_vel", "rl_cheetah_dir"):
         load_rl_config(f"configs/{name}.toml")
+    code = load_rl_config("configs/rl_nav2d_maml_code.toml")  # the paper's code: step 0.5, 4,000-step test batches
+    assert (code.algorithm.inner_lr, code.train.meta_batch_size, code.train.iterations) == (0.5, 40, 100)
+    assert (code.eval.batch_steps, code.eval.inner_lr, code.eval.later_lr) == (4000, 0.5, 0.25)
+
+
+def test_the_learning_curve_is_logged_without_changing_the_training(tmp_path):
+    def run(name, curve_every):
+        cfg = load_rl_config(write(tmp_path, name, iterations=3))
+        cfg = cfg.override({"eval.pretrain": False, "eval.random_init": False, "eval.curve_every": curve_every,
+                            "eval.curve_tasks": 2})
+        return run_rl(cfg, progress=False)
+
+    plain, curved = run("plain", None), run("curved", 2)
+    a = load_checkpoint(tmp_path / "plain" / "last.pt")["state"]
+    b = load_checkpoint(tmp_path / "curved" / "last.pt")["state"]
+    for k, v in a.items():
+        assert torch.equal(v, b[k]), k  # the curve's rollouts leave the training as it was
+    log = [json.loads(ln) for ln in (tmp_path / "curved" / "metrics.jsonl").read_text().splitlines()]
+    assert ["test_return_2" in r for r in log] == [True, False, True]  # iterations 0 and 2 (before updates)
+    assert not any("test_return_0" in r for r in
+                   (json.loads(ln) for ln in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()))
+    # iteration 0 is the initial policy: its curve point is meta-testing on the first two test tasks
+    cfg = rl_config_from_dict(curved.report["config"])
+    fresh = build_algorithm(cfg, curved.test_family)
+    scores, _ = fresh.evaluate(curved.test_family, "test", range(2), 2, 3, None)
+    assert log[0]["test_return_1"] == pytest.approx(scores.mean(0)[1].item(), rel=1e-6)
+    written = plot_rl_run(curved, cfg)
+    assert tmp_path / "curved" / "curve.png" in written and (tmp_path / "curved" / "curve.png").exists()
+    assert all(p.name != "curve.png" for p in plot_rl_run(plain, rl_config_from_dict(plain.report["config"])))

@@ -22,12 +22,14 @@ from innerloop.rl.policy import GaussianMLP
 
 
 def test_navigation_dynamics_reward_clipping_and_reset():
+    # the paper's code: a policy action in [-1, 1] is mapped onto the action box [-0.1, 0.1] (rllab's
+    # normalize), then clipped
     env = Navigation2DEnv(torch.tensor([[0.3, -0.2], [-0.4, 0.4]]), horizon=3)
     obs, _ = env.reset()
     assert torch.equal(obs, torch.zeros(2, 2))  # both start at the origin
-    action = torch.tensor([[0.05, -0.5], [-2.0, 0.07]])
+    action = torch.tensor([[0.5, -5.0], [-20.0, 0.7]])
     obs, reward, terminated, truncated, _ = env.step(action)
-    expected = torch.tensor([[0.05, -0.1], [-0.1, 0.07]])  # velocities clipped to [-0.1, 0.1]
+    expected = torch.tensor([[0.05, -0.1], [-0.1, 0.07]])  # 0.1 * action, clipped to [-0.1, 0.1]
     torch.testing.assert_close(obs, expected)
     torch.testing.assert_close(reward, -torch.linalg.vector_norm(expected - env.goals, dim=-1))
     assert not terminated.any() and not truncated.any()
@@ -38,15 +40,34 @@ def test_navigation_dynamics_reward_clipping_and_reset():
     assert torch.equal(obs, torch.zeros(2, 2)) and env.t == 0
 
 
+def test_navigation_with_unscaled_actions_takes_the_action_as_the_velocity():
+    # action_scale = 1: the environment of innerloop 0.2.0 (the velocity is the policy's action)
+    env = Navigation2DEnv(torch.tensor([[0.3, -0.2], [-0.4, 0.4]]), horizon=3, action_scale=1.0)
+    env.reset()
+    obs, *_ = env.step(torch.tensor([[0.05, -0.5], [-2.0, 0.07]]))
+    torch.testing.assert_close(obs, torch.tensor([[0.05, -0.1], [-0.1, 0.07]]))
+
+
 def test_navigation_terminates_at_the_goal_and_then_stays_with_zero_reward():
     env = Navigation2DEnv(torch.tensor([[0.1, 0.0], [0.5, 0.5]]), horizon=100)
     env.reset()
-    _, reward, terminated, _, _ = env.step(torch.tensor([[0.095, 0.0], [0.1, 0.1]]))
+    _, reward, terminated, _, _ = env.step(torch.tensor([[0.95, 0.0], [1.0, 1.0]]))
     assert terminated.tolist() == [True, False]  # within 0.01 of the goal
     assert reward[0] == pytest.approx(-0.005, abs=1e-6)
-    obs, reward, terminated, _, _ = env.step(torch.tensor([[0.1, 0.1], [0.1, 0.1]]))
+    obs, reward, terminated, _, _ = env.step(torch.tensor([[1.0, 1.0], [1.0, 1.0]]))
     torch.testing.assert_close(obs[0], torch.tensor([0.095, 0.0]))  # a finished episode does not move
     assert reward[0] == 0 and terminated[0]
+
+
+@pytest.mark.parametrize("termination, done", [("box", True), ("euclidean", False)])
+def test_navigation_termination_box_tests_each_coordinate(termination, done):
+    # (0.008, 0.008) from the goal: inside the paper's box |dx|, |dy| < 0.01, outside the 0.01 circle
+    env = Navigation2DEnv(torch.tensor([[0.092, 0.092]]), termination=termination)
+    env.reset()
+    _, _, terminated, _, _ = env.step(torch.tensor([[1.0, 1.0]]))
+    assert terminated.tolist() == [done]
+    with pytest.raises(ValueError, match="termination must be one of"):
+        Navigation2DEnv(torch.zeros(1, 2), termination="circle")
 
 
 def test_tasks_are_fixed_per_index_and_lie_in_the_square():
@@ -90,16 +111,17 @@ def test_rollout_follows_the_policy_and_masks_finished_episodes():
     family = Navigation2D(seed=0, horizon=40, goal_radius=0.05)
     policy = GaussianMLP(2, 2, (), init_std=1e-3)
     goals = family.tasks("test", [0])
-    with torch.no_grad():  # a linear policy that heads for the goal: mean = 0.2 * (goal - position)
-        policy.mean.head.weight.copy_(-0.2 * torch.eye(2))
-        policy.mean.head.bias.copy_(0.2 * goals[0])
+    with torch.no_grad():  # a linear policy that heads for the goal: velocity = 0.2 * (goal - position)
+        policy.mean.head.weight.copy_(-2.0 * torch.eye(2))
+        policy.mean.head.bias.copy_(2.0 * goals[0])
     noise = rollout_noise(0, "test", [0], "y", rollouts=2, horizon=40, act_dim=2)
     ep = rollout(family, policy, dict(policy.named_parameters()), goals, noise)
     assert ep.obs.shape == (1, 2, 40, 2) and ep.actions.shape == (1, 2, 40, 2) and ep.rewards.shape == (1, 2, 40)
     steps = ep.mask.sum(-1)
     assert (steps < 40).all()  # reached the goal and stopped
-    torch.testing.assert_close(ep.obs[0, :, 1:][ep.mask[0, :, 1:] > 0],
-                               (ep.obs[0, :, :-1] + ep.actions[0, :, :-1].clamp(-0.1, 0.1))[ep.mask[0, :, 1:] > 0])
+    move = (family.action_bound * ep.actions[0, :, :-1]).clamp(-0.1, 0.1)
+    valid = ep.mask[0, :, 1:] > 0
+    torch.testing.assert_close(ep.obs[0, :, 1:][valid], (ep.obs[0, :, :-1] + move)[valid])
     dist = torch.linalg.vector_norm(ep.obs[0, :, 1:] - goals[0], dim=-1)
     torch.testing.assert_close(ep.rewards[0, :, :-1] * ep.mask[0, :, 1:], -dist * ep.mask[0, :, 1:])
     assert (ep.rewards[ep.mask == 0] == 0).all()
@@ -147,3 +169,43 @@ def test_meta_test_is_deterministic_and_adaptation_changes_the_policy():
     b, kept = algo.evaluate(family, "test", range(3), steps=2, rollouts=5, keep_episodes=True)
     assert a.shape == (3, 3) and torch.equal(a, b) and len(kept) == 3
     assert not torch.equal(kept[0].actions, kept[1].actions)
+
+
+def test_first_steps_keeps_the_first_episodes_holding_the_batch():
+    mask = torch.zeros(2, 4, 6)
+    for task, lengths in enumerate([[3, 5, 2, 4], [6, 6, 6, 6]]):
+        for r, n in enumerate(lengths):
+            mask[task, r, :n] = 1
+    ep = Episodes(torch.zeros(2, 4, 6, 2), torch.zeros(2, 4, 6, 2), torch.ones(2, 4, 6) * mask, mask,
+                  torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0]]))
+    batch, kept = ep.first_steps(7)
+    # task 0: 3 + 5 >= 7 after two episodes; task 1: 6 + 6 >= 7 after two as well
+    assert kept.tolist() == [[1, 1, 0, 0], [1, 1, 0, 0]]
+    assert batch.returns().tolist() == [[3, 5, 0, 0], [6, 6, 0, 0]]
+    assert batch.success.tolist() == [[1, 0, 0, 0], [0, 1, 0, 0]]
+    assert ep.first_steps(100)[1].sum() == 8  # fewer steps than the batch: every episode
+    with pytest.raises(ValueError, match="batch_steps must be >= 1"):
+        ep.first_steps(0)
+
+
+def test_a_batch_of_steps_scores_the_mean_over_its_episodes():
+    family = Navigation2D(seed=0, horizon=10)
+    alg = PolicyMAML(GaussianMLP(2, 2, (8,)), inner_lr=0.1)
+    plain, _ = alg.evaluate(family, "test", range(3), 2, 4)
+    everything, _ = alg.evaluate(family, "test", range(3), 2, 4, batch_steps=40)  # 4 x 10 steps: all of them
+    torch.testing.assert_close(everything, plain, rtol=0, atol=0)
+    one, episodes = alg.evaluate(family, "test", range(3), 0, 4, batch_steps=1, keep_episodes=True)
+    torch.testing.assert_close(one[:, 0], episodes[0].returns()[:, 0])  # the first episode alone
+
+
+def test_a_step_size_per_step_changes_only_the_later_steps():
+    family = Navigation2D(seed=0, horizon=10)
+    alg = PolicyMAML(GaussianMLP(2, 2, (8,)), inner_lr=0.1)
+    single, _ = alg.evaluate(family, "test", range(3), 3, 4, 0.1)
+    torch.testing.assert_close(alg.evaluate(family, "test", range(3), 3, 4, [0.1, 0.1])[0], single, rtol=0, atol=0)
+    split, _ = alg.evaluate(family, "test", range(3), 3, 4, [0.1, 0.3])
+    torch.testing.assert_close(split[:, :2], single[:, :2], rtol=0, atol=0)  # 0 steps, and the first at 0.1
+    assert not torch.equal(split[:, 2:], single[:, 2:])
+    assert alg.inner_lr == 0.1  # restored
+    with pytest.raises(ValueError, match="step sizes must be > 0"):
+        alg.evaluate(family, "test", range(3), 1, 4, [0.1, 0.0])

@@ -97,3 +97,62 @@ def test_cheetah_rollouts_vectorised_equal_looped():
     # equal up to the rounding of a policy forward on 2 rows instead of 4, carried through the physics
     torch.testing.assert_close(one.rewards[0], both.rewards[1], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(one.obs[0], both.obs[1], rtol=1e-4, atol=1e-4)
+
+
+def cheetah_episodes(family, indices, tag, rollouts=2):
+    from innerloop.rl.episodes import rollout, rollout_noise
+    from innerloop.rl.policy import GaussianMLP
+
+    torch.manual_seed(0)
+    policy = GaussianMLP(17, 6, (8,))
+    params = {k: v.detach() for k, v in policy.named_parameters()}
+    noise = rollout_noise(family.seed, "train", indices, tag, rollouts, family.horizon, 6)
+    return rollout(family, policy, params, family.tasks("train", indices), noise)
+
+
+@needs_mujoco
+@pytest.mark.parametrize("name", ["cheetah-vel", "cheetah-dir"])
+def test_reused_simulators_give_the_episodes_of_fresh_ones(name):
+    reused = make_env_family(name, seed=0, horizon=8)
+    fresh = make_env_family(name, seed=0, horizon=8, reuse_simulators=False)
+    assert fresh._pool is None
+    cheetah_episodes(reused, [0, 1, 2], "before", rollouts=3)  # 9 simulators, stepped
+    cheetah_episodes(reused, [5], "smaller")  # the first 2 of them again
+    for indices in ([1, 3], [4, 0, 2]):
+        a, b = cheetah_episodes(reused, indices, "t"), cheetah_episodes(fresh, indices, "t")
+        for k in ("obs", "actions", "rewards", "mask"):
+            assert torch.equal(getattr(a, k), getattr(b, k)), k
+    assert len(reused._pool.simulators) == 9  # grown to the largest rollout, never rebuilt
+
+
+@needs_mujoco
+def test_an_env_superseded_by_a_later_make_refuses_to_step():
+    family = make_env_family("cheetah-vel", seed=0, horizon=4)
+    first = family.make(family.tasks("train", [0, 1]))
+    first.reset(seed=[0, 1])
+    second = family.make(family.tasks("train", [2]))
+    stale = r"a later make\(\) now reuses its simulators.*reuse_simulators=False"
+    for call in (lambda: first.step(torch.zeros(2, 6)), lambda: first.reset(seed=[0, 1])):
+        with pytest.raises(RuntimeError, match=stale):
+            call()
+    second.reset(seed=[3])
+    assert second.step(torch.zeros(1, 6))[0].shape == (1, 17)
+    own = make_env_family("cheetah-vel", seed=0, horizon=4, reuse_simulators=False)
+    a, b = own.make(own.tasks("train", [0])), own.make(own.tasks("train", [1]))
+    a.reset(seed=[0])
+    b.reset(seed=[0])
+    assert torch.equal(a.step(torch.ones(1, 6))[0], b.step(torch.ones(1, 6))[0])  # both alive, separate
+
+
+@needs_mujoco
+def test_a_family_pickles_without_its_simulators():
+    import pickle
+
+    family = make_env_family("cheetah-vel", seed=0, horizon=5)
+    expected = cheetah_episodes(family, [0, 1], "t")
+    copy = pickle.loads(pickle.dumps(family))
+    assert len(family._pool.simulators) == 4 and copy._pool is not None and copy._pool.simulators == []
+    got = cheetah_episodes(copy, [0, 1], "t")
+    assert torch.equal(got.obs, expected.obs) and torch.equal(got.rewards, expected.rewards)
+    off = pickle.loads(pickle.dumps(make_env_family("cheetah-vel", reuse_simulators=False)))
+    assert off._pool is None
