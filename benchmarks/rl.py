@@ -26,9 +26,10 @@ from pathlib import Path
 
 import torch
 
+from innerloop.io import atomic_write_text
 from innerloop.rl.config import load_rl_config
 from innerloop.rl.plots import plot_rl_run
-from innerloop.rl.train import batch_text, lr_text, run_rl, test_lr
+from innerloop.rl.train import batch_text, lr_text, meta_test_lr, run_rl
 from innerloop.training.run import machine
 from innerloop.training.settings import cli_changes
 
@@ -113,7 +114,7 @@ def main() -> None:
         f"Command: `{command}` (config `{config_name}`, overridden as the command says).",
         f"Budget: {budget}. {outer}, inner lr {a.inner_lr}, discount {a.discount}, policy "
         f"{cfg.policy.hidden} {cfg.policy.activation} with initial std {cfg.policy.init_std}; "
-        f"test: {e.test_tasks} fixed test tasks, {batch_text(e)} per step, {lr_text(test_lr(cfg))}.",
+        f"test: {e.test_tasks} fixed test tasks, {batch_text(e)} per step, {lr_text(meta_test_lr(cfg))}.",
         f"Environment options: {cfg.env.options or 'the defaults'}.",
         f"Seeds: env/task seed {cfg.env.seed}, policy init seed {t.seed}.",
         "Wall time: " + ", ".join(f"{k} training {v['train_wall_s'] / 60:.1f} min + test {v['eval_wall_s']:.0f} s"
@@ -126,10 +127,10 @@ def main() -> None:
     stem = Path(__file__).parent / "results" / (f"rl_{args.env.replace('-', '_')}" + (f"_{args.tag}" if args.tag
                                                                                      else ""))
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".md").write_text(md)
-    stem.with_suffix(".json").write_text(json.dumps({**report, "command": command, "wall_s": wall,
+    atomic_write_text(stem.with_suffix(".md"), md)
+    atomic_write_text(stem.with_suffix(".json"), json.dumps({**report, "command": command, "wall_s": wall,
                                                      "paper": PAPER.get(args.env)}, indent=2))
-    for figure in ("trajectories", "curve"):
+    for figure in ("trajectories", "curve", "success"):
         if (Path(cfg.out_dir) / f"{figure}.png").exists():
             shutil.copy(Path(cfg.out_dir) / f"{figure}.png", str(stem) + f"_{figure}.png")
     print(md)

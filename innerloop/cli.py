@@ -28,11 +28,12 @@ from innerloop.rl.train import (
     batch_text,
     load_rl_checkpoint,
     lr_text,
+    meta_test_lr,
     meta_test_rl_scores,
     rl_eval_settings,
     run_rl,
-    test_lr,
 )
+from innerloop.rl.workers import WorkerError
 from innerloop.tasks import SPLITS
 from innerloop.training.checkpoint import CheckpointError, load_checkpoint
 from innerloop.training.config import Config, ConfigError, load_config, read_config_file
@@ -433,7 +434,7 @@ def _rl_eval(args: argparse.Namespace) -> None:
     cfg = cfg.override({"eval.test_tasks": tasks, "eval.rollouts": rollouts, "eval.steps": steps,
                         "eval.inner_lr": first, "eval.later_lr": later,
                         "eval.batch_steps": batch_steps})  # checked as a config's are, before any work
-    lr = test_lr(cfg)
+    lr = meta_test_lr(cfg)
     try:  # a device this machine lacks: refused before the test starts
         place(algorithm, cfg.execution.device)
     except ValueError as err:
@@ -464,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         {"train": _train, "eval": _eval, "predict": _predict, "rl": _rl, "config": _config_show,
          "tune": _tune}[args.command](args)
     except (ConfigError, CheckpointError, DataError, DistributedError, MissingMuJoCoError, MissingMetaWorldError,
-            DivergenceError, RunLockedError, MissingExtraError) as err:
+            DivergenceError, RunLockedError, MissingExtraError, WorkerError) as err:
         print(f"innerloop: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # the disk, not innerloop: one line with the file and what to do

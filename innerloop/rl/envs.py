@@ -13,7 +13,7 @@ dimension: ``reset(seed) -> (obs [n, obs_dim], info)`` and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -184,3 +184,41 @@ class Navigation2D:
     def make(self, tasks: Tensor) -> Navigation2DEnv:
         return Navigation2DEnv(tasks, self.horizon, self.action_bound, self.goal_radius, self.action_scale,
                                self.termination)
+
+
+class SimulatorPool:
+    """Simulators that a family keeps between its :meth:`~EnvFamily.make` calls (building one costs
+    many of its steps: ``benchmarks/results/rl_sampler.md``), lent to one vector environment at a time.
+
+    :meth:`lend` hands out one simulator per entry of ``kinds`` (the ``j``-th entry of a kind in one
+    call gets that kind's ``j``-th simulator, built by ``build(kind)`` the first time it is needed)
+    under a new lease; only the latest lease :meth:`holds`, so an environment built before the last
+    :meth:`lend` knows that its simulators now serve another one. A family that reuses simulators must
+    reset every state they carry (the HalfCheetah and Meta-World families do, and test it).
+
+    Args:
+        build: a new simulator of a kind (e.g. a Meta-World skill name).
+    """
+
+    def __init__(self, build: Callable[[str], Any]) -> None:
+        self.build = build
+        self.simulators: dict[str, list[Any]] = {}
+        self.lease = 0
+
+    def lend(self, kinds: Sequence[str]) -> tuple[list[Any], int]:
+        """``(one simulator per entry of kinds, distinct within the call; the lease)``; the previous lease ends."""
+        used: dict[str, int] = {}
+        out = []
+        for kind in kinds:
+            k = used.get(kind, 0)
+            pool = self.simulators.setdefault(kind, [])
+            while len(pool) <= k:
+                pool.append(self.build(kind))
+            out.append(pool[k])
+            used[kind] = k + 1
+        self.lease += 1
+        return out, self.lease
+
+    def holds(self, lease: int) -> bool:
+        """Whether ``lease`` is the latest (its simulators are still its own)."""
+        return lease == self.lease

@@ -26,6 +26,7 @@ of a one-step problem; the paper's ``vpg`` drops the ``E[grad log pi grad log pi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -340,8 +341,9 @@ class PolicyMAML(nn.Module):
         """
         saved = self.inner_lr
         rates = [saved] if lr is None else ([lr] if isinstance(lr, (int, float)) else list(lr))
-        if not rates or any(r <= 0 for r in rates):
-            raise ValueError(f"the adaptation's step sizes must be > 0, got {lr!r}.")
+        if not rates or not all(math.isfinite(r) and r > 0 for r in rates):  # NaN and inf fail too
+            raise ValueError(f"the adaptation's step sizes must be finite and > 0, got {lr!r}: give one step "
+                             "size, or one per step (the last repeated).")
         try:
             tasks = family.tasks(split, indices)
             current = {k: v.detach() for k, v in self.params().items()}

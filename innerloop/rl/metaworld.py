@@ -22,7 +22,7 @@ testing asks for it).
 
 A task is the row ``[split, skill, goal]`` (split 0 = train, 1 = test; ``skill`` indexes the
 split's skills, ``goal`` that skill's task list). :meth:`MetaWorldFamily.make` reuses simulators:
-each skill's environments are built once per family (building one takes a tenth of a second) and
+each skill's environments are built once per family (building one costs many of its steps) and
 given the row's task with ``set_task`` at every reset (tested: a reused simulator's episodes equal a
 fresh one's bit for bit). A family therefore serves one vector environment at a time: stepping one
 after the family built the next raises an error. Pickling a family keeps the benchmark's tasks and
@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from innerloop.rl.envs import SimulatorPool
 from innerloop.tasks import Split, check_split, task_seed
 
 INSTALL_HINT = "pip install 'innerloop[metaworld]'"
@@ -77,38 +78,11 @@ def ml1_env_names() -> list[str]:
     return list(require_metaworld().ML1.ENV_NAMES)
 
 
-class SimulatorPool:
-    """Each skill's simulators, built once and lent to one vector environment at a time.
-
-    ``generation`` counts the :meth:`lend` calls; a vector environment remembers the generation it
-    was lent and refuses to run once a later one took its simulators.
-    """
-
-    def __init__(self, classes: dict[str, Any]) -> None:
-        self.classes = classes
-        self.envs: dict[str, list[Any]] = {}
-        self.generation = 0
-
-    def lend(self, names: Sequence[str]) -> tuple[list[Any], int]:
-        """One simulator per entry of ``names`` (skill names), distinct within the call."""
-        used: dict[str, int] = {}
-        out = []
-        for name in names:
-            k = used.get(name, 0)
-            pool = self.envs.setdefault(name, [])
-            while len(pool) <= k:
-                pool.append(self.classes[name]())
-            out.append(pool[k])
-            used[name] = k + 1
-        self.generation += 1
-        return out, self.generation
-
-
 class MetaWorldVectorEnv:
     """``n`` Meta-World simulators stepped in a loop, each given its task at every reset.
 
     Args:
-        pool: where the simulators come from (:class:`SimulatorPool`).
+        pool: where the simulators come from (:class:`~innerloop.rl.envs.SimulatorPool`, by skill name).
         names: the skill of each copy.
         tasks: Meta-World ``Task`` objects, one per copy.
         horizon: steps before truncation (at most 500).
@@ -118,12 +92,12 @@ class MetaWorldVectorEnv:
         if not 1 <= horizon <= MAX_PATH_LENGTH:
             raise ValueError(f"horizon must lie in [1, {MAX_PATH_LENGTH}], got {horizon}.")
         self.pool, self.tasks, self.horizon = pool, list(tasks), horizon
-        self.envs, self.generation = pool.lend(names)
+        self.envs, self.lease = pool.lend(names)
         self.num_envs = len(self.envs)
         self.t = 0
 
     def _check_lease(self) -> None:
-        if self.pool.generation != self.generation:
+        if not self.pool.holds(self.lease):
             raise RuntimeError("this Meta-World vector environment's simulators were lent to a later make() of "
                                "the same family; a family serves one vector environment at a time (use a copy "
                                "of the family, e.g. pickled, for each one run at once).")
@@ -199,7 +173,7 @@ class MetaWorldFamily:
         self._classes: dict[str, Any] = {}
         self._pool: SimulatorPool | None = None
 
-    # -- the benchmark, built on first use (ML10 takes seconds) and kept when pickled ------------------
+    # -- the benchmark, built on first use (ML10's is slow to build) and kept when pickled ------------
 
     def _load(self) -> dict[str, tuple[list[str], list[list[Any]]]]:
         """``{split: (skill names, each skill's tasks in Meta-World's order)}``."""
@@ -217,7 +191,10 @@ class MetaWorldFamily:
         return self._splits
 
     def __getstate__(self) -> dict[str, Any]:
-        """The family without its simulators (MuJoCo state does not pickle; each process builds its own)."""
+        """The family with its benchmark's tasks (built first if need be, so that a worker process does not
+        rebuild ML10 itself) and without its simulators (MuJoCo state does not pickle; each process builds
+        its own)."""
+        self._load()
         state = self.__dict__.copy()
         state["_pool"] = None
         return state
@@ -287,11 +264,15 @@ class MetaWorldFamily:
         """The skill name of each row of ``tasks [n, 3]`` (the groups of the per-skill success rates)."""
         return self._decode(tasks)[0]
 
+    def _build(self, skill: str) -> Any:
+        """A new simulator of ``skill`` (Meta-World's environment class of that name)."""
+        return self._classes[skill]()
+
     def make(self, tasks: Tensor) -> MetaWorldVectorEnv:
         """One simulator per row of ``tasks [n, 3]``, reused from this family's earlier calls."""
         names, objs = self._decode(tasks)
         if self._pool is None:
-            self._pool = SimulatorPool(self._classes)
+            self._pool = SimulatorPool(self._build)
         return MetaWorldVectorEnv(self._pool, names, objs, self.horizon)
 
 

@@ -13,11 +13,12 @@ with ``v`` the forward velocity of the root, ``(x_after - x_before) / dt`` (gymn
 ``x_velocity``; rllab read the torso's centre-of-mass velocity) and ``a`` the action clipped to
 the actuators' range [-1, 1] (rllab's ``normalize`` wrapper clipped likewise). Horizon 200.
 
-Building a simulator (``HalfCheetahEnv()``: parsing the model, allocating its data) costs about as
-much as a dozen of its steps, and :func:`~innerloop.rl.episodes.rollout` asks for fresh environments
-every rollout; so a family keeps a :class:`SimulatorPool` and :meth:`make` reuses its simulators. A
-reset with a seed (what ``rollout`` does) clears the simulator's whole state (``mj_resetData``) and
-reseeds its generator, so a reused simulator gives bit for bit the episodes a fresh one gives
+Building a simulator (``HalfCheetahEnv()``: parsing the model, allocating its data) costs many of
+its steps (``benchmarks/results/rl_sampler.md``: fresh against reused simulators), and
+:func:`~innerloop.rl.episodes.rollout` asks for fresh environments every rollout; so a family keeps a
+:class:`~innerloop.rl.envs.SimulatorPool` and :meth:`make` reuses its simulators. A reset with a seed
+(what ``rollout`` does) clears the simulator's whole state (``mj_resetData``) and reseeds its generator,
+so a reused simulator gives bit for bit the episodes a fresh one gives
 (``tests/rl/test_rl_mujoco.py``). The rule that keeps this safe: the environment a :meth:`make`
 returns owns its simulators until the next :meth:`make` of the same family; stepping or resetting an
 older one then raises (``reuse_simulators=False`` builds fresh simulators for every call instead, as
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from innerloop.rl.envs import uniform_tasks
+from innerloop.rl.envs import SimulatorPool, uniform_tasks
 from innerloop.tasks import Split, check_split, task_seed
 
 INSTALL_HINT = "pip install 'innerloop[rl]'"
@@ -71,29 +72,15 @@ def _warn(message: str) -> None:
         warnings.warn(f"MuJoCo: {message}", RuntimeWarning, stacklevel=2)
 
 
-class SimulatorPool:
-    """HalfCheetah-v5 simulators kept by a family between its :meth:`~HalfCheetahVel.make` calls.
+SIMULATOR = "HalfCheetah-v5"
+"""The one kind of simulator in a HalfCheetah family's :class:`~innerloop.rl.envs.SimulatorPool`."""
 
-    :meth:`take` hands out the first ``n`` (building more when it holds fewer) under a new lease;
-    only the latest lease :meth:`holds`, so an environment built before the last :meth:`take` knows
-    that its simulators now belong to another one.
-    """
 
-    def __init__(self) -> None:
-        self.simulators: list[Any] = []
-        self.lease = 0
-
-    def take(self, n: int) -> tuple[list[Any], int]:
-        """``(n simulators, lease)``; the previous lease ends."""
-        if n > len(self.simulators):
-            cls = require_mujoco()
-            self.simulators.extend(cls() for _ in range(n - len(self.simulators)))
-        self.lease += 1
-        return self.simulators[:n], self.lease
-
-    def holds(self, lease: int) -> bool:
-        """Whether ``lease`` is the latest (its simulators are still its own)."""
-        return lease == self.lease
+def build_simulator(kind: str) -> Any:
+    """A new gymnasium ``HalfCheetah-v5`` simulator (``kind``: :data:`SIMULATOR`)."""
+    if kind != SIMULATOR:
+        raise ValueError(f"a HalfCheetah family builds {SIMULATOR!r} simulators only, not {kind!r}.")
+    return require_mujoco()()
 
 
 class HalfCheetahVectorEnv:
@@ -104,8 +91,8 @@ class HalfCheetahVectorEnv:
         mode: ``velocity`` or ``direction``.
         horizon: steps before truncation.
         pool: take the simulators from this pool (they stay this environment's until the pool's next
-            :meth:`SimulatorPool.take`; then stepping or resetting this one raises); ``None``: build ``n``
-            fresh ones.
+            :meth:`~innerloop.rl.envs.SimulatorPool.lend`; then stepping or resetting this one raises);
+            ``None``: build ``n`` fresh ones.
     """
 
     def __init__(self, tasks: Tensor, mode: str, horizon: int = 200, pool: SimulatorPool | None = None) -> None:
@@ -120,7 +107,7 @@ class HalfCheetahVectorEnv:
         if pool is None:
             self.envs, self.lease = [cls() for _ in range(self.num_envs)], 0
         else:
-            self.envs, self.lease = pool.take(self.num_envs)
+            self.envs, self.lease = pool.lend([SIMULATOR] * self.num_envs)
         self.t = 0
 
     def check_lease(self) -> None:
@@ -174,7 +161,7 @@ class HalfCheetahFamily:
     """What both HalfCheetah families share: the simulator pool and :meth:`make`.
 
     Args:
-        reuse_simulators: keep a :class:`SimulatorPool` and reuse its simulators in every
+        reuse_simulators: keep a :class:`~innerloop.rl.envs.SimulatorPool` and reuse its simulators in every
             :meth:`make` (the environment returned owns them until the next :meth:`make`); ``False``:
             build fresh ones each call. The episodes are the same either way.
     """
@@ -186,7 +173,7 @@ class HalfCheetahFamily:
     def __init__(self, reuse_simulators: bool = True) -> None:
         require_mujoco()
         self.reuse_simulators = bool(reuse_simulators)
-        self._pool = SimulatorPool() if self.reuse_simulators else None
+        self._pool = SimulatorPool(build_simulator) if self.reuse_simulators else None
 
     def make(self, tasks: Tensor) -> HalfCheetahVectorEnv:
         """``n`` simulations for ``tasks [n, 1]``; with ``reuse_simulators``, from the family's pool
@@ -200,7 +187,7 @@ class HalfCheetahFamily:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._pool = SimulatorPool() if state.get("reuse_simulators", True) else None
+        self._pool = SimulatorPool(build_simulator) if state.get("reuse_simulators", True) else None
 
 
 class HalfCheetahVel(HalfCheetahFamily):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -15,20 +15,24 @@ from innerloop.plotting import plot_adaptation_curves, save_figure
 from innerloop.rl.config import RLConfig
 from innerloop.rl.envs import EnvFamily, Navigation2D
 from innerloop.rl.maml import PolicyMAML
+from innerloop.rl.train import meta_test_lr
 from innerloop.training.evaluate import RunResult
 
 
 def plot_navigation(algorithms: Mapping[str, PolicyMAML], family: Navigation2D, path: str | Path, tasks: int = 4,
-                    steps: int = 3, rollouts: int = 20, lr: float | None = None, shown: int = 2) -> None:
+                    steps: int = 3, rollouts: int = 20, lr: float | Sequence[float] | None = None, shown: int = 2,
+                    *, batch_steps: int | None = None) -> None:
     """One row per policy, one column per test task: the goal, and ``shown`` of the sampled
     trajectories before adaptation (dashed) and after 1..``steps`` policy-gradient steps, each
-    step taken on ``rollouts`` episodes as in meta-testing."""
+    step taken as in meta-testing (:meth:`~innerloop.rl.maml.PolicyMAML.evaluate_scores`: ``rollouts``
+    episodes, or with ``batch_steps`` the first episodes holding that many steps; ``lr`` one step size
+    or one per step)."""
     fig, axes = plt.subplots(len(algorithms), tasks, figsize=(3.0 * tasks, 3.0 * len(algorithms)), squeeze=False)
     colours = plt.cm.viridis_r([0.15 + 0.75 * k / max(1, steps) for k in range(steps + 1)])
     goals = family.tasks("test", range(tasks))
     for row, (name, algorithm) in enumerate(algorithms.items()):
         returns, episodes = algorithm.evaluate(family, "test", range(tasks), steps, rollouts, lr,
-                                               keep_episodes=True)
+                                               keep_episodes=True, batch_steps=batch_steps)
         for col in range(tasks):
             ax = axes[row][col]
             for k, ep in enumerate(episodes):
@@ -118,8 +122,8 @@ def plot_rl_run(result: RunResult[PolicyMAML, EnvFamily], cfg: RLConfig) -> list
         written.append(out / "success.png")
     if isinstance(result.test_family, Navigation2D) and e.plot_tasks > 0:
         plot_navigation(result.trained, result.test_family, out / "trajectories.png",
-                        min(e.plot_tasks, e.test_tasks), max(1, e.steps), e.rollouts,
-                        e.inner_lr or cfg.algorithm.inner_lr)
+                        min(e.plot_tasks, e.test_tasks), max(1, e.steps), e.rollouts, meta_test_lr(cfg),
+                        batch_steps=e.batch_steps)  # the test protocol of the run's table
         written.append(out / "trajectories.png")
     return written
 

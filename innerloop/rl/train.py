@@ -147,10 +147,12 @@ def meta_train_rl(
         return {**returns, **({"kl": f"{means['kl']:.4f}"} if "kl" in means else {}), **timing}
 
     if identity is None:  # the Python API: never resume silently into another set-up's folder
+        # the family sampled in workers is the family: a run resumes with another number of workers
+        own = family.family if isinstance(family, ParallelFamily) else family
         identity = plain_json({"algorithm": algorithm.name, "inner_lr": float(algorithm.inner_lr),
                            "inner_steps": int(algorithm.inner_steps), "rollouts": int(rollouts),
                            "parameters": {n: list(p.shape) for n, p in algorithm.named_parameters()},
-                           "family": {"type": type(family).__name__, "seed": getattr(family, "seed", None)},
+                           "family": {"type": type(own).__name__, "seed": getattr(own, "seed", None)},
                            "train": {k: v for k, v in dataclasses.asdict(cfg).items()
                                      if k not in ("iterations", "checkpoint_every")}})
     schedule = Schedule(cfg.iterations, log_every=1, checkpoint_every=cfg.checkpoint_every)
@@ -260,12 +262,25 @@ def build_env_family(cfg: RLConfig) -> EnvFamily:
                           f"{err}") from err
 
 
+NAV2D_DYNAMICS = "maml-code"
+"""The 2D navigation of innerloop 0.3 (actions scaled onto the velocity box, the episode ending in a box
+around the goal), named in the identity of every nav2d run; a 0.2.0 checkpoint has no such entry."""
+
+LEGACY_NAV2D_OPTIONS: dict[str, Any] = {"action_scale": 1.0, "termination": "euclidean"}
+"""The options that rebuild the 2D navigation a 0.2.0 checkpoint was trained on."""
+
+
 def rl_identity(cfg: RLConfig, name: str) -> dict[str, Any]:
-    """The settings a checkpoint must share with a run to be resumed by it."""
+    """The settings a checkpoint must share with a run to be resumed by it. A 2D-navigation run also
+    names the environment's dynamics (:data:`NAV2D_DYNAMICS`), so a run of 0.2.0, trained on other
+    dynamics under the same config, is not continued on these."""
     d = cfg.to_dict()
     train = {k: v for k, v in d["train"].items() if k not in ("iterations", "checkpoint_every", "loggers")}
-    return {"algorithm": name, "env": d["env"], "policy": d["policy"], "algorithm_cfg": d["algorithm"],
-            "train": train}
+    ident = {"algorithm": name, "env": d["env"], "policy": d["policy"], "algorithm_cfg": d["algorithm"],
+             "train": train}
+    if cfg.env.name == "nav2d":
+        ident["nav2d_dynamics"] = NAV2D_DYNAMICS
+    return ident
 
 
 def run_rl(cfg: RLConfig, *, progress: bool = True, overwrite: bool = False,
@@ -324,7 +339,7 @@ def _train_and_test(cfg: RLConfig, out: Path, device: torch.device, loggers: Seq
             clear_run(folder)
     out.mkdir(parents=True, exist_ok=True)
     e = cfg.eval
-    lr = test_lr(cfg)
+    lr = meta_test_lr(cfg)
     report: dict[str, Any] = {"config": cfg.to_dict(), "machine": machine(device), "runs": {},
                               "execution": {"device": str(device), "precision": "fp32", "batch_norm": "none",
                                             "workers": cfg.execution.workers}}
@@ -371,7 +386,7 @@ def _train_and_test(cfg: RLConfig, out: Path, device: torch.device, loggers: Seq
     return result
 
 
-def test_lr(cfg: RLConfig) -> float | list[float]:
+def meta_test_lr(cfg: RLConfig) -> float | list[float]:
     """The step size of test-time adaptation: ``eval.inner_lr`` (else ``algorithm.inner_lr``), and
     ``[first, later]`` when ``eval.later_lr`` sets the steps after the first apart."""
     first = cfg.eval.inner_lr or cfg.algorithm.inner_lr
@@ -429,6 +444,9 @@ def load_rl_checkpoint(checkpoint: str | Path, overrides: Mapping[str, Any] | No
     if own is not None:
         d["eval"] = {**d["eval"], **own.get("eval", {})}
     d.update(env=ident["env"], policy=ident["policy"], algorithm=ident["algorithm_cfg"])
+    if ident["env"].get("name", "nav2d") == "nav2d" and "nav2d_dynamics" not in ident:
+        # a 0.2.0 checkpoint: rebuild the 2D navigation it was trained on
+        d["env"] = {**d["env"], "options": {**LEGACY_NAV2D_OPTIONS, **(d["env"].get("options") or {})}}
     d["train"].update(ident["train"])
     if own is not None:
         try:
@@ -442,6 +460,14 @@ def load_rl_checkpoint(checkpoint: str | Path, overrides: Mapping[str, Any] | No
     algorithm = build_algorithm(cfg, family, 0 if ident["algorithm"] == "pretrained" else None)
     load_state(algorithm, payload["state"], str(checkpoint))
     return cfg, algorithm, family
+
+
+def _same_identity(ours: Mapping[str, Any], theirs: Any) -> bool:
+    """Whether a checkpoint's identity ``theirs`` is ``ours``; a 0.2.0 checkpoint names no 2D-navigation
+    dynamics, which is then left out of the comparison."""
+    if isinstance(theirs, Mapping) and "nav2d_dynamics" not in theirs:
+        ours = {k: v for k, v in ours.items() if k != "nav2d_dynamics"}
+    return bool(plain_json(dict(ours)) == plain_json(theirs))
 
 
 def rl_eval_settings(checkpoint: str | Path, payload: Mapping[str, Any],
@@ -459,6 +485,6 @@ def rl_eval_settings(checkpoint: str | Path, payload: Mapping[str, Any],
             saved = rl_config_from_dict(json.loads(report_path.read_text())["config"])
         except (OSError, ValueError, KeyError, TypeError):  # absent, unreadable, or of another version
             continue
-        if any(plain_json(rl_identity(saved, n)) == plain_json(ident) for n in ("maml", "pretrained")):
+        if any(_same_identity(rl_identity(saved, n), ident) for n in ("maml", "pretrained")):
             return saved.eval, str(report_path)
     return RLEvalConfig(), "the defaults"

@@ -4,7 +4,7 @@
 :meth:`~ParallelFamily.make` splits the ``n`` copies into ``workers`` contiguous chunks; each chunk is
 built by the wrapped family's own ``make`` in one persistent worker process (started once, with one
 torch thread each) and stepped there, so a family's
-simulator reuse (:class:`~innerloop.rl.mujoco.SimulatorPool`) applies inside the workers too. Per
+simulator reuse (:class:`~innerloop.rl.envs.SimulatorPool`) applies inside the workers too. Per
 step the main process sends each worker its slice of the actions and gathers ``(obs, reward,
 terminated, truncated, info)``, concatenated in order; the policy is still evaluated once on all
 ``n`` environments in the main process (:func:`~innerloop.rl.episodes.rollout`).
@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import pickle
+import signal
 import time
 import traceback
 import weakref
@@ -109,7 +110,10 @@ def serve(conn: Connection, index: int) -> None:
     dtype being torch's default in the main process (what environments build their tensors in), set
     here first. Commands: ``family`` (the family to build chunks with), ``make`` (tasks
     ``[k, task_dim]``), ``reset`` (seeds or None) and ``step`` (actions ``[k, act_dim]``); answers
-    ``("ok", result)`` or ``("error", "Type: message", traceback)``."""
+    ``("ok", result)`` or ``("error", "Type: message", traceback)``. Ctrl-C (SIGINT, which a terminal
+    sends the whole process group) is ignored here: the main process handles it and stops the workers,
+    rather than each worker dying with its own traceback mid-command."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     family: Any = None
     env: Any = None

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.func import functional_call
 
 from innerloop.continual import (
@@ -43,9 +44,15 @@ def tiny_oml(classes: int = 6) -> OMLNet:
     return OMLNet(classes, channels=(2, 3), hidden=4, image_size=8).double()
 
 
-def tiny_anml(classes: int = 6) -> ANMLNet:
+def tiny_anml(classes: int = 6, norm: bool = True) -> ANMLNet:
+    """With norm, on 10 px images (``ANML_SIDE``: 10 -> 8 -> 4 -> 2, every normalised map holds
+    several pixels); without, on 8 px ones (the first version's test network)."""
     torch.manual_seed(1)
-    return ANMLNet(classes, channels=(2, 3), nm_channels=(2, 2), image_size=8).double()
+    return ANMLNet(classes, channels=(2, 3), nm_channels=(2, 2), image_size=ANML_SIDE if norm else 8,
+                   norm=norm).double()
+
+
+ANML_SIDE = 10
 
 
 def meta_loss(learner: OML | ANML, params: dict[str, torch.Tensor], batch: TaskBatch) -> torch.Tensor:
@@ -103,21 +110,65 @@ def test_oml_first_order_drops_the_hessian_terms():
     assert not torch.allclose(second["model.rln.0.weight"], first["model.rln.0.weight"])
 
 
-def test_anml_meta_gradient_matches_finite_differences_float64():
-    ds = dataset()
+@pytest.mark.parametrize("norm", [True, False])
+def test_anml_meta_gradient_matches_finite_differences_float64(norm):
+    ds = dataset(side=ANML_SIDE if norm else 8)
     batch = ContinualClasses(ds, shots=3, remember=4, tasks=2, seed=4).batch(2).to("cpu", torch.float64)
-    learner = ANML(tiny_anml(), inner_lr=0.3, task_threads=1)
+    learner = ANML(tiny_anml(norm=norm), inner_lr=0.3, task_threads=1)
     assert not any(n.startswith("nm.") for n in learner.adapt_names)  # the NM net is meta-learned only
     assert {n.split(".")[0] for n in learner.adapt_names} == {"features", "head"}
+    assert any(isinstance(m, nn.GroupNorm) for m in learner.model.modules()) == norm
     grads, _ = learner.meta_gradient(batch)
     assert grads["model.nm.0.weight"].abs().sum() > 0
+    if norm:  # the normalisation's scale and shift are adapted in the inner loop and meta-learned
+        assert "features.1.weight" in learner.adapt_names and grads["model.features.1.weight"].abs().sum() > 0
     check_finite_differences(learner, batch)
 
 
+def test_anml_normalisation_is_per_image_and_right_under_vmap_second_order_float64():
+    """The per-image normalisation (GroupNorm, a group per channel) uses no batch statistics: an
+    image's logits do not depend on the other images of its batch. ``native_group_norm`` has the
+    right second-order gradient under ``vmap`` (unlike BatchNorm and LayerNorm in torch 2.13), so
+    ``vectorize="vmap"`` is allowed and gives the loop's meta-gradient."""
+    net = tiny_anml()
+    x = dataset(side=ANML_SIDE).gather([0, 1, 2, 3], [0, 1, 2, 3]).double()
+    torch.testing.assert_close(net(x)[:1], net(x[:1]), rtol=0, atol=1e-12)
+    torch.testing.assert_close(net(x)[2:], net(x[2:]), rtol=0, atol=1e-12)
+    gn = net.features[1]  # after the first conv: each image's channel standardised over its own pixels
+    conv = net.features[0](x).detach()
+    mean, var = conv.mean((2, 3), keepdim=True), conv.var((2, 3), unbiased=False, keepdim=True)
+    by_hand = (conv - mean) / torch.sqrt(var + gn.eps) * gn.weight[:, None, None] + gn.bias[:, None, None]
+    torch.testing.assert_close(gn(conv), by_hand, rtol=0, atol=1e-12)
+    batch = ContinualClasses(dataset(side=ANML_SIDE), shots=3, remember=4, tasks=3, seed=6).batch(1)
+    batch = batch.to("cpu", torch.float64)
+    loop, _ = ANML(tiny_anml(), inner_lr=0.3, vectorize="loop").meta_gradient(batch)
+    vmapped, _ = ANML(tiny_anml(), inner_lr=0.3, vectorize="vmap").meta_gradient(batch)
+    for n in loop:
+        torch.testing.assert_close(vmapped[n], loop[n], rtol=1e-9, atol=1e-12)
+
+
+def test_anml_gate_is_open_and_not_saturated_at_initialisation():
+    """The gate starts mid-range (a sigmoid near 0 or 1 would pass almost no gradient to the NM
+    network), and the NM network's output layer gets a meta-gradient from the first step."""
+    net = tiny_anml()
+    x = dataset(side=ANML_SIDE).gather(list(range(6)), [0] * 6).double()
+    gate = net.gate(x).detach()
+    assert 0.2 < float(gate.mean()) < 0.8 and float((gate * (1 - gate)).min()) > 0.05
+    batch = ContinualClasses(dataset(side=ANML_SIDE), shots=3, remember=4, seed=6).batch(0)
+    grads, _ = ANML(net, inner_lr=0.3).meta_gradient(batch.to("cpu", torch.float64))
+    g = grads[f"model.nm.{len(net.nm) - 1}.weight"]  # the NM network's output layer
+    assert float(g.abs().max()) > 1e-6 * float(grads["model.head.weight"].abs().max())
+
+
+def test_per_image_normalisation_refuses_one_pixel_maps():
+    with pytest.raises(ValueError, match=r"conv layer 2 of 2 outputs 1 x 1 maps on 8 px images.*norm=False"):
+        ANMLNet(6, channels=(2, 3), nm_channels=(2, 2), image_size=8)
+    assert ANMLNet(6, channels=(2, 3), nm_channels=(2, 2), image_size=8, norm=False).width == 3
+
+
 def test_inner_loop_is_one_example_at_a_time_sgd():
-    ds = dataset()
-    batch = ContinualClasses(ds, shots=5, remember=3, seed=1).batch(0).to("cpu", torch.float64)
-    for learner in (OML(tiny_oml(), inner_lr=0.2), ANML(tiny_anml(), inner_lr=0.2)):
+    for learner, side in ((OML(tiny_oml(), inner_lr=0.2), 8), (ANML(tiny_anml(), inner_lr=0.2), ANML_SIDE)):
+        batch = ContinualClasses(dataset(side=side), shots=5, remember=3, seed=1).batch(0).to("cpu", torch.float64)
         learner.set_progress(2, 5)
         model = learner.model
         sx, sy = batch.support_x[0], batch.support_y[0]
@@ -140,7 +191,7 @@ def test_inner_loop_is_one_example_at_a_time_sgd():
 
 def test_anml_gate_multiplies_the_features_it_feeds_the_head():
     net = tiny_anml()
-    x = dataset().gather([0, 1, 2], [0, 1, 2]).double()
+    x = dataset(side=ANML_SIDE).gather([0, 1, 2], [0, 1, 2]).double()
     gate = torch.sigmoid(net.nm(x))
     assert gate.shape == (3, net.width) and bool(((gate >= 0) & (gate <= 1)).all())
     expected = F.linear(net.features(x) * gate, net.head.weight, net.head.bias)

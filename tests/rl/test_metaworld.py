@@ -30,16 +30,9 @@ def needs_metaworld() -> None:
 
 
 @pytest.fixture
-def no_metaworld(monkeypatch):
+def no_metaworld(hide_modules):
     """Make ``metaworld`` fail to import, as on a machine without the extra."""
-    real = importlib.import_module
-
-    def fake(name, *args, **kwargs):
-        if name == "metaworld" or name.startswith("metaworld."):
-            raise ModuleNotFoundError(f"No module named {name!r}")
-        return real(name, *args, **kwargs)
-
-    monkeypatch.setattr(importlib, "import_module", fake)
+    hide_modules("metaworld")
 
 
 @pytest.mark.usefixtures("no_metaworld")

@@ -10,7 +10,7 @@ import torch
 from innerloop.cli import main
 from innerloop.rl.config import RLConfig, load_rl_config, rl_config_from_dict
 from innerloop.rl.plots import plot_rl_run
-from innerloop.rl.train import build_algorithm, run_rl
+from innerloop.rl.train import build_algorithm, load_rl_checkpoint, run_rl
 from innerloop.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from innerloop.training.config import ConfigError
 
@@ -185,3 +185,39 @@ def test_the_learning_curve_is_logged_without_changing_the_training(tmp_path):
     written = plot_rl_run(curved, cfg)
     assert tmp_path / "curved" / "curve.png" in written and (tmp_path / "curved" / "curve.png").exists()
     assert all(p.name != "curve.png" for p in plot_rl_run(plain, rl_config_from_dict(plain.report["config"])))
+
+
+def test_the_trajectory_plot_adapts_as_the_table_does(tmp_path, monkeypatch):
+    """The trajectories are those of the run's test protocol: its step sizes and its batches of steps."""
+    from innerloop.rl.maml import PolicyMAML
+
+    cfg = load_rl_config(write(tmp_path, "run", iterations=1)).override(
+        {"eval.pretrain": False, "eval.random_init": False, "eval.batch_steps": 10, "eval.later_lr": 0.05})
+    result = run_rl(cfg, progress=False)
+    calls, real = [], PolicyMAML.evaluate
+
+    def spy(self, family, split, indices, steps, rollouts, lr=None, keep_episodes=False, batch_steps=None):
+        calls.append((list(indices), steps, rollouts, lr, batch_steps))
+        return real(self, family, split, indices, steps, rollouts, lr, keep_episodes, batch_steps)
+
+    monkeypatch.setattr(PolicyMAML, "evaluate", spy)
+    assert tmp_path / "run" / "trajectories.png" in plot_rl_run(result, cfg)
+    assert calls == [([0, 1], 2, 3, [cfg.algorithm.inner_lr, 0.05], 10)]
+
+
+def test_a_0_2_0_navigation_checkpoint_is_tested_on_its_own_dynamics_and_not_resumed(tmp_path):
+    """0.2.0's 2D navigation took the action as the velocity and ended episodes in a circle."""
+    cfg = load_rl_config(write(tmp_path, "old", iterations=1)).override(
+        {"eval.pretrain": False, "eval.random_init": False, "eval.steps": 0})
+    run_rl(cfg, progress=False)
+    path = tmp_path / "old" / "last.pt"
+    payload = load_checkpoint(path)
+    assert payload["identity"]["nav2d_dynamics"] == "maml-code"
+    del payload["identity"]["nav2d_dynamics"]
+    save_checkpoint(path, payload)
+    _, _, family = load_rl_checkpoint(path)
+    assert (family.action_scale, family.termination) == (1.0, "euclidean")
+    _, _, family = load_rl_checkpoint(path, {"env.options.action_scale": 0.5})  # an option given wins
+    assert (family.action_scale, family.termination) == (0.5, "euclidean")
+    with pytest.raises(CheckpointError, match="nav2d_dynamics"):
+        run_rl(cfg.override({"train.iterations": 2}), progress=False)

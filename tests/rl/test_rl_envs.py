@@ -207,5 +207,6 @@ def test_a_step_size_per_step_changes_only_the_later_steps():
     torch.testing.assert_close(split[:, :2], single[:, :2], rtol=0, atol=0)  # 0 steps, and the first at 0.1
     assert not torch.equal(split[:, 2:], single[:, 2:])
     assert alg.inner_lr == 0.1  # restored
-    with pytest.raises(ValueError, match="step sizes must be > 0"):
-        alg.evaluate(family, "test", range(3), 1, 4, [0.1, 0.0])
+    for bad in ([0.1, 0.0], float("nan"), [0.1, float("inf")], []):
+        with pytest.raises(ValueError, match="step sizes must be finite and > 0"):
+            alg.evaluate(family, "test", range(3), 1, 4, bad)

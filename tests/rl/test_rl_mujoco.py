@@ -20,16 +20,9 @@ needs_mujoco = pytest.mark.skipif(not HAVE_MUJOCO, reason="needs MuJoCo: pip ins
 
 
 @pytest.fixture
-def no_mujoco(monkeypatch):
+def no_mujoco(hide_modules):
     """Make ``mujoco`` (and gymnasium's MuJoCo envs) fail to import, as on a machine without the extra."""
-    real = importlib.import_module
-
-    def fake(name, *args, **kwargs):
-        if name == "mujoco" or name.startswith("gymnasium.envs.mujoco"):
-            raise ModuleNotFoundError(f"No module named {name!r}")
-        return real(name, *args, **kwargs)
-
-    monkeypatch.setattr(importlib, "import_module", fake)
+    hide_modules("mujoco", "gymnasium.envs.mujoco")
 
 
 @pytest.mark.usefixtures("no_mujoco")
@@ -122,7 +115,7 @@ def test_reused_simulators_give_the_episodes_of_fresh_ones(name):
         a, b = cheetah_episodes(reused, indices, "t"), cheetah_episodes(fresh, indices, "t")
         for k in ("obs", "actions", "rewards", "mask"):
             assert torch.equal(getattr(a, k), getattr(b, k)), k
-    assert len(reused._pool.simulators) == 9  # grown to the largest rollout, never rebuilt
+    assert len(reused._pool.simulators[rl_mujoco.SIMULATOR]) == 9  # grown to the largest rollout, never rebuilt
 
 
 @needs_mujoco
@@ -151,7 +144,8 @@ def test_a_family_pickles_without_its_simulators():
     family = make_env_family("cheetah-vel", seed=0, horizon=5)
     expected = cheetah_episodes(family, [0, 1], "t")
     copy = pickle.loads(pickle.dumps(family))
-    assert len(family._pool.simulators) == 4 and copy._pool is not None and copy._pool.simulators == []
+    assert len(family._pool.simulators[rl_mujoco.SIMULATOR]) == 4 and copy._pool is not None
+    assert copy._pool.simulators == {}
     got = cheetah_episodes(copy, [0, 1], "t")
     assert torch.equal(got.obs, expected.obs) and torch.equal(got.rewards, expected.rewards)
     off = pickle.loads(pickle.dumps(make_env_family("cheetah-vel", reuse_simulators=False)))

@@ -6,6 +6,7 @@ in a run (outside the checkpoint identity: a run resumed with other workers equa
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import os
@@ -218,6 +219,18 @@ def test_a_worker_that_raises_is_named_with_its_message_and_the_pool_goes_on():
 
 
 @slow
+def test_ctrl_c_is_left_to_the_main_process():
+    """SIGINT (a terminal sends it to the whole process group) does not kill a worker mid-command: the
+    main process handles it and closes the pool."""
+    family = Navigation2D(horizon=4)
+    with ParallelFamily(family, 1) as parallel:
+        os.kill(parallel.processes[0].pid, signal.SIGINT)
+        time.sleep(0.3)
+        assert parallel.processes[0].is_alive()
+        assert_same_episodes(episodes_of(parallel, 1, 2), episodes_of(family, 1, 2))
+
+
+@slow
 def test_a_worker_that_dies_is_detected_and_the_pool_closed():
     family = Navigation2D(horizon=4)
     parallel = ParallelFamily(family, 2)
@@ -364,3 +377,29 @@ def test_a_family_the_workers_cannot_unpickle_is_reported_not_hung():
     with pytest.raises(WorkerError, match=r"worker 0 of 1 .* raised in family: RuntimeError while reading the "
                                           r"message: this family cannot be rebuilt here"):
         ParallelFamily(RefusesToUnpickle(), 1)
+
+
+@slow
+def test_the_python_api_resumes_a_run_in_workers_as_in_process(tmp_path):
+    """``meta_train_rl`` without an explicit identity: the family it records is the wrapped one, so a run
+    started in process resumes in workers (and ends where the uninterrupted run does)."""
+    from innerloop.rl.config import RLTrainConfig
+    from innerloop.rl.train import meta_train_rl
+
+    family = Navigation2D(horizon=6)
+    cfg = RLTrainConfig(iterations=2, meta_batch_size=2, checkpoint_every=1, fisher_subsample=0.5, loggers=[])
+
+    def algorithm():
+        torch.manual_seed(0)
+        return PolicyMAML(GaussianMLP(2, 2, (8,)))
+
+    straight = algorithm()
+    meta_train_rl(straight, family, cfg, 2, tmp_path / "straight", progress=False, loggers=())
+    resumed = algorithm()
+    meta_train_rl(resumed, family, dataclasses.replace(cfg, iterations=1), 2, tmp_path / "resumed",
+                  progress=False, loggers=())
+    with ParallelFamily(family, 2) as parallel:
+        result = meta_train_rl(resumed, parallel, cfg, 2, tmp_path / "resumed", progress=False, loggers=())
+    assert result.iterations == 2
+    for k, v in straight.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
