@@ -127,8 +127,8 @@ def main() -> None:
     stem = Path(__file__).parent / "results" / (f"rl_{args.env.replace('-', '_')}" + (f"_{args.tag}" if args.tag
                                                                                      else ""))
     stem.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(stem.with_suffix(".md"), md)
-    atomic_write_text(stem.with_suffix(".json"), json.dumps({**report, "command": command, "wall_s": wall,
+    atomic_write_text(Path(f"{stem}.md"), md)  # not with_suffix: a tag such as lr0.1 holds a dot
+    atomic_write_text(Path(f"{stem}.json"), json.dumps({**report, "command": command, "wall_s": wall,
                                                      "paper": PAPER.get(args.env)}, indent=2))
     for figure in ("trajectories", "curve", "success"):
         if (Path(cfg.out_dir) / f"{figure}.png").exists():

@@ -122,10 +122,12 @@ def meta_train_rl(
         if curve is None or step % curve.every:
             return {}
         t0 = time.perf_counter()
-        scores, _ = algorithm.evaluate(family, "test", range(curve.tasks), curve.steps, curve.rollouts, curve.lr,
-                                       batch_steps=curve.batch_steps)
-        means = scores.mean(0).tolist()
-        return {**{f"test_return_{k}": r for k, r in enumerate(means)}, "curve_s": time.perf_counter() - t0}
+        scores = algorithm.evaluate_scores(family, "test", range(curve.tasks), curve.steps, curve.rollouts,
+                                           curve.lr, batch_steps=curve.batch_steps)
+        out = {f"test_return_{k}": r for k, r in enumerate(scores.returns.mean(0).tolist())}
+        if scores.success is not None:  # Meta-World: the share of successful episodes too
+            out.update({f"test_success_{k}": r for k, r in enumerate(scores.success.mean(0).tolist())})
+        return {**out, "curve_s": time.perf_counter() - t0}
 
     def outer_step(step: int) -> dict[str, float]:
         tested = test_curve(step)
@@ -263,7 +265,7 @@ def build_env_family(cfg: RLConfig) -> EnvFamily:
 
 
 NAV2D_DYNAMICS = "maml-code"
-"""The 2D navigation of innerloop 0.3 (actions scaled onto the velocity box, the episode ending in a box
+"""The 2D navigation after innerloop 0.2.0 (actions scaled onto the velocity box, the episode ending in a box
 around the goal), named in the identity of every nav2d run; a 0.2.0 checkpoint has no such entry."""
 
 LEGACY_NAV2D_OPTIONS: dict[str, Any] = {"action_scale": 1.0, "termination": "euclidean"}

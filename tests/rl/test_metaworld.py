@@ -15,11 +15,12 @@ import torch
 
 from innerloop.cli import main
 from innerloop.rl import metaworld as rl_metaworld
+from innerloop.rl.config import RLTrainConfig
 from innerloop.rl.episodes import rollout, rollout_noise
 from innerloop.rl.families import make_env_family
 from innerloop.rl.maml import PolicyMAML
 from innerloop.rl.policy import GaussianMLP
-from innerloop.rl.train import meta_test_rl, meta_test_rl_scores
+from innerloop.rl.train import LearningCurve, meta_test_rl, meta_test_rl_scores, meta_train_rl
 
 HAVE_METAWORLD = importlib.util.find_spec("metaworld") is not None
 ROOT = Path(__file__).resolve().parents[2]
@@ -103,6 +104,16 @@ def test_an_episode_succeeds_if_any_step_taken_succeeded():
     assert tested.success.metric == "success rate" and tested.success.per_step[0].mean == 0.5
     assert tested.success_per_class is None  # this family names no skills
     assert tested.returns == meta_test_rl(maml, family, 2, 1, 2, progress=False)
+
+
+def test_the_learning_curve_logs_the_success_rate(tmp_path):
+    succeed = torch.tensor([[0, 0, 1, 0], [0, 0, 0, 0], [0, 0, 0, 1], [1, 0, 1, 0]], dtype=torch.bool)
+    family = SuccessFamily(succeed, [9, 9, 1, 9])
+    maml = PolicyMAML(GaussianMLP(1, 1, [4]))
+    cfg = RLTrainConfig(iterations=1, meta_batch_size=2)
+    meta_train_rl(maml, family, cfg, 2, tmp_path, progress=False, curve=LearningCurve(1, 2, 1, 2))
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["test_success_0"] == 0.5 and "test_success_1" in row and "test_return_1" in row
 
 
 def test_families_without_success_report_none():
