@@ -108,12 +108,12 @@ class Scores:
     episodes: list[Episodes]
 
 
-def success_rates(success: Sequence[Tensor | None]) -> Tensor | None:
-    """``[tasks, steps]``: the share of successful episodes per task at each step, from each step's
-    :attr:`Episodes.success` ``[tasks, rollouts]``; ``None`` when a step reported no success."""
-    if not success or any(x is None for x in success):
+def success_rates(rates: Sequence[Tensor | None]) -> Tensor | None:
+    """``[tasks, steps]``: each step's share of successful episodes per task (``[tasks]`` each) side by
+    side; ``None`` when a step reported no success."""
+    if not rates or any(x is None for x in rates):
         return None
-    return torch.stack([x.mean(1) for x in success if x is not None], 1)
+    return torch.stack([x for x in rates if x is not None], 1)
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
@@ -235,7 +235,7 @@ class PolicyMAML(nn.Module):
                                   family.act_dim)
             episodes = rollout(family, self.policy, current, tasks, noise, per_task)
             returns.append(episodes.returns().mean(1))
-            success.append(episodes.success)
+            success.append(None if episodes.success is None else episodes.success.mean(1))
             data = self.step_data(episodes)
             if k == steps:
                 mean, log_std = policy_distribution(self.policy, current, data.obs, per_task)
@@ -355,14 +355,12 @@ class PolicyMAML(nn.Module):
                 episodes = rollout(family, self.policy, current, tasks, noise, per_task)
                 if batch_steps is None:
                     scores.append(episodes.returns().mean(1))
-                    success.append(episodes.success)
+                    success.append(None if episodes.success is None else episodes.success.mean(1))
                 else:
                     episodes, in_batch = episodes.first_steps(batch_steps)
                     count = in_batch.sum(1)
                     scores.append(episodes.returns().sum(1) / count)
-                    # the rate among the batch's episodes, as a [tasks, 1] column for success_rates
-                    rate = None if episodes.success is None else (episodes.success.sum(1) / count)[:, None]
-                    success.append(rate)
+                    success.append(None if episodes.success is None else episodes.success.sum(1) / count)
                 if keep_episodes:
                     kept.append(episodes)
                 if k < steps:

@@ -348,32 +348,28 @@ def _train_and_test(cfg: RLConfig, out: Path, device: torch.device, loggers: Seq
     trained: dict[str, PolicyMAML] = {}
     results: dict[str, EvalResult] = {}
     success: dict[str, EvalResult] = {}
-    for name, folder, inner_steps, iterations in runs:
-        algorithm = build_algorithm(cfg, family, inner_steps)
-        train_cfg = dataclasses.replace(cfg.train, iterations=iterations)
-        curve = None if e.curve_every is None else LearningCurve(e.curve_every, min(e.curve_tasks, e.test_tasks),
-                                                                  e.steps, e.rollouts, lr, e.batch_steps)
-        tr = meta_train_rl(algorithm, family, train_cfg, cfg.algorithm.rollouts, folder,
-                           identity=rl_identity(cfg, name), progress=progress, desc=name, device=str(device),
-                           loggers=loggers, run_config=plain_json(cfg.to_dict()), curve=curve)
+
+    def test(name: str, algorithm: PolicyMAML, iterations: int, train_wall_s: float) -> None:
         t0 = time.perf_counter()
         tested = meta_test_rl_scores(algorithm, family, e.test_tasks, e.steps, e.rollouts, lr, device=str(device),
                                      progress=progress, desc=f"meta-test {name}", batch_steps=e.batch_steps)
         trained[name], results[name] = algorithm, tested.returns
         if tested.success is not None:
             success[name] = tested.success
-        report["runs"][name] = {"iterations": iterations, "train_wall_s": tr.wall_time_s,
+        report["runs"][name] = {"iterations": iterations, "train_wall_s": train_wall_s,
                                 "eval_wall_s": time.perf_counter() - t0, **tested.to_dict()}
+
+    curve = None if e.curve_every is None else LearningCurve(e.curve_every, min(e.curve_tasks, e.test_tasks),
+                                                              e.steps, e.rollouts, lr, e.batch_steps)
+    for name, folder, inner_steps, iterations in runs:
+        algorithm = build_algorithm(cfg, family, inner_steps)
+        train_cfg = dataclasses.replace(cfg.train, iterations=iterations)
+        tr = meta_train_rl(algorithm, family, train_cfg, cfg.algorithm.rollouts, folder,
+                           identity=rl_identity(cfg, name), progress=progress, desc=name, device=str(device),
+                           loggers=loggers, run_config=plain_json(cfg.to_dict()), curve=curve)
+        test(name, algorithm, iterations, tr.wall_time_s)
     if e.random_init:
-        algorithm = build_algorithm(cfg, family)
-        t0 = time.perf_counter()
-        tested = meta_test_rl_scores(algorithm, family, e.test_tasks, e.steps, e.rollouts, lr, device=str(device),
-                                     progress=progress, desc="meta-test random init", batch_steps=e.batch_steps)
-        trained["random init"], results["random init"] = algorithm, tested.returns
-        if tested.success is not None:
-            success["random init"] = tested.success
-        report["runs"]["random init"] = {"iterations": 0, "train_wall_s": 0.0,
-                                         "eval_wall_s": time.perf_counter() - t0, **tested.to_dict()}
+        test("random init", build_algorithm(cfg, family), 0, 0.0)
     title = (f"{cfg.env.name}: return after 0..{e.steps} policy-gradient steps ({lr_text(lr)}, "
              f"{batch_text(e)} per step), {e.test_tasks} fixed test tasks (mean ± 95% CI)")
     report["table"] = format_table(results, list(range(e.steps + 1)), title,
