@@ -18,7 +18,7 @@ from innerloop.algorithms.mamlpp import MAMLPlusPlus, MAMLPlusPlusOptions
 from innerloop.algorithms.matchingnet import MatchingNet
 from innerloop.algorithms.metaoptnet import MetaOptNet, MetaOptNetOptions
 from innerloop.algorithms.pretrain import Pretrain, PretrainOptions
-from innerloop.algorithms.protonet import ProtoNet
+from innerloop.algorithms.protonet import ProtoNet, ProtoNetOptions
 from innerloop.algorithms.rates import InnerLR, InnerWeightDecay
 from innerloop.algorithms.registry import ALGORITHMS
 from innerloop.algorithms.reptile import Reptile, ReptileOptions
@@ -28,6 +28,7 @@ __all__ = [
     "BaselineOptions", "BaselinePP", "BaselinePPOptions", "Capabilities", "GradientBased", "GradientOptions",
     "IMAMLOptions", "InnerLR", "InnerWeightDecay", "MAMLOptions", "MAMLPlusPlus", "MAMLPlusPlusOptions",
     "MatchingNet", "MetaOptNet", "MetaOptNetOptions", "ObjectiveFns", "Pretrain", "PretrainOptions", "ProtoNet",
+    "ProtoNetOptions",
     "Reptile", "ReptileOptions",
     "custom_objective",
 ]

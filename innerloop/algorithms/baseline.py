@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from innerloop.adapt import sgd, unroll
 from innerloop.algorithms.base import Algorithm, AlgorithmOptions, Capabilities, ObjectiveFns, check, scores
+from innerloop.data.augment import Augment
 from innerloop.data.global_labels import GlobalLabelBatches
 from innerloop.execution import Execution, TaskTensors, map_tasks, pooled_gradient
 from innerloop.tasks import Objective, TaskBatch, TaskFamily
@@ -134,7 +135,8 @@ class Baseline(Algorithm):
     # -- pre-training ---------------------------------------------------------------------------
     def training_family(self, family: TaskFamily) -> TaskFamily:
         """:class:`GlobalLabelBatches` over ``family.splits``, with as many images per batch as a
-        training episode of ``family`` has (``ways * (shots + queries)``)."""
+        training episode of ``family`` has (``ways * (shots + queries)``), augmented as ``family``'s
+        meta-training tasks are (``task.augment``: rotation classes become new global classes)."""
         splits = getattr(family, "splits", None)
         if not isinstance(splits, Mapping) or "train" not in splits:
             raise ValueError(
@@ -143,7 +145,7 @@ class Baseline(Algorithm):
                 "(omniglot, miniimagenet, image-folder)."
             )
         examples = getattr(family, "ways", 5) * (getattr(family, "shots", 1) + getattr(family, "queries", 15))
-        return GlobalLabelBatches(splits, max(2, examples), getattr(family, "seed", 0))
+        return GlobalLabelBatches(splits, max(2, examples), getattr(family, "seed", 0), training_augment(family))
 
     def logits(self, x: Tensor) -> Tensor:
         """Pre-training logits over all training classes: ``[batch, *input] -> [batch, classes]``."""
@@ -224,12 +226,21 @@ class BaselinePP(Baseline):
     head_kind = "cosine"
 
 
+def training_augment(family: Any) -> Augment | None:
+    """The augmentation of ``family``'s meta-training tasks (an :class:`~innerloop.data.augment.AugmentedFamily`'s
+    ``augment``), or None."""
+    aug = getattr(family, "augment", None)
+    return aug if isinstance(aug, Augment) and "train" in getattr(family, "augmented_splits", ("train",)) else None
+
+
 def train_classes(family: Any) -> int:
-    """Number of classes of ``family.splits['train']``: the size of the Baseline's pre-training head."""
+    """Number of classes of ``family.splits['train']`` (times 4 with rotation classes, :func:`training_augment`):
+    the size of the Baseline's pre-training head."""
     splits = getattr(family, "splits", None)
     if not isinstance(splits, Mapping) or "train" not in splits:
         raise ValueError(
             f"the Baseline's head has one output per training class, but the family {family!r} exposes no "
             "`splits['train']` dataset; use a few-shot image family (omniglot, miniimagenet, image-folder)."
         )
-    return int(splits["train"].num_classes)
+    aug = training_augment(family)
+    return int(splits["train"].num_classes) * (4 if aug is not None and aug.class_rotations else 1)

@@ -19,11 +19,14 @@ ProtoNets nothing adapts by gradient, so the metric after k steps is the same fo
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from innerloop.adapt import Params
+from innerloop.algorithms.base import AlgorithmOptions, NoOptions
 from innerloop.algorithms.protonet import ProtoNet
 
 
@@ -55,11 +58,13 @@ class MatchingNet(ProtoNet):
     """
 
     name = "matchingnet"
+    Options: ClassVar[type[AlgorithmOptions]] = NoOptions
 
     def task_logits(self, model: nn.Module, params: Params, support_x: Tensor, support_y: Tensor,
-                    query_x: Tensor) -> Tensor:
+                    query_x: Tensor, refine: int = 0) -> Tensor:
         """``[query, ways]`` log-probabilities of one task; support and query are embedded in one
-        pass (BatchNorm sees the whole episode, as for ProtoNets)."""
+        pass (BatchNorm sees the whole episode, as for ProtoNets); ``refine`` is ProtoNet's and
+        always 0 here (there are no prototypes to refine)."""
         ways = int(support_y.max()) + 1
         z = self.embed(model, params, torch.cat([support_x, query_x]))
         return matching_logits(z[len(support_x) :], z[: len(support_x)], support_y, ways)

@@ -4,11 +4,18 @@ An embedding network maps each example to a vector; the prototype of a class is 
 embedding of its support examples; a query's logits are the negative squared Euclidean
 distances to the prototypes. Nothing adapts per task by gradient: "adaptation" is computing
 the prototypes, so the metric after k steps is the same for every k.
+
+At evaluation, ``transductive_steps > 0`` refines the prototypes with the task's unlabelled queries
+by soft k-means (Ren et al. 2018, "Meta-Learning for Semi-Supervised Few-Shot Classification"):
+each step assigns every query to the classes by the softmax of its logits and recomputes each
+prototype as the mean of its support embeddings and the queries weighted by their assignment.
+Meta-training is unchanged (the plain prototypes).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -16,7 +23,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from innerloop.adapt import Params
-from innerloop.algorithms.base import Algorithm, AlgorithmOptions, Capabilities, NoOptions, ObjectiveFns, scores
+from innerloop.algorithms.base import Algorithm, AlgorithmOptions, Capabilities, ObjectiveFns, check, scores
 from innerloop.execution import Execution, TaskTensors, map_tasks, meta_gradient
 from innerloop.tasks import Objective, TaskBatch
 
@@ -34,6 +41,33 @@ def proto_logits(query: Tensor, protos: Tensor) -> Tensor:
     return -torch.cdist(query, protos).pow(2)
 
 
+def refine_prototypes(protos: Tensor, support: Tensor, labels: Tensor, query: Tensor, steps: int) -> Tensor:
+    """Soft k-means refinement of ``protos [ways, d]`` with the unlabelled ``query [m, d]`` (Ren et al. 2018):
+    ``steps`` times, ``w = softmax(-||q - c||^2)`` over classes (``[m, ways]``) and
+    ``c_k = (sum of class k's support [n, d] + sum_j w_jk q_j) / (n_k + sum_j w_jk)``.
+    ``steps = 0``: ``protos`` unchanged."""
+    ways = protos.shape[0]
+    sums = torch.zeros_like(protos).index_add(0, labels, support)
+    counts = torch.bincount(labels, minlength=ways).to(protos.dtype)
+    for _ in range(steps):
+        w = torch.softmax(proto_logits(query, protos), dim=-1)  # [m, ways]
+        protos = (sums + w.T @ query) / (counts + w.sum(0)).clamp_min(1e-12)[:, None]
+    return protos
+
+
+@dataclass(frozen=True)
+class ProtoNetOptions(AlgorithmOptions):
+    transductive_steps: int = 0
+    """Evaluation only: soft k-means steps that refine the prototypes with the task's queries (Ren et al.
+    2018; transductive: each query's prediction depends on the other queries); 0: the plain prototypes."""
+
+    def check(self) -> None:
+        super().check()
+        check(isinstance(self.transductive_steps, int) and not isinstance(self.transductive_steps, bool)
+              and self.transductive_steps >= 0, "transductive_steps", self.transductive_steps,
+              "give the refinement steps, an integer >= 0 (0: off)")
+
+
 class ProtoNet(Algorithm):
     """Prototypical Networks with squared Euclidean distance.
 
@@ -42,7 +76,7 @@ class ProtoNet(Algorithm):
     """
 
     name = "protonet"
-    Options: ClassVar[type[AlgorithmOptions]] = NoOptions
+    Options: ClassVar[type[AlgorithmOptions]] = ProtoNetOptions
     capabilities = Capabilities(objectives=("classification",), head="none", any_test_ways=True,
                                 more_train_ways=True)
 
@@ -59,20 +93,26 @@ class ProtoNet(Algorithm):
         return out
 
     def task_logits(self, model: nn.Module, params: Params, support_x: Tensor, support_y: Tensor,
-                    query_x: Tensor) -> Tensor:
+                    query_x: Tensor, refine: int = 0) -> Tensor:
         """Logits ``[query, ways]`` of one task; support and query are embedded in one pass,
-        so BatchNorm sees the whole episode, as in the paper's code."""
+        so BatchNorm sees the whole episode, as in the paper's code; ``refine``: soft k-means steps
+        (:func:`refine_prototypes`)."""
         ways = int(support_y.max()) + 1
         z = self.embed(model, params, torch.cat([support_x, query_x]))
         zs, zq = z[: len(support_x)], z[len(support_x) :]
-        return proto_logits(zq, prototypes(zs, support_y, ways))
+        protos = prototypes(zs, support_y, ways)
+        if refine:
+            protos = refine_prototypes(protos, zs, support_y, zq, refine)
+        return proto_logits(zq, protos)
 
     def task_loss(self, model: nn.Module, params: Params, task: TaskTensors,
                   record: bool = True) -> tuple[Tensor, Tensor]:
         """Query cross-entropy of one task and its detached ``[loss, accuracy]``; ``record``: feed the
         episode's statistics to ``batch_norm = "running"`` (meta-training only)."""
         sx, sy, qx, qy = task
-        logits = self.task_logits(model, params, sx, sy, qx)
+        # meta-training (record) uses the plain prototypes; MatchingNet and MetaOptNet have no such option
+        refine = 0 if record else getattr(self.options, "transductive_steps", 0)
+        logits = self.task_logits(model, params, sx, sy, qx, refine)
         if record:
             self.norm.record(model, params, torch.cat([sx, qx]))
         return self.fns.loss(logits, qy), scores(self.fns, logits, qy)

@@ -48,6 +48,7 @@ __all__ = [
     "TTAFamily",
     "affine_theta",
     "augment_batch",
+    "augment_labelled",
     "augment_task",
     "distort",
     "sample_affine",
@@ -240,6 +241,34 @@ def augment_batch(batch: TaskBatch, aug: Augment, seeds: Sequence[int]) -> TaskB
 def augment_task(task: Task, aug: Augment, seed: int) -> Task:
     """One task augmented as :func:`augment_batch` augments it inside a batch (the same images)."""
     return augment_batch(TaskBatch.stack([task]), aug, [seed]).task(0)
+
+
+def augment_labelled(x: Tensor, labels: Tensor, classes: int, aug: Augment, seed: int) -> tuple[Tensor, Tensor]:
+    """Images with global labels (a supervised batch) augmented by ``aug`` from a generator seeded with ``seed``.
+
+    ``class_rotations``: image ``i`` is turned by ``k_i`` quarter turns (``k_i`` uniform in 0..3) and labelled
+    ``labels[i] + k_i * classes``, so the rotated characters are new classes (``4 * classes`` in all); then
+    each image is distorted by ``aug``'s affine part. Draws: the turns, then the distortions.
+
+    Args:
+        x: ``[n, C, H, W]`` images (any device; they stay there).
+        labels: ``[n]`` int64 global labels in ``0..classes-1``.
+        classes: the number of classes before rotation.
+
+    Returns:
+        ``(x [n, C, H, W], labels [n])``.
+    """
+    if x.dim() != 4 or labels.shape != x.shape[:1]:
+        raise ValueError(f"augment_labelled needs x [n, C, H, W] and labels [n]; got {tuple(x.shape)} and "
+                         f"{tuple(labels.shape)}.")
+    g = torch.Generator().manual_seed(int(seed))
+    n = x.shape[0]
+    if aug.class_rotations:
+        turns = torch.randint(4, (n,), generator=g)
+        x, labels = _turn(x, turns), labels + turns.to(labels.device) * classes
+    if aug.affine:
+        x = distort(x, affine_theta(sample_affine(aug, n, g)))
+    return x, labels
 
 
 def tta_batch(batch: TaskBatch, aug: Augment, copies: int, seeds: Sequence[int]) -> TaskBatch:

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from innerloop.data.augment import Augment, augment_labelled
 from innerloop.data.images import ImageClassDataset
 from innerloop.tasks import Objective, Split, Task, TaskBatch, check_split, task_seed
 
@@ -19,21 +20,33 @@ class GlobalLabelBatches:
     index in that dataset; the first half is the support, the rest the query (both are training
     data here). A meta-batch of such tasks is one batch of ``tasks * examples`` images.
 
+    With ``augment``, the ``train`` images are augmented (:func:`~innerloop.data.augment.augment_labelled`,
+    seeded by ``(seed, split, i)``): rotation classes make ``4 *`` the dataset's classes, each image turned
+    by ``k`` quarter turns labelled ``class + k * classes``; the affine distortions move each image.
+
     Args:
         splits: ``{split: ImageClassDataset}``, e.g. ``FewShotClassification.splits``.
         examples: images per task (>= 2).
         seed: the family seed.
+        augment: how the ``train`` images are augmented (``None``: not at all).
     """
 
     objective: Objective = "classification"
 
-    def __init__(self, splits: Mapping[str, ImageClassDataset], examples: int, seed: int = 0) -> None:
+    def __init__(self, splits: Mapping[str, ImageClassDataset], examples: int, seed: int = 0,
+                 augment: Augment | None = None) -> None:
         if isinstance(examples, bool) or not isinstance(examples, int) or examples < 2:
             raise ValueError(f"examples per batch must be an integer >= 2, got {examples!r}.")
         self.splits, self.examples, self.seed = dict(splits), examples, int(seed)
+        self.augment = augment if augment is not None and augment.active else None
 
     def num_classes(self, split: Split = "train") -> int:
-        return self._dataset(split).num_classes
+        """Classes of ``split``'s labels: the dataset's, times 4 for ``train`` with rotation classes."""
+        return self._classes(split)
+
+    def _classes(self, split: str) -> int:
+        rotations = split == "train" and self.augment is not None and self.augment.class_rotations
+        return self._dataset(split).num_classes * (4 if rotations else 1)
 
     def _dataset(self, split: str) -> ImageClassDataset:
         check_split(split)
@@ -54,6 +67,9 @@ class GlobalLabelBatches:
         classes = torch.bucketize(flat, ends, right=True)
         within = flat - (ends - ds.counts)[classes]
         x = ds.gather(classes, within)
+        if split == "train" and self.augment is not None:
+            seed = task_seed(self.seed, split, index, "GlobalLabelBatches.augment")
+            x, classes = augment_labelled(x, classes, ds.num_classes, self.augment, seed)
         half = self.examples // 2
         return Task(x[:half], classes[:half], x[half:], classes[half:])
 
@@ -61,5 +77,6 @@ class GlobalLabelBatches:
         return TaskBatch.stack([self.task(split, int(i)) for i in indices])
 
     def __repr__(self) -> str:
-        return f"GlobalLabelBatches({self.examples} images per task, seed={self.seed}, classes: " + ", ".join(
-            f"{s}={d.num_classes}" for s, d in self.splits.items()) + ")"
+        aug = f", augment: {self.augment.describe()}" if self.augment is not None else ""
+        return (f"GlobalLabelBatches({self.examples} images per task, seed={self.seed}{aug}, classes: "
+                + ", ".join(f"{s}={self._classes(s)}" for s in self.splits) + ")")

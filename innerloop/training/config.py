@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, get_type_hints
 
 from innerloop.algorithms.base import Algorithm, AlgorithmOptions, ObjectiveFns, custom_objective, resolve_aliases
+from innerloop.algorithms.baseline import Baseline
 from innerloop.algorithms.registry import ALGORITHMS
 from innerloop.data.augment import KOCH, Augment
 from innerloop.data.regression import FAMILIES
@@ -504,7 +505,9 @@ class Config:
         need(not aug.active or t.family in IMAGE_FAMILIES, "task.augment", dataclasses.asdict(t.augment),
              f"augmentation distorts images; task.family {t.family!r} has none (leave [task.augment] out)")
         cls = ALGORITHMS[self.algorithm.name].cls
-        need(not aug.active or cls.training_family is Algorithm.training_family, "task.augment",
+        # the Baseline's global-label batches are augmented as the tasks are (rotation classes: new classes)
+        reaches = cls.training_family in (Algorithm.training_family, Baseline.training_family)
+        need(not aug.active or reaches, "task.augment",
              dataclasses.asdict(t.augment), f"algorithm {self.algorithm.name!r} pre-trains on batches of its own "
              "(training_family), which task augmentation does not reach; leave [task.augment] out")
         need(not any(distinct_drawers(t).values()) or t.family == "omniglot", "task.sampling.<split>."

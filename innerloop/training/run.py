@@ -342,9 +342,12 @@ def run(cfg: Config, *, progress: bool = True, overwrite: bool = False) -> RunRe
     out.mkdir(parents=True, exist_ok=True)
     try:  # bad data or sizes (more ways than classes, ...) fail here, before any training
         with deferred_cache_writes():  # and then leave no preprocessed cache behind
-            family = build_family(cfg, ways=cfg.task.train_ways)
-            val_family = build_family(cfg, ways=cfg.eval.ways)
-            test_family = build_family(cfg, cfg.eval.shots, cfg.eval.queries, cfg.eval.ways, tta=True)
+            # each family holds only the split it serves, so its sizes are checked against that split
+            # alone (60-way training tasks need not fit the test split's alphabets)
+            family = build_family(cfg, ways=cfg.task.train_ways, splits=("train",))
+            val_family = build_family(cfg, ways=cfg.eval.ways, splits=("val",))
+            test_family = build_family(cfg, cfg.eval.shots, cfg.eval.queries, cfg.eval.ways, splits=("test",),
+                                       tta=True)
     except ValueError as err:
         raise ConfigError(str(err)) from err
     names = [cfg.algorithm.name]

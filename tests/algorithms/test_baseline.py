@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from innerloop.algorithms.baseline import Baseline, BaselinePP, GlobalLabelBatches, cosine_logits
+from innerloop.algorithms.baseline import Baseline, BaselinePP, GlobalLabelBatches, cosine_logits, train_classes
+from innerloop.data.augment import Augment, AugmentedFamily
 from innerloop.data.images import ImageClassDataset
 from innerloop.data.sampling import FewShotClassification
 from innerloop.tasks import TaskBatch
@@ -65,6 +66,38 @@ def test_pretraining_batches_have_global_labels():
     assert batches.num_classes() == 5
     with pytest.raises(KeyError, match="no 'test' split"):
         batches.task("test", 0)
+
+
+def test_augmented_batches_make_rotated_characters_new_classes():
+    ds = _dataset()
+    family = AugmentedFamily(FewShotClassification({"train": ds, "val": _dataset(seed=1)}, ways=2, shots=1,
+                                                   queries=2, seed=3), Augment(class_rotations=True))
+    algo = Baseline(TinyNet(20))
+    batches = algo.training_family(family)
+    assert isinstance(batches, GlobalLabelBatches) and batches.num_classes() == 20 == train_classes(family)
+    assert batches.num_classes("val") == 5 and "rotation classes" in repr(batches)
+    batch = batches.batch("train", range(8))
+    x = torch.cat([batch.support_x, batch.query_x], 1).flatten(0, 1)
+    y = torch.cat([batch.support_y, batch.query_y], 1).flatten(0, 1)
+    assert len(torch.unique(y // 5)) > 1  # several turns drawn
+    for image, label in zip(x, y, strict=True):  # image = an image of class label % 5, turned label // 5 times
+        turned = [torch.rot90(other, int(label) // 5, dims=(-2, -1)) for other in ds.images(int(label) % 5)]
+        assert any(torch.equal(image, other) for other in turned)
+    assert torch.equal(batches.batch("train", [3]).query_x[0], batch.query_x[3])  # deterministic by index
+    plain = GlobalLabelBatches({"train": ds}, examples=6, seed=3)
+    assert torch.equal(plain.batch("train", range(8)).support_y % 5, batch.support_y % 5)  # the same draws
+
+
+def test_augmented_batches_distort_the_images_deterministically():
+    ds = _dataset(images=6)
+    aug = Augment(rotation=20.0, shear=0.3, probability=1.0)
+    batches = GlobalLabelBatches({"train": ds, "val": ds}, examples=6, seed=0, augment=aug)
+    plain = GlobalLabelBatches({"train": ds, "val": ds}, examples=6, seed=0)
+    a, b = batches.task("train", 2), plain.task("train", 2)
+    assert torch.equal(a.support_y, b.support_y) and not torch.equal(a.support_x, b.support_x)
+    assert torch.equal(batches.task("train", 2).support_x, a.support_x)
+    assert torch.equal(batches.task("val", 2).support_x, plain.task("val", 2).support_x)  # train only
+    assert batches.num_classes() == 5
 
 
 @pytest.mark.parametrize("cls", [Baseline, BaselinePP])

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 from torch import nn
 
-from innerloop.algorithms.protonet import ProtoNet, proto_logits, prototypes
+from innerloop.algorithms.protonet import ProtoNet, proto_logits, prototypes, refine_prototypes
 from innerloop.tasks import TaskBatch
 
 
@@ -36,3 +39,50 @@ def test_protonet_loss_and_gradient_on_identity_embedding():
     assert grads["model.weight"].shape == (2, 2)
     scores = net.evaluate(batch, steps=3)
     assert scores["accuracy"].shape == (1, 4) and bool((scores["accuracy"] == 1.0).all())
+
+
+def test_refine_prototypes_one_step_by_hand():
+    support = torch.tensor([[0.0, 0.0], [0.0, 4.0]], dtype=torch.float64)
+    labels = torch.tensor([0, 1])
+    protos = prototypes(support, labels, 2)
+    query = torch.tensor([[0.0, 1.0]], dtype=torch.float64)
+    # logits -1 (to (0,0)) and -9 (to (0,4)): w = softmax([-1, -9]) = [1, e^-8] / (1 + e^-8)
+    w0 = 1 / (1 + math.exp(-8.0))
+    w1 = 1 - w0
+    expected = torch.tensor([[0.0, w0 / (1 + w0)], [0.0, (4.0 + w1) / (1 + w1)]], dtype=torch.float64)
+    torch.testing.assert_close(refine_prototypes(protos, support, labels, query, 1), expected)
+    assert torch.equal(refine_prototypes(protos, support, labels, query, 0), protos)
+
+
+def test_refine_prototypes_steps_iterate_the_rule():
+    g = torch.Generator().manual_seed(0)
+    support, labels = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.tensor([0, 0, 1, 1, 2, 2])
+    query = torch.randn(9, 3, generator=g, dtype=torch.float64)
+    protos = prototypes(support, labels, 3)
+    once = refine_prototypes(protos, support, labels, query, 1)
+    torch.testing.assert_close(refine_prototypes(protos, support, labels, query, 3),
+                               refine_prototypes(refine_prototypes(once, support, labels, query, 1),
+                                                 support, labels, query, 1))
+
+
+def test_transductive_steps_change_evaluation_only():
+    torch.manual_seed(0)
+    emb = nn.Linear(4, 3)
+    batch = TaskBatch(torch.randn(2, 6, 4), torch.tensor([[0, 0, 1, 1, 2, 2]] * 2),
+                      torch.randn(2, 12, 4), torch.randint(3, (2, 12)))
+    plain, refined = ProtoNet(emb), ProtoNet(emb, transductive_steps=2)
+    g0, m0 = plain.meta_gradient(batch)
+    g1, m1 = refined.meta_gradient(batch)
+    assert m0 == m1 and all(torch.equal(g0[k], g1[k]) for k in g0)  # meta-training: the plain prototypes
+    # evaluation: the logits of the refined prototypes (by hand, through the same embedding)
+    for t in range(2):
+        z = emb(torch.cat([batch.support_x[t], batch.query_x[t]]))
+        zs, zq = z[:6], z[6:]
+        protos = refine_prototypes(prototypes(zs, batch.support_y[t], 3), zs, batch.support_y[t], zq, 2)
+        expected = (proto_logits(zq, protos).argmax(-1) == batch.query_y[t]).float().mean()
+        torch.testing.assert_close(refined.evaluate(batch, steps=0)["accuracy"][t, 0], expected)
+
+
+def test_transductive_steps_refused_when_negative():
+    with pytest.raises(ValueError, match="transductive_steps"):
+        ProtoNet(nn.Linear(2, 2), transductive_steps=-1)

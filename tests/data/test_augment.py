@@ -191,13 +191,25 @@ def test_the_config_section_and_eval_tta():
         Config().override({"eval.tta": 0})
 
 
-def test_augmentation_with_an_algorithm_that_pretrains_on_its_own_batches_is_refused():
+def test_augmentation_reaches_the_baselines_batches_and_is_refused_for_other_own_batches(monkeypatch):
+    from innerloop.algorithms.protonet import ProtoNet
+    from innerloop.algorithms.registry import ALGORITHMS, Entry
+
     omniglot = {"task.family": "omniglot", "model.name": "conv4", "task.augment.preset": "koch",
                 "eval.baseline": False}
     Config().override({**omniglot, "algorithm.name": "protonet"})  # episodes: augmented
-    for name in ("baseline", "baselinepp"):
-        with pytest.raises(ConfigError, match=rf"algorithm {name!r} pre-trains on batches of its own"):
-            Config().override({**omniglot, "algorithm.name": name})
+    for name in ("baseline", "baselinepp"):  # global-label batches, augmented alike (see test_baseline.py)
+        Config().override({**omniglot, "algorithm.name": name})
+
+    class OwnBatches(ProtoNet):
+        name = "ownbatches"
+
+        def training_family(self, family):
+            return family
+
+    monkeypatch.setitem(ALGORITHMS, "ownbatches", Entry(OwnBatches))
+    with pytest.raises(ConfigError, match=r"algorithm 'ownbatches' pre-trains on batches of its own"):
+        Config().override({**omniglot, "algorithm.name": "ownbatches"})
 
 
 def test_meta_test_scores_tta_families_on_averaged_predictions():

@@ -114,3 +114,19 @@ def test_a_failed_run_leaves_no_cache(tmp_path, monkeypatch, fewshot_folder):
     with deferred_cache_writes():  # the same families built without the failure: the caches are written
         build_family(cfg.override({"eval.ways": 3}), ways=3)
     assert len(list(cache.rglob("*.npz"))) == 3
+
+
+def test_training_ways_beyond_a_test_alphabet_with_within_alphabet_tests(omniglot_root, tmp_path):
+    from innerloop.training.run import run
+
+    # 4-way training tasks across alphabets; the test alphabets have 2 characters each: each family is
+    # checked against its own split only, so the 2-way within-alphabet test tasks are served
+    cfg = _omniglot(omniglot_root, **{
+        "task.train_ways": 4, "task.split_options.lake_val_alphabets": 1,
+        "task.sampling.test.within_alphabet": True, "task.sampling.test.distinct_drawers": True,
+        "algorithm.name": "protonet", "model.filters": 4,
+        "train.iterations": 2, "train.validate_every": 1, "train.val_tasks": 2, "eval.test_tasks": 3,
+        "eval.ways": 2, "eval.shots": 1, "eval.queries": 1, "eval.steps": 0, "eval.report_steps": [0],
+        "out_dir": str(tmp_path / "run")})
+    report = run(cfg, progress=False)
+    assert report["runs"]["protonet"]["test"]["tasks"] == 3
