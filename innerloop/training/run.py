@@ -232,11 +232,11 @@ LEGACY_ALGORITHM_DEFAULTS: dict[str, Any] = {
     "name": "maml", "inner_lr": 0.01, "inner_steps": 1, "first_order": False, "lr_mode": "fixed", "adapt": "all",
     "vectorize": "auto", "inner_optimizer": "sgd", "inner_betas": [0.0, 0.999], "reg_lambda": 2.0, "cg_steps": 5,
     "cosine_scale": 10.0, "msl_iterations": 0, "first_order_iterations": 0, "per_step_bn": True,
-    "inner_weight_decay": 0.0, "weight_decay_mode": "fixed", "batch_norm": "batch",
+    "inner_weight_decay": 0.0, "weight_decay_mode": "fixed", "batch_norm": "batch", "transductive_steps": 0,
 }
 """innerloop 0.1.0's one flat ``[algorithm]`` table and its defaults: checkpoint identities are written
 in that layout (one key per option, under its 0.1.0 name), so a 0.1.0 run resumes. Options added since
-(``batch_norm``) enter an identity only when they differ from the default listed here."""
+(``batch_norm``, ``transductive_steps``) enter an identity only when they differ from the default listed here."""
 _NEW = object()  # an option 0.1.0 did not have: always part of the identity
 _FIRST_ALGORITHM_KEYS = ("name", "inner_lr", "inner_steps", "first_order", "lr_mode", "adapt", "vectorize")
 _ADDED_TRAIN_KEYS = ("lr_schedule", "final_outer_lr", "grad_clip")
