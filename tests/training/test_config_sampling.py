@@ -61,7 +61,8 @@ def test_defaults_keep_the_identities_of_old_checkpoints():
     assert identity(cfg, "maml") == identity(Config(), "maml")
     changed = identity(Config().override({"task.sampling.train.within_alphabet": True}), "maml")
     assert changed["task"]["sampling"]["train"] == {"within_alphabet": True}
-    proto = Config().override({"algorithm.name": "protonet"})  # ProtoNets' option added in 0.3: only when set
+    proto = Config().override({"task.family": "omniglot", "model.name": "conv4", "eval.baseline": False,
+                               "algorithm.name": "protonet"})  # an option added in 0.3: only when set
     assert "transductive_steps" not in identity(proto, "protonet")["algorithm_cfg"]
     refined = identity(proto.override({"algorithm.transductive_steps": 3}), "protonet")
     assert refined["algorithm_cfg"]["transductive_steps"] == 3
