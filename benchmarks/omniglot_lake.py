@@ -69,6 +69,7 @@ def _describe(cfg: Any) -> dict[str, Any]:
     return {"algorithm": cfg.algorithm.name, "model": f"{m.name}, {m.filters} filters" if m.name == "conv4"
             else m.name, "image_size": t.image_size or 28, "train_ways": t.train_ways or t.ways,
             "augment": t.augment.build().describe(), "tta": tta_note(cfg.eval.tta, tta_augment(cfg)),
+            "tta_copies": cfg.eval.tta,
             "transductive_steps": getattr(cfg.algorithm.options, "transductive_steps", 0),
             "steps": cfg.eval.steps, "iterations": cfg.train.iterations,
             "meta_batch_size": cfg.train.meta_batch_size}
@@ -143,7 +144,7 @@ def _test_time(r: dict[str, Any]) -> str:
         parts.append(f"{r['steps']} adaptation steps")
     if r["transductive_steps"]:
         parts.append(f"{r['transductive_steps']} soft k-means steps on the queries (transductive)")
-    parts.append("TTA: " + r["tta"])
+    parts.append(f"TTA: {r['tta_copies']} copies" if r["tta_copies"] > 1 else "no TTA")
     return "; ".join(parts)
 
 
@@ -178,6 +179,8 @@ def cmd_report(args: argparse.Namespace) -> None:
         lines.append(f"| {_recipe(r)} | {_test_time(r)} | {err:.2f} ± {ci:.2f} | {err - HUMAN:+.2f} | "
                      f"{r['iterations']} × {r['meta_batch_size']} ({r['train_ways']}-way) | "
                      f"{r['train_wall_s'] / 60:.0f} min | {r['augment']} |")
+    notes = sorted({r["tta"] for r in rows if r["tta_copies"] > 1})
+    lines += ["", *(f"TTA (test-time augmentation): {n}." for n in notes)]
     lines += ["", "Published errors on this protocol (Lake et al. 2019, \"The Omniglot challenge: a 3-year "
               "progress report\"), not rerun here:", "", "| model | error % |", "|---|---|"]
     lines += [f"| {name} | {err} |" for name, err in PUBLISHED]
