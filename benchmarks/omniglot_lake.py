@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -33,9 +34,10 @@ from typing import Any
 import torch
 
 from innerloop.io import atomic_write_text
+from innerloop.training.checkpoint import identity_differences, load_checkpoint
 from innerloop.training.config import load_config, tta_augment
 from innerloop.training.evaluate import meta_test, tta_note
-from innerloop.training.run import build_family, load_for_eval, machine, run
+from innerloop.training.run import build_family, identity, load_for_eval, machine, run
 from innerloop.training.settings import cli_changes
 
 RESULTS = Path(__file__).parent / "results"
@@ -45,6 +47,8 @@ PUBLISHED = [  # error %, Lake, Salakhutdinov & Tenenbaum (2019), "The Omniglot 
     ("Siamese networks (Koch et al. 2015)", 8.0), ("Prototypical Networks", 13.7),
 ]
 HUMAN = 4.5
+TEST_TIME_KEYS = ("eval.", "algorithm.transductive_steps")
+"""What ``eval`` may change: test-time settings only (the row keeps the trained run's training)."""
 
 
 def _load() -> float:
@@ -69,7 +73,7 @@ def _describe(cfg: Any) -> dict[str, Any]:
     return {"algorithm": cfg.algorithm.name, "model": f"{m.name}, {m.filters} filters" if m.name == "conv4"
             else m.name, "image_size": t.image_size or 28, "train_ways": t.train_ways or t.ways,
             "augment": t.augment.build().describe(), "tta": tta_note(cfg.eval.tta, tta_augment(cfg)),
-            "tta_copies": cfg.eval.tta,
+            "tta_copies": cfg.eval.tta, "batch_images": (t.train_ways or t.ways) * (t.shots + t.queries),
             "transductive_steps": getattr(cfg.algorithm.options, "transductive_steps", 0),
             "steps": cfg.eval.steps, "iterations": cfg.train.iterations,
             "meta_batch_size": cfg.train.meta_batch_size}
@@ -82,7 +86,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     report = run(cfg, progress=sys.stderr.isatty())
     r = report["runs"][cfg.algorithm.name]
     curve = [json.loads(line) for line in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()]
-    sets = "".join(f" --set {s}" for s in args.set)
+    sets = "".join(f" --set {shlex.quote(s)}" for s in args.set)
     row = {
         "tag": name, "config": args.config, **_describe(cfg), "best_step": r["best_step"],
         "train_wall_s": r["train_wall_s"], "eval_wall_s": r["eval_wall_s"],
@@ -112,9 +116,19 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     trained = load_config(args.config)
-    checkpoint = Path(trained.out_dir) / "best.pt"
     changes = cli_changes(trained, args.set, "benchmarks/omniglot_lake.py")
-    cfg, algorithm = load_for_eval(checkpoint, changes)
+    training = [k for k in changes if not k.startswith(TEST_TIME_KEYS)]
+    if training:
+        raise SystemExit(f"eval: {', '.join(training)} would change the training; eval changes test-time settings "
+                         f"only ({', '.join(k + '*' if k.endswith('.') else k for k in TEST_TIME_KEYS)}). Give a "
+                         "config of its own to `train` instead.")
+    checkpoint = Path(trained.out_dir) / "best.pt"
+    saved = load_checkpoint(checkpoint)
+    differences = identity_differences(saved["identity"], identity(trained, trained.algorithm.name))
+    if differences:
+        raise SystemExit(f"eval: {checkpoint} was not trained with {args.config} ({'; '.join(differences)}); run "
+                         f"`python benchmarks/omniglot_lake.py train {args.config}` again.")
+    cfg, algorithm = load_for_eval(checkpoint, changes, payload=saved)
     e = cfg.eval
     family = build_family(cfg, e.shots, e.queries, e.ways, splits=("test",), tta=True)
     t0 = time.perf_counter()
@@ -123,7 +137,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     row = {**base, "tag": f"{name}-{args.tag}", **_describe(cfg), "test": res, "error": _error(res, e.steps),
            "eval_wall_s": time.perf_counter() - t0, "settings": args.set,
            "command": f"python benchmarks/omniglot_lake.py eval {args.config} --tag {args.tag}"
-                      + "".join(f" --set {s}" for s in args.set) + f" --threads {torch.get_num_threads()}",
+                      + "".join(f" --set {shlex.quote(s)}" for s in args.set)
+                      + f" --threads {torch.get_num_threads()}",
            "machine": machine(), "load_average": _load()}
     ROWS.mkdir(parents=True, exist_ok=True)
     atomic_write_text(ROWS / f"{name}-{args.tag}.json", json.dumps(row, indent=2))
@@ -136,6 +151,12 @@ def _recipe(r: dict[str, Any]) -> str:
     if r["algorithm"] in ("protonet",) and r["train_ways"] != 20:
         parts.append(f"{r['train_ways']}-way training")
     return ", ".join(parts)
+
+
+def _budget(r: dict[str, Any]) -> str:
+    if r["algorithm"] in ("baseline", "baselinepp"):  # pre-training batches of global labels, not tasks
+        return f"{r['iterations']} × {r['meta_batch_size']} batches of {r['batch_images']} images"
+    return f"{r['iterations']} × {r['meta_batch_size']} ({r['train_ways']}-way)"
 
 
 def _test_time(r: dict[str, Any]) -> str:
@@ -177,7 +198,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     for r in rows:
         err, ci = r["error"]
         lines.append(f"| {_recipe(r)} | {_test_time(r)} | {err:.2f} ± {ci:.2f} | {err - HUMAN:+.2f} | "
-                     f"{r['iterations']} × {r['meta_batch_size']} ({r['train_ways']}-way) | "
+                     f"{_budget(r)} | "
                      f"{r['train_wall_s'] / 60:.0f} min | {r['augment']} |")
     notes = sorted({r["tta"] for r in rows if r["tta_copies"] > 1})
     lines += ["", *(f"TTA (test-time augmentation): {n}." for n in notes)]

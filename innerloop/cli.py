@@ -50,6 +50,7 @@ from innerloop.training.run import (
     checkpoint_config,
     dataset_title,
     load_for_eval,
+    refine_steps_of,
     run,
     run_eval_settings,
     tta_of,
@@ -389,7 +390,8 @@ def _eval(args: argparse.Namespace) -> None:
              f"{' per class' if classification else ''}, {tasks} {split} tasks (settings not given: from "
              f"{source})")
     print(format_table({algorithm.name: res}, shown, title,
-                       run_note(device, cfg.execution.precision, batch_norm_of(cfg), tta_of(cfg))))
+                       run_note(device, cfg.execution.precision, batch_norm_of(cfg), tta_of(cfg),
+                                refine_steps_of(cfg))))
 
 
 def _config_show(args: argparse.Namespace) -> None:

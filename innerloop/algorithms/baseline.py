@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from innerloop.adapt import sgd, unroll
 from innerloop.algorithms.base import Algorithm, AlgorithmOptions, Capabilities, ObjectiveFns, check, scores
-from innerloop.data.augment import Augment
+from innerloop.data.augment import Augment, AugmentedFamily
 from innerloop.data.global_labels import GlobalLabelBatches
 from innerloop.execution import Execution, TaskTensors, map_tasks, pooled_gradient
 from innerloop.tasks import Objective, TaskBatch, TaskFamily
@@ -229,8 +229,7 @@ class BaselinePP(Baseline):
 def training_augment(family: Any) -> Augment | None:
     """The augmentation of ``family``'s meta-training tasks (an :class:`~innerloop.data.augment.AugmentedFamily`'s
     ``augment``), or None."""
-    aug = getattr(family, "augment", None)
-    return aug if isinstance(aug, Augment) and "train" in getattr(family, "augmented_splits", ("train",)) else None
+    return family.augment if isinstance(family, AugmentedFamily) and "train" in family.augmented_splits else None
 
 
 def train_classes(family: Any) -> int:

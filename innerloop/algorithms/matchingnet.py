@@ -58,13 +58,12 @@ class MatchingNet(ProtoNet):
     """
 
     name = "matchingnet"
-    Options: ClassVar[type[AlgorithmOptions]] = NoOptions
+    Options: ClassVar[type[AlgorithmOptions]] = NoOptions  # not ProtoNets' (no prototypes to refine)
 
     def task_logits(self, model: nn.Module, params: Params, support_x: Tensor, support_y: Tensor,
-                    query_x: Tensor, refine: int = 0) -> Tensor:
+                    query_x: Tensor) -> Tensor:
         """``[query, ways]`` log-probabilities of one task; support and query are embedded in one
-        pass (BatchNorm sees the whole episode, as for ProtoNets); ``refine`` is ProtoNet's and
-        always 0 here (there are no prototypes to refine)."""
+        pass (BatchNorm sees the whole episode, as for ProtoNets)."""
         ways = int(support_y.max()) + 1
         z = self.embed(model, params, torch.cat([support_x, query_x]))
         return matching_logits(z[len(support_x) :], z[: len(support_x)], support_y, ways)

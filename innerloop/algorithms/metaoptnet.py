@@ -178,10 +178,9 @@ class MetaOptNet(ProtoNet):
         return (zq @ zs.T) @ alpha
 
     def task_logits(self, model: nn.Module, params: Params, support_x: Tensor, support_y: Tensor,
-                    query_x: Tensor, refine: int = 0) -> Tensor:
+                    query_x: Tensor) -> Tensor:
         """Logits ``[query, ways]`` of one task; support and query are embedded in one pass (BatchNorm
-        sees the whole episode, as for ProtoNets). The head runs in at least float32 (also under autocast);
-        ``refine`` is ProtoNet's and always 0 here (no option sets it)."""
+        sees the whole episode, as for ProtoNets). The head runs in at least float32 (also under autocast)."""
         ways = int(support_y.max()) + 1
         z = self.embed(model, params, torch.cat([support_x, query_x]))
         z = z.to(torch.promote_types(z.dtype, torch.float32))

@@ -9,7 +9,7 @@ At evaluation, ``transductive_steps > 0`` refines the prototypes with the task's
 by soft k-means (Ren et al. 2018, "Meta-Learning for Semi-Supervised Few-Shot Classification"):
 each step assigns every query to the classes by the softmax of its logits and recomputes each
 prototype as the mean of its support embeddings and the queries weighted by their assignment.
-Meta-training is unchanged (the plain prototypes).
+Validation, testing and prediction are refined; the meta-gradient uses the plain prototypes.
 """
 
 from __future__ import annotations
@@ -58,8 +58,9 @@ def refine_prototypes(protos: Tensor, support: Tensor, labels: Tensor, query: Te
 @dataclass(frozen=True)
 class ProtoNetOptions(AlgorithmOptions):
     transductive_steps: int = 0
-    """Evaluation only: soft k-means steps that refine the prototypes with the task's queries (Ren et al.
-    2018; transductive: each query's prediction depends on the other queries); 0: the plain prototypes."""
+    """Evaluation (validation, test, prediction): soft k-means steps that refine the prototypes with the task's
+    queries (Ren et al. 2018; transductive: each query's prediction depends on the other queries); the
+    meta-gradient always uses the plain prototypes. 0: the plain prototypes."""
 
     def check(self) -> None:
         super().check()
@@ -93,16 +94,21 @@ class ProtoNet(Algorithm):
         return out
 
     def task_logits(self, model: nn.Module, params: Params, support_x: Tensor, support_y: Tensor,
-                    query_x: Tensor, refine: int = 0) -> Tensor:
+                    query_x: Tensor) -> Tensor:
         """Logits ``[query, ways]`` of one task; support and query are embedded in one pass,
-        so BatchNorm sees the whole episode, as in the paper's code; ``refine``: soft k-means steps
+        so BatchNorm sees the whole episode, as in the paper's code."""
+        return self.refined_logits(model, params, support_x, support_y, query_x, 0)
+
+    def refined_logits(self, model: nn.Module, params: Params, support_x: Tensor, support_y: Tensor,
+                       query_x: Tensor, steps: int) -> Tensor:
+        """:meth:`task_logits` with the prototypes refined by ``steps`` soft k-means steps on the queries
         (:func:`refine_prototypes`)."""
         ways = int(support_y.max()) + 1
         z = self.embed(model, params, torch.cat([support_x, query_x]))
         zs, zq = z[: len(support_x)], z[len(support_x) :]
         protos = prototypes(zs, support_y, ways)
-        if refine:
-            protos = refine_prototypes(protos, zs, support_y, zq, refine)
+        if steps:
+            protos = refine_prototypes(protos, zs, support_y, zq, steps)
         return proto_logits(zq, protos)
 
     def task_loss(self, model: nn.Module, params: Params, task: TaskTensors,
@@ -112,7 +118,8 @@ class ProtoNet(Algorithm):
         sx, sy, qx, qy = task
         # meta-training (record) uses the plain prototypes; MatchingNet and MetaOptNet have no such option
         refine = 0 if record else getattr(self.options, "transductive_steps", 0)
-        logits = self.task_logits(model, params, sx, sy, qx, refine)
+        logits = (self.refined_logits(model, params, sx, sy, qx, refine) if refine
+                  else self.task_logits(model, params, sx, sy, qx))
         if record:
             self.norm.record(model, params, torch.cat([sx, qx]))
         return self.fns.loss(logits, qy), scores(self.fns, logits, qy)

@@ -26,7 +26,7 @@ TASK_FAMILIES: tuple[str, ...] = (*FAMILIES, *IMAGE_FAMILIES)
 
 
 class MissingDataError(ValueError):
-    """An image family was asked for without the folder its images are in."""
+    """An image family was asked for without the folder its images are in, or for a split its data lacks."""
 
 
 def data_root() -> Path | None:
@@ -107,7 +107,9 @@ def task_family(name: str, *, shots: int, queries: int, seed: int = 0, ways: int
     if splits is not None:
         absent = [s for s in splits if s not in parts]
         if absent:
-            raise ValueError(f"the {name} data has no {', '.join(absent)} split (it has {', '.join(parts)}).")
+            need = "validation" if absent == ["val"] else "this run"
+            raise MissingDataError(f"the {name} data has no {', '.join(absent)} split (it has "
+                                   f"{', '.join(parts)}), which {need} needs; give the data that split.")
         parts = {s: parts[s] for s in splits}
     if isinstance(distinct_drawers, Mapping):
         distinct_drawers = {s: v for s, v in distinct_drawers.items() if s in parts}

@@ -215,11 +215,17 @@ def batch_norm_policy(model_norm: str | None, policy: str = "batch") -> str:
     return BATCH_NORM_TEXT.get(policy, policy)
 
 
-def run_note(device: torch.device | str, precision: str, batch_norm: str, tta: str | None = None) -> str:
+def run_note(device: torch.device | str, precision: str, batch_norm: str, tta: str | None = None,
+             refine_steps: int = 0) -> str:
     """The line under a results table's title: ``device cpu, precision fp32, BatchNorm: none``, and with
-    ``tta`` (:func:`tta_note`, for image tasks) ``, test-time augmentation: none``."""
+    ``tta`` (:func:`tta_note`, for image tasks) ``, test-time augmentation: none``; ``refine_steps``
+    (ProtoNets' ``transductive_steps``) ``, prototypes refined by 3 soft k-means steps on the queries
+    (transductive)``."""
     note = f"device {torch.device(device)}, precision {precision}, BatchNorm: {batch_norm}"
-    return note if tta is None else f"{note}, test-time augmentation: {tta}"
+    note = note if tta is None else f"{note}, test-time augmentation: {tta}"
+    if refine_steps:
+        note += f", prototypes refined by {refine_steps} soft k-means steps on the queries (transductive)"
+    return note
 
 
 A = TypeVar("A", bound=nn.Module)

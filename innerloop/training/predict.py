@@ -254,6 +254,9 @@ class Predictor:
                 steps: int | None = None, ink: Ink = "auto") -> Prediction:
         """Adapt to the labelled ``support`` images and label the ``query`` images.
 
+        BatchNorm with batch statistics and ProtoNets' ``transductive_steps`` see all the images of one call,
+        so a query's scores then depend on the other queries given with it (as in the run's evaluation).
+
         Args:
             support: the labelled images; a support folder (one sub-folder per class, see
                 :func:`support_folder`) with ``support_labels=None``, else images as for :meth:`preprocess`.

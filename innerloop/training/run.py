@@ -220,6 +220,11 @@ def tta_of(cfg: Config) -> str | None:
     return tta_note(cfg.eval.tta, tta_augment(cfg))
 
 
+def refine_steps_of(cfg: Config) -> int:
+    """ProtoNets' ``algorithm.transductive_steps`` (0 for every other algorithm): what a table says of it."""
+    return int(getattr(cfg.algorithm.options, "transductive_steps", 0))
+
+
 def batch_norm_of(cfg: Config) -> str:
     """The BatchNorm policy a results table names: ``none`` for an MLP or ``model.norm = "none"``, else
     ``algorithm.batch_norm``'s (``batch``: the statistics of each batch, transductive)."""
@@ -381,7 +386,8 @@ def run(cfg: Config, *, progress: bool = True, overwrite: bool = False) -> RunRe
                  f"{e.shots or cfg.task.shots}-shot {results[names[0]].metric}, BatchNorm: {batch_norm}")
     title += f", {e.test_tasks} fixed test tasks (mean ± 95% CI)"
     report["table"] = format_table(results, e.report_steps, title,
-                                   run_note(device, cfg.execution.precision, batch_norm, tta_of(cfg)))
+                                   run_note(device, cfg.execution.precision, batch_norm, tta_of(cfg),
+                                            refine_steps_of(cfg)))
     result = RunResult(report, results, trained, test_family, title, out)
     if lead:
         write_results(result)
@@ -509,7 +515,8 @@ def load_for_eval(checkpoint: str | Path, overrides: Mapping[str, Any] | None = 
     check_device(cfg)  # before building: the algorithm refuses a device this machine lacks
     name = payload["identity"]["algorithm"]
     inputs = stored_inputs(payload, str(checkpoint))  # None: an older checkpoint, rebuilt from the data
-    algorithm = (build_algorithm(cfg, build_family(cfg), name) if inputs is None
+    algorithm = (build_algorithm(cfg, build_family(cfg, ways=cfg.task.train_ways, splits=("train",)), name)
+                 if inputs is None
                  else algorithm_for(cfg, inputs, name, pretrained=False))
     check_state_compatible(algorithm, payload["state"], str(checkpoint))
     algorithm.load_state_dict(payload["state"])
@@ -555,7 +562,7 @@ def load_for_inference(checkpoint: str | Path, overrides: Mapping[str, Any] | No
     inputs = stored_inputs(payload, str(checkpoint))
     if inputs is None:
         try:
-            inputs = model_inputs(cfg, build_family(cfg), name)
+            inputs = model_inputs(cfg, build_family(cfg, ways=cfg.task.train_ways, splits=("train",)), name)
         except (ConfigError, DataError, OSError, ValueError) as err:
             raise CheckpointError(
                 f"{checkpoint} does not store its model's inputs (the input shape, the head's size and the image "

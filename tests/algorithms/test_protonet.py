@@ -86,3 +86,16 @@ def test_transductive_steps_change_evaluation_only():
 def test_transductive_steps_refused_when_negative():
     with pytest.raises(ValueError, match="transductive_steps"):
         ProtoNet(nn.Linear(2, 2), transductive_steps=-1)
+
+
+def test_tables_say_the_prototypes_were_refined():
+    from innerloop.training.config import Config
+    from innerloop.training.evaluate import run_note
+    from innerloop.training.run import refine_steps_of
+
+    cfg = Config().override({"task.family": "omniglot", "model.name": "conv4", "eval.baseline": False,
+                             "algorithm.name": "protonet", "algorithm.transductive_steps": 3})
+    assert refine_steps_of(cfg) == 3 and refine_steps_of(Config()) == 0
+    assert run_note("cpu", "fp32", "none", "none", 3).endswith(
+        "prototypes refined by 3 soft k-means steps on the queries (transductive)")
+    assert "refined" not in run_note("cpu", "fp32", "none", "none")

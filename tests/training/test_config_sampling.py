@@ -135,3 +135,18 @@ def test_training_ways_beyond_a_test_alphabet_with_within_alphabet_tests(omniglo
         "out_dir": str(tmp_path / "run")})
     report = run(cfg, progress=False)
     assert report["runs"]["protonet"]["test"]["tasks"] == 3
+
+
+def test_data_without_a_val_split_names_the_split(tmp_path, fewshot_folder):
+    import shutil
+
+    from innerloop.training.run import run
+
+    root = tmp_path / "noval"
+    for split in ("train", "test"):
+        shutil.copytree(fewshot_folder / split, root / split)
+    cfg = Config().override({"task.family": "image-folder", "task.data_root": str(root), "task.image_size": 16,
+                             "task.ways": 3, "task.shots": 1, "task.queries": 1, "model.name": "conv4",
+                             "algorithm.name": "protonet", "eval.baseline": False, "out_dir": str(tmp_path / "r")})
+    with pytest.raises(ConfigError, match=r"has no val split \(it has train, test\), which validation needs"):
+        run(cfg, progress=False)
