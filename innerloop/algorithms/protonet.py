@@ -60,7 +60,8 @@ class ProtoNetOptions(AlgorithmOptions):
     transductive_steps: int = 0
     """Evaluation (validation, test, prediction): soft k-means steps that refine the prototypes with the task's
     queries (Ren et al. 2018; transductive: each query's prediction depends on the other queries); the
-    meta-gradient always uses the plain prototypes. 0: the plain prototypes."""
+    meta-gradient always uses the plain prototypes, so the option is no part of a run's identity. 0: the
+    plain prototypes."""
 
     def check(self) -> None:
         super().check()

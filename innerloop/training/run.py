@@ -237,16 +237,20 @@ LEGACY_ALGORITHM_DEFAULTS: dict[str, Any] = {
     "name": "maml", "inner_lr": 0.01, "inner_steps": 1, "first_order": False, "lr_mode": "fixed", "adapt": "all",
     "vectorize": "auto", "inner_optimizer": "sgd", "inner_betas": [0.0, 0.999], "reg_lambda": 2.0, "cg_steps": 5,
     "cosine_scale": 10.0, "msl_iterations": 0, "first_order_iterations": 0, "per_step_bn": True,
-    "inner_weight_decay": 0.0, "weight_decay_mode": "fixed", "batch_norm": "batch", "transductive_steps": 0,
+    "inner_weight_decay": 0.0, "weight_decay_mode": "fixed", "batch_norm": "batch",
 }
 """innerloop 0.1.0's one flat ``[algorithm]`` table and its defaults: checkpoint identities are written
 in that layout (one key per option, under its 0.1.0 name), so a 0.1.0 run resumes. Options added since
-(``batch_norm``, ``transductive_steps``) enter an identity only when they differ from the default listed here."""
+(``batch_norm``) enter an identity only when they differ from the default listed here."""
 _NEW = object()  # an option 0.1.0 did not have: always part of the identity
 _FIRST_ALGORITHM_KEYS = ("name", "inner_lr", "inner_steps", "first_order", "lr_mode", "adapt", "vectorize")
 _ADDED_TRAIN_KEYS = ("lr_schedule", "final_outer_lr", "grad_clip")
 _ADDED_TASK_KEYS = ("sampling", "split_options", "augment")
 _ADDED_SAMPLING_KEYS = ("distinct_drawers",)
+EVALUATION_OPTIONS = ("transductive_steps",)
+"""Algorithm options that change evaluation (validation, test) but never a meta-gradient: like ``eval.*`` and
+``train.val_tasks`` they are no part of a run's identity, so a trained run is resumed or re-tested with them
+changed (ProtoNets' ``transductive_steps``)."""
 _LEGACY_NAMES = {"weight_decay": "inner_weight_decay", "wd_mode": "weight_decay_mode", "betas": "inner_betas"}
 
 
@@ -268,7 +272,8 @@ def identity(cfg: Config, algorithm: str) -> dict[str, Any]:
     # Options added after checkpoints were first written join the identity only when they differ
     # from their defaults, so the checkpoints of runs that do not use them still resume.
     algo = {k: v for k, v in legacy_algorithm_table(cfg).items()
-            if k in _FIRST_ALGORITHM_KEYS or v != LEGACY_ALGORITHM_DEFAULTS.get(k, _NEW)}
+            if (k in _FIRST_ALGORITHM_KEYS or v != LEGACY_ALGORITHM_DEFAULTS.get(k, _NEW))
+            and k not in EVALUATION_OPTIONS}
     train = {k: tr[k] for k in ("meta_batch_size", "outer_lr", "optimizer", "seed")}
     train.update({k: tr[k] for k in _ADDED_TRAIN_KEYS if tr[k] != default["train"][k]})
     task = {k: v for k, v in d["task"].items() if k not in _ADDED_TASK_KEYS or v != default["task"][k]}
