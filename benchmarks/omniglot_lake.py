@@ -35,7 +35,7 @@ import torch
 
 from innerloop.io import atomic_write_text
 from innerloop.training.checkpoint import identity_differences, load_checkpoint
-from innerloop.training.config import load_config, tta_augment
+from innerloop.training.config import load_config, tta_augment, within_alphabet
 from innerloop.training.evaluate import meta_test, tta_note
 from innerloop.training.run import build_family, identity, load_for_eval, machine, run
 from innerloop.training.settings import cli_changes
@@ -73,7 +73,9 @@ def _describe(cfg: Any) -> dict[str, Any]:
     return {"algorithm": cfg.algorithm.name, "model": f"{m.name}, {m.filters} filters" if m.name == "conv4"
             else m.name, "image_size": t.image_size or 28, "train_ways": t.train_ways or t.ways,
             "augment": t.augment.build().describe(), "tta": tta_note(cfg.eval.tta, tta_augment(cfg)),
-            "tta_copies": cfg.eval.tta, "batch_images": (t.train_ways or t.ways) * (t.shots + t.queries),
+            "tta_copies": cfg.eval.tta, "pretrained": m.pretrained,
+            "train_within_alphabet": within_alphabet(t)["train"],
+            "batch_images": (t.train_ways or t.ways) * (t.shots + t.queries),
             "transductive_steps": getattr(cfg.algorithm.options, "transductive_steps", 0),
             "steps": cfg.eval.steps, "iterations": cfg.train.iterations,
             "meta_batch_size": cfg.train.meta_batch_size}
@@ -150,6 +152,10 @@ def _recipe(r: dict[str, Any]) -> str:
     parts = [r["algorithm"], r["model"], f"{r['image_size']} px"]
     if r["algorithm"] in ("protonet",) and r["train_ways"] != 20:
         parts.append(f"{r['train_ways']}-way training")
+    if r.get("train_within_alphabet"):
+        parts.append("training tasks within one alphabet")
+    if r.get("pretrained"):
+        parts.append(f"fine-tuned from `{r['pretrained']}` (its training time not counted)")
     return ", ".join(parts)
 
 
