@@ -37,7 +37,7 @@ from innerloop.io import atomic_write_text
 from innerloop.training.checkpoint import identity_differences, load_checkpoint
 from innerloop.training.config import load_config, tta_augment, within_alphabet
 from innerloop.training.evaluate import meta_test, tta_note
-from innerloop.training.run import build_family, identity, load_for_eval, machine, run
+from innerloop.training.run import build_family, identity, load_for_eval, machine, refine_steps_of, run
 from innerloop.training.settings import cli_changes
 
 RESULTS = Path(__file__).parent / "results"
@@ -52,7 +52,7 @@ TEST_TIME_KEYS = ("eval.", "algorithm.transductive_steps")
 
 
 def _load() -> float:
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return os.getloadavg()[0]
 
 
 def _error(test: dict[str, Any], step: int) -> tuple[float, float]:
@@ -76,7 +76,7 @@ def _describe(cfg: Any) -> dict[str, Any]:
             "tta_copies": cfg.eval.tta, "pretrained": m.pretrained,
             "train_within_alphabet": within_alphabet(t)["train"],
             "batch_images": (t.train_ways or t.ways) * (t.shots + t.queries),
-            "transductive_steps": getattr(cfg.algorithm.options, "transductive_steps", 0),
+            "transductive_steps": refine_steps_of(cfg),
             "steps": cfg.eval.steps, "iterations": cfg.train.iterations,
             "meta_batch_size": cfg.train.meta_batch_size}
 
